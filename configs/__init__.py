@@ -1,0 +1,1 @@
+# marks configs/ as the hvbatch.configs package so the presets ship with the wheel

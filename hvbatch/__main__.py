@@ -1,0 +1,5 @@
+import sys
+
+from hvbatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""The one config tree: omegaconf structured configs, YAML presets in `configs/`, `key=value` overrides.
+
+Resolution order (later wins): the dataclass defaults, the model preset named by `model=<name>`,
+a user YAML file, then command-line `key=value` overrides. `model=tiny` and
+`model=hunyuan-video-t2v-720p` name the presets in `configs/model/`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+DEFAULT_MODEL_PRESET = "hunyuan-video-t2v-720p"
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture of the HunyuanVideo diffusion transformer (defaults: HYVideo-T/2-cfgdistill)."""
+
+    in_channels: int = 16
+    """Latent channels in."""
+    out_channels: int = 16
+    """Latent channels out (the predicted velocity)."""
+    num_heads: int = 24
+    """Attention heads; hidden size is num_heads * head_dim."""
+    head_dim: int = 128
+    """Channels per head; must equal sum(rope_axes_dim)."""
+    mlp_ratio: float = 4.0
+    """MLP width as a multiple of the hidden size (blocks and token refiner)."""
+    num_double_blocks: int = 20
+    """Dual-stream (image, text) blocks: official `mm_double_blocks_depth`."""
+    num_single_blocks: int = 40
+    """Single-stream blocks: official `mm_single_blocks_depth`."""
+    num_refiner_blocks: int = 2
+    """Token-refiner blocks applied to the LLM text states."""
+    refiner_mlp_ratio: float = 4.0
+    """Token-refiner MLP width ratio (4 in the official code and in diffusers, whatever mlp_ratio is)."""
+    patch_size: int = 2
+    """Spatial patch size (height and width)."""
+    patch_size_t: int = 1
+    """Temporal patch size."""
+    rope_axes_dim: list[int] = field(default_factory=lambda: [16, 56, 56])
+    """Head channels rotated by the (t, h, w) positions; sums to head_dim."""
+    rope_theta: float = 256.0
+    """RoPE base."""
+    text_dim: int = 4096
+    """Channels of the LLM text states (`text_states`)."""
+    pooled_text_dim: int = 768
+    """Channels of the pooled CLIP embedding (`text_states_2`)."""
+    guidance_embed: bool = True
+    """Guidance-distilled model with an embedded-guidance input (`guidance_in`)."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def validate(self) -> None:
+        """Raise ValueError naming every inconsistent field."""
+        problems = []
+        if len(self.rope_axes_dim) != 3:
+            problems.append(f"rope_axes_dim must have 3 entries (t, h, w), got {list(self.rope_axes_dim)}")
+        elif sum(self.rope_axes_dim) != self.head_dim:
+            problems.append(
+                f"sum(rope_axes_dim)={sum(self.rope_axes_dim)} must equal head_dim={self.head_dim}"
+            )
+        if any(d % 2 for d in self.rope_axes_dim):
+            problems.append(f"every rope_axes_dim entry must be even, got {list(self.rope_axes_dim)}")
+        for name in ("in_channels", "out_channels", "num_heads", "head_dim", "patch_size", "patch_size_t"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid transformer config: " + "; ".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and where its weights are."""
+
+    name: str = DEFAULT_MODEL_PRESET
+    """Preset name; `model=<name>` on the command line loads configs/model/<name>.yaml."""
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    transformer_path: str | None = None
+    """Transformer checkpoint: a diffusers `transformer/` folder, an official .pt / _fp8.pt,
+    or a .safetensors file. None builds random weights (only sensible for the tiny preset)."""
+    transformer_load_key: str = "module"
+    """Key of the state dict inside an official .pt (`module`, or `ema`)."""
+    dtype: str = "bfloat16"
+    """Compute dtype of the transformer: bfloat16, float16 or float32."""
+
+
+@dataclass
+class SamplingConfig:
+    """Per-video sampling settings; the names match the batch Parquet columns."""
+
+    height: int = 720
+    width: int = 1280
+    num_frames: int = 129
+    """Video frames; must be 4k+1 (the VAE compresses time by 4 with a causal first frame)."""
+    num_inference_steps: int = 50
+    seed: int = 0
+    guidance_scale: float = 6.0
+    """Embedded (distilled) guidance fed to `guidance_in`."""
+    cfg_scale: float = 1.0
+    """True classifier-free guidance; > 1 runs a negative-prompt branch too."""
+    negative_prompt: str = ""
+    flow_shift: float = 7.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def _preset_dir() -> Path:
+    return Path(str(importlib.resources.files("hvbatch.configs"))) / "model"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
+
+
+def _preset_yaml(name: str) -> DictConfig:
+    path = _preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown model preset {name!r}; available presets: {', '.join(available_presets())}"
+        )
+    loaded = OmegaConf.load(path)
+    assert isinstance(loaded, DictConfig)
+    return loaded
+
+
+def transformer_preset(name: str) -> TransformerConfig:
+    """The transformer architecture of a named preset, as a plain dataclass."""
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), _preset_yaml(name))
+    config = OmegaConf.to_object(merged.transformer)
+    assert isinstance(config, TransformerConfig)
+    config.validate()
+    return config
+
+
+def _split_model_override(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`model=<preset>` picks a preset; every other override is applied as a dotlist."""
+    preset = None
+    rest = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. sampling.seed=3)")
+        key, value = item.split("=", 1)
+        if key.strip() == "model":
+            preset = value.strip()
+        else:
+            rest.append(item)
+    return preset, rest
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the resolved config: defaults, then preset, then `config_file`, then `overrides`."""
+    preset, dotlist = _split_model_override(list(overrides or []))
+    layers: list[Any] = [OmegaConf.structured(Config)]
+    file_cfg = OmegaConf.load(config_file) if config_file is not None else OmegaConf.create()
+    if preset is None:
+        preset = OmegaConf.select(file_cfg, "model.name") or DEFAULT_MODEL_PRESET
+    layers.append(OmegaConf.create({"model": _preset_yaml(preset)}))
+    layers.append(file_cfg)
+    try:
+        layers.append(OmegaConf.from_dotlist(dotlist))
+        merged = OmegaConf.merge(*layers)
+    except Exception as err:  # omegaconf raises several types; all mean "bad key or value"
+        raise ValueError(f"invalid config override or file: {err}") from err
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, Config)
+    config.model.transformer.validate()
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    tmp.replace(path)

@@ -1,0 +1,297 @@
+"""The HunyuanVideo diffusion transformer (HYVideo-T/2-cfgdistill) with the official parameter names.
+
+Shape legend: B batch, C latent channels, T/Hh/Ww latent frames/height/width, L tokens
+(image tokens Li in (t, h, w) order, then text tokens), D hidden size, H heads, hd head dim.
+
+The model holds no distributed code. Attention goes through `self.attention_fn`
+(see `hvbatch.models.attention`), and `forward` is split into `embed_image` / `forward_tokens` /
+`unpatchify` so that a sequence-parallel runner can shard image tokens and RoPE tables
+between the stages without changing this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from hvbatch.config import TransformerConfig
+from hvbatch.models.attention import AttentionFn, joint_attention, sdpa_attention
+from hvbatch.models.layers import (
+    MLP,
+    MLPEmbedder,
+    ModulateDiT,
+    RMSNorm,
+    TimestepEmbedder,
+    apply_rope,
+    layer_norm,
+    modulate,
+    rope_frequencies,
+)
+from hvbatch.models.refiner import SingleTokenRefiner
+
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = rearrange(qkv, "B L (K H hd) -> K B L H hd", K=3, H=num_heads)
+    return q, k, v
+
+
+class MMDoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, joined in one attention."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        for stream in ("img", "txt"):
+            setattr(self, f"{stream}_mod", ModulateDiT(hidden_size, factor=6))
+            setattr(self, f"{stream}_attn_qkv", nn.Linear(hidden_size, 3 * hidden_size))
+            setattr(self, f"{stream}_attn_q_norm", RMSNorm(head_dim))
+            setattr(self, f"{stream}_attn_k_norm", RMSNorm(head_dim))
+            setattr(self, f"{stream}_attn_proj", nn.Linear(hidden_size, hidden_size))
+            setattr(self, f"{stream}_mlp", MLP(hidden_size, mlp_hidden, activation="gelu_tanh"))
+
+    def _qkv(self, stream: str, x_BLD: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+        qkv = getattr(self, f"{stream}_attn_qkv")(modulate(layer_norm(x_BLD), shift, scale))
+        q, k, v = _split_heads(qkv, self.num_heads)
+        q = getattr(self, f"{stream}_attn_q_norm")(q).to(v.dtype)
+        k = getattr(self, f"{stream}_attn_k_norm")(k).to(v.dtype)
+        return q, k, v
+
+    def _residuals(
+        self, stream: str, x_BLD: torch.Tensor, attn_BLD: torch.Tensor, mods: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        _, _, gate1, shift2, scale2, gate2 = mods
+        x_BLD = x_BLD + gate1[:, None] * getattr(self, f"{stream}_attn_proj")(attn_BLD)
+        mlp_out = getattr(self, f"{stream}_mlp")(modulate(layer_norm(x_BLD), shift2, scale2))
+        return x_BLD + gate2[:, None] * mlp_out
+
+    def forward(
+        self,
+        img_BLD: torch.Tensor,
+        txt_BLD: torch.Tensor,
+        vec_BD: torch.Tensor,
+        rope: RopeTables,
+        text_lens: list[int],
+        attention_fn: AttentionFn,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_mods = self.img_mod(vec_BD).chunk(6, dim=-1)
+        txt_mods = self.txt_mod(vec_BD).chunk(6, dim=-1)
+        img_q, img_k, img_v = self._qkv("img", img_BLD, img_mods[0], img_mods[1])
+        txt_q, txt_k, txt_v = self._qkv("txt", txt_BLD, txt_mods[0], txt_mods[1])
+        img_q, img_k = apply_rope(img_q, *rope), apply_rope(img_k, *rope)
+        num_image_tokens = img_BLD.shape[1]
+        attn = joint_attention(
+            attention_fn,
+            torch.cat([img_q, txt_q], dim=1),
+            torch.cat([img_k, txt_k], dim=1),
+            torch.cat([img_v, txt_v], dim=1),
+            num_image_tokens=num_image_tokens,
+            text_lens=text_lens,
+        ).flatten(2)
+        img_BLD = self._residuals("img", img_BLD, attn[:, :num_image_tokens], img_mods)
+        txt_BLD = self._residuals("txt", txt_BLD, attn[:, num_image_tokens:], txt_mods)
+        return img_BLD, txt_BLD
+
+
+class MMSingleStreamBlock(nn.Module):
+    """One stream over `[image ; text]`: linear1 gives q|k|v|mlp, linear2 merges attention and MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.hidden_size = hidden_size
+        self.mlp_hidden = int(hidden_size * mlp_ratio)
+        head_dim = hidden_size // num_heads
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_hidden)
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+        self.modulation = ModulateDiT(hidden_size, factor=3)
+
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        vec_BD: torch.Tensor,
+        num_image_tokens: int,
+        rope: RopeTables,
+        text_lens: list[int],
+        attention_fn: AttentionFn,
+    ) -> torch.Tensor:
+        shift, scale, gate = self.modulation(vec_BD).chunk(3, dim=-1)
+        qkv, mlp = self.linear1(modulate(layer_norm(x_BLD), shift, scale)).split(
+            [3 * self.hidden_size, self.mlp_hidden], dim=-1
+        )
+        q, k, v = _split_heads(qkv, self.num_heads)
+        q = self.q_norm(q).to(v.dtype)
+        k = self.k_norm(k).to(v.dtype)
+        n = num_image_tokens
+        q = torch.cat([apply_rope(q[:, :n], *rope), q[:, n:]], dim=1)
+        k = torch.cat([apply_rope(k[:, :n], *rope), k[:, n:]], dim=1)
+        attn = joint_attention(attention_fn, q, k, v, num_image_tokens=n, text_lens=text_lens)
+        out = self.linear2(torch.cat([attn.flatten(2), F.gelu(mlp, approximate="tanh")], dim=-1))
+        return x_BLD + gate[:, None] * out
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = patch, tokens flattened in (t, h, w) order (key `img_in.proj`)."""
+
+    def __init__(self, patch: tuple[int, int, int], in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch, stride=patch)
+
+    def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        return self.proj(x_BCTHW).flatten(2).transpose(1, 2)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x_BLD: torch.Tensor, vec_BD: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec_BD).chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x_BLD), shift, scale))
+
+
+def valid_text_lengths(text_mask_BL: torch.Tensor | None, batch: int, length: int) -> list[int]:
+    """Per-sample count of valid text tokens; the mask must be right-padded (ones, then zeros)."""
+    if text_mask_BL is None:
+        return [length] * batch
+    if tuple(text_mask_BL.shape) != (batch, length):
+        raise ValueError(
+            f"text_mask has shape {tuple(text_mask_BL.shape)}, "
+            f"expected (batch, text tokens) = {(batch, length)}"
+        )
+    mask = text_mask_BL.bool()
+    lens = mask.sum(dim=1)
+    prefix = torch.arange(length, device=mask.device)[None] < lens[:, None]
+    if not torch.equal(mask, prefix):
+        raise ValueError(
+            "text_mask must be right-padded (each row: ones, then zeros); tokenize with padding_side='right'"
+        )
+    lens_list = [int(n) for n in lens.tolist()]
+    if min(lens_list) == 0:
+        raise ValueError(f"text_mask has a sample with no valid text token (lengths {lens_list})")
+    return lens_list
+
+
+class HunyuanVideoTransformer(nn.Module):
+    """`model(x, t, text_states, text_mask, text_states_2, guidance) -> velocity`, x `[B, C, T, H, W]`."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.attention_fn: AttentionFn = sdpa_attention
+        hidden, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
+        self.patch = (config.patch_size_t, config.patch_size, config.patch_size)
+        self.img_in = PatchEmbed(self.patch, config.in_channels, hidden)
+        self.txt_in = SingleTokenRefiner(
+            config.text_dim, hidden, heads, config.refiner_mlp_ratio, config.num_refiner_blocks
+        )
+        self.time_in = TimestepEmbedder(hidden)
+        self.vector_in = MLPEmbedder(config.pooled_text_dim, hidden)
+        self.guidance_in = TimestepEmbedder(hidden) if config.guidance_embed else None
+        self.double_blocks = nn.ModuleList(
+            [MMDoubleStreamBlock(hidden, heads, ratio) for _ in range(config.num_double_blocks)]
+        )
+        self.single_blocks = nn.ModuleList(
+            [MMSingleStreamBlock(hidden, heads, ratio) for _ in range(config.num_single_blocks)]
+        )
+        patch_volume = self.patch[0] * self.patch[1] * self.patch[2]
+        self.final_layer = FinalLayer(hidden, patch_volume, config.out_channels)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activation dtype (block linears may hold float8 weights; embedders never do)."""
+        return self.time_in.mlp[0].weight.dtype
+
+    def token_grid(self, latent_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+        """Latent `[B, C, T, H, W]` -> token grid (T/pt, H/p, W/p); sizes must be patch multiples."""
+        _, channels, *sizes = latent_shape
+        if channels != self.config.in_channels:
+            raise ValueError(f"latent has {channels} channels, the model expects {self.config.in_channels}")
+        bad = [f"{n}={s} (patch {p})" for n, s, p in zip("THW", sizes, self.patch, strict=True) if s % p]
+        if bad:
+            raise ValueError(f"latent sizes not divisible by the patch size: {', '.join(bad)}")
+        return (sizes[0] // self.patch[0], sizes[1] // self.patch[1], sizes[2] // self.patch[2])
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> RopeTables:
+        return rope_frequencies(grid, list(self.config.rope_axes_dim), self.config.rope_theta, device)
+
+    def embed_image(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        return self.img_in(x_BCTHW.to(self.compute_dtype))
+
+    def unpatchify(self, out_BLP: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        pt, ph, pw = self.patch
+        return rearrange(
+            out_BLP,
+            "B (T Hh Ww) (C pt ph pw) -> B C (T pt) (Hh ph) (Ww pw)",
+            T=grid[0],
+            Hh=grid[1],
+            Ww=grid[2],
+            pt=pt,
+            ph=ph,
+            pw=pw,
+        )
+
+    def conditioning(
+        self, t_B: torch.Tensor, text_states_2: torch.Tensor, guidance_B: torch.Tensor | None
+    ) -> torch.Tensor:
+        vec_BD = self.time_in(t_B) + self.vector_in(text_states_2.to(self.compute_dtype))
+        if self.guidance_in is not None:
+            if guidance_B is None:
+                raise ValueError("this model is guidance-distilled: pass guidance (embedded scale x 1000)")
+            vec_BD = vec_BD + self.guidance_in(guidance_B)
+        return vec_BD
+
+    def forward_tokens(
+        self,
+        img_BLD: torch.Tensor,
+        rope: RopeTables,
+        t: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        text_states_2: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image tokens (all of them, or this rank's shard) -> final-layer outputs for those tokens."""
+        batch, text_len = text_states.shape[:2]
+        text_lens = valid_text_lengths(text_mask, batch, text_len)
+        t_B = t.float().reshape(-1).expand(batch)
+        guidance_B = None if guidance is None else guidance.reshape(-1).expand(batch)
+        vec_BD = self.conditioning(t_B, text_states_2, guidance_B)
+        # Text columns padded in every sample carry nothing a valid token may see: drop them.
+        txt = text_states[:, : max(text_lens)].to(self.compute_dtype)
+        txt_BLD = self.txt_in(txt, t_B, text_lens)
+        rope = (rope[0].to(img_BLD.device), rope[1].to(img_BLD.device))
+        for block in self.double_blocks:
+            img_BLD, txt_BLD = block(img_BLD, txt_BLD, vec_BD, rope, text_lens, self.attention_fn)
+        num_image_tokens = img_BLD.shape[1]
+        x_BLD = torch.cat([img_BLD, txt_BLD], dim=1)
+        for block in self.single_blocks:
+            x_BLD = block(x_BLD, vec_BD, num_image_tokens, rope, text_lens, self.attention_fn)
+        return self.final_layer(x_BLD[:, :num_image_tokens], vec_BD)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        text_states_2: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for latents `x` `[B, C, T, H, W]` at timesteps `t` (`[B]` or scalar, 0..1000)."""
+        grid = self.token_grid(x.shape)
+        img_BLD = self.embed_image(x)
+        out_BLP = self.forward_tokens(
+            img_BLD, self.rope(grid, x.device), t, text_states, text_mask, text_states_2, guidance
+        )
+        return self.unpatchify(out_BLP, grid)

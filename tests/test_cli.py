@@ -1,0 +1,43 @@
+"""The command line and the README's Python snippets."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvbatch.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_config_command_prints_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "model=tiny", "sampling.seed=4"]) == 0
+    out = capsys.readouterr().out
+    assert "name: tiny" in out and "seed: 4" in out and "num_heads: 12" in out
+
+
+def test_config_command_reports_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "model=nope"]) == 2
+    assert "unknown model preset 'nope'" in capsys.readouterr().err
+
+
+def test_console_script_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hvbatch", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("hvbatch ")
+
+
+def test_readme_sampling_snippet_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    snippet = next(b for b in blocks if "sample(model" in b)
+    namespace: dict[str, object] = {}
+    exec(compile(snippet, str(README), "exec"), namespace)
+    latents = namespace["latents"]
+    assert isinstance(latents, torch.Tensor) and tuple(latents.shape) == (1, 16, 2, 8, 8)
+    assert torch.isfinite(latents).all()
