@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from hvbatch import __version__
 from hvbatch.config import available_presets, load_config
+from hvbatch.generate import add_generate_parser
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--config", help="a YAML file merged over the defaults and the preset")
     config.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=tiny sampling.seed=3")
     config.set_defaults(func=_cmd_config)
+    add_generate_parser(commands)
     return parser
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"hvbatch {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 DEFAULT_MODEL_PRESET = "hunyuan-video-t2v-720p"
@@ -77,19 +78,65 @@ class TransformerConfig:
 
 
 @dataclass
+class TextEncoderConfig:
+    """How prompts become conditioning (the reference's values by default)."""
+
+    max_text_tokens: int = 256
+    """LLM tokens kept after the template is cropped off (longer prompts are truncated)."""
+    hidden_state_skip_layer: int = 2
+    """Use the LLM hidden state this many layers before the last (no final norm)."""
+    crop_start_video: int | None = 95
+    """Template tokens before the prompt (video template); null measures it with the tokenizer."""
+    crop_start_image: int | None = 36
+    """Likewise for the image template, used when num_frames == 1."""
+    clip_max_tokens: int = 77
+    """CLIP-L tokens."""
+
+
+@dataclass
 class ModelConfig:
     """Which model to build and where its weights are."""
 
     name: str = DEFAULT_MODEL_PRESET
     """Preset name; `model=<name>` on the command line loads configs/model/<name>.yaml."""
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    path: str | None = None
+    """Weights root: the official `ckpts/` folder or a diffusers HunyuanVideo folder (with
+    transformer/, vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)."""
     transformer_path: str | None = None
-    """Transformer checkpoint: a diffusers `transformer/` folder, an official .pt / _fp8.pt,
-    or a .safetensors file. None builds random weights (only sensible for the tiny preset)."""
+    """Overrides the transformer found under `path`: a diffusers `transformer/` folder, an
+    official .pt / _fp8.pt, or a .safetensors file."""
+    vae_path: str | None = None
+    """Overrides the `vae/` folder found under `path` (official or diffusers)."""
+    text_encoder_path: str | None = None
+    """Overrides the LLM folder found under `path` (its tokenizer is read from it too)."""
+    text_encoder_2_path: str | None = None
+    """Overrides the CLIP-L folder found under `path` (its tokenizer is read from it too)."""
+    random_weights: bool = False
+    """Build every component with seeded random weights instead of loading files (tiny preset)."""
+    random_seed: int = 0
+    """Seed of the random weights."""
     transformer_load_key: str = "module"
     """Key of the state dict inside an official .pt (`module`, or `ema`)."""
     dtype: str = "bfloat16"
     """Compute dtype of the transformer: bfloat16, float16 or float32."""
+    text_encoder_dtype: str = "float16"
+    """Dtype of both text encoders (the reference runs them in float16)."""
+    vae_dtype: str = "float16"
+    """Dtype of the VAE decoder (the reference decodes in float16)."""
+
+
+@dataclass
+class VaeDecodeConfig:
+    """Tiled VAE decoding; sizes in latent cells / latent frames (x8 pixels, x4 video frames)."""
+
+    tiling: bool = True
+    """Decode in overlapping tiles (needed for 720p x 129 frames on one 80 GB GPU)."""
+    tile_latent_size: int = 32
+    tile_latent_overlap: int = 8
+    tile_latent_frames: int = 16
+    tile_latent_frame_overlap: int = 4
 
 
 @dataclass
@@ -111,9 +158,33 @@ class SamplingConfig:
 
 
 @dataclass
+class VideoConfig:
+    fps: int = 24
+    """Frames per second of the written mp4."""
+    crf: int = 17
+    """x264 constant rate factor: 0 lossless, 17 visually lossless, 23 x264's default, 51 worst."""
+    preset: str = "medium"
+    """x264 speed/size preset (ultrafast ... veryslow)."""
+    save_first_frame: bool = False
+    """Also write the first frame as <name>.png beside the video."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    vae: VaeDecodeConfig = field(default_factory=VaeDecodeConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A dtype config value (`bfloat16`, `float16`, `float32`) as a torch.dtype."""
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(dtypes)}")
+    return dtypes[name]
 
 
 def _preset_dir() -> Path:

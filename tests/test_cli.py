@@ -41,3 +41,23 @@ def test_readme_sampling_snippet_runs() -> None:
     latents = namespace["latents"]
     assert isinstance(latents, torch.Tensor) and tuple(latents.shape) == (1, 16, 2, 8, 8)
     assert torch.isfinite(latents).all()
+
+
+def test_readme_generate_command_runs_word_for_word(tmp_path: Path) -> None:
+    import shlex
+    import shutil
+
+    line = next(
+        line
+        for line in README.read_text().splitlines()
+        if line.startswith("hvbatch generate --config configs/")
+    )
+    shutil.copytree(README.parent / "configs", tmp_path / "configs")  # the command's relative paths
+    argv = shlex.split(line)
+    assert argv[0] == "hvbatch"
+    result = subprocess.run(
+        [sys.executable, "-m", "hvbatch", *argv[1:]], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    out = tmp_path / argv[argv.index("--out") + 1]
+    assert out.is_file() and out.stat().st_size > 0
+    assert "wrote" in result.stdout

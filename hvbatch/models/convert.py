@@ -119,6 +119,30 @@ def diffusers_to_official(
     }
 
 
+def official_to_diffusers(state: dict[str, torch.Tensor], hidden_size: int) -> dict[str, torch.Tensor]:
+    """The inverse conversion (splitting fused projections), e.g. to export for diffusers."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        rule = source_rule(key)
+        if rule.combine is _swap_halves:
+            out[rule.sources[0]] = _swap_halves([value])  # swapping halves is its own inverse
+            continue
+        # qkv splits in three equal parts; linear1 in q | k | v | mlp.
+        sizes = [hidden_size] * (len(rule.sources) - 1)
+        parts = value.split([*sizes, value.shape[0] - sum(sizes)])
+        out.update({name: part.contiguous() for name, part in zip(rule.sources, parts, strict=True)})
+    return out
+
+
+def config_to_diffusers(config: TransformerConfig) -> dict[str, Any]:
+    """Our architecture as a diffusers `config.json` dict."""
+    raw: dict[str, Any] = {"_class_name": "HunyuanVideoTransformer3DModel", "qk_norm": "rms_norm"}
+    for json_key, field_name in _CONFIG_FIELDS.items():
+        raw[json_key] = getattr(config, field_name)
+    raw["rope_axes_dim"] = list(config.rope_axes_dim)
+    return raw
+
+
 # diffusers config.json field -> TransformerConfig field.
 _CONFIG_FIELDS = {
     "in_channels": "in_channels",

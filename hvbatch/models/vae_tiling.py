@@ -1,0 +1,180 @@
+"""Tiled VAE decoding: overlapping latent tiles in T, H and W, blended linearly over the overlaps.
+
+Shapes: `B` batch, `C` channels, `T` frames, `H`, `W`; `z_BCTHW` raw latent, `x_BCTHW` video.
+
+All sizes are in LATENT units. With the defaults (the official HunyuanVideo tiling):
+  * temporal tiles of 1 + 16 latent frames (65 video frames) start every 12 latent frames; every
+    tile but the first drops its first decoded frame (it has no past context), so neighbouring
+    tiles share 4 * 4 = 16 video frames;
+  * spatial tiles of 32 x 32 latent cells (256 px) start every 24 cells, sharing 64 px.
+Over a shared stretch of n samples the earlier tile's weight falls as 1 - y/n and the later one's
+rises as y/n (y = 0..n-1), so the weights sum to exactly one everywhere; in H and W the 2-D
+weight is the product of the two 1-D ramps. Tiles are added straight into one float32 output, so
+peak memory is one tile's activations plus the output video.
+
+Tiled output is not bit-equal to untiled decoding: GroupNorm statistics and the mid-block
+attention see one tile instead of the whole video, and the causal convs of a later temporal tile
+start without past frames. The blending keeps the difference small (see tests/test_vae.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class VaeTilingConfig:
+    """How `decode_latents` splits a latent into tiles. All sizes are latent cells / latent frames."""
+
+    enabled: bool = True
+    """Decode in tiles; False decodes the whole latent at once."""
+    tile_latent_size: int = 32
+    """Spatial tile edge in latent cells (x8 in pixels: 32 -> 256 px)."""
+    tile_latent_overlap: int = 8
+    """Latent cells shared by neighbouring spatial tiles; blended over 8x that many pixels."""
+    tile_latent_frames: int = 16
+    """Latent frames per temporal tile besides its first (16 -> tiles of 17 latent, 65 video frames)."""
+    tile_latent_frame_overlap: int = 4
+    """Latent frames shared by neighbouring temporal tiles; blended over 4x that many video frames."""
+
+    def __post_init__(self) -> None:
+        for name, tile, overlap in (
+            ("tile_latent_size", self.tile_latent_size, self.tile_latent_overlap),
+            ("tile_latent_frames", self.tile_latent_frames, self.tile_latent_frame_overlap),
+        ):
+            if tile < 1 or overlap < 0 or 2 * overlap > tile:
+                raise ValueError(
+                    f"VaeTilingConfig: {name}={tile} with overlap {overlap} is invalid; need "
+                    f"tile >= 1 and 0 <= overlap <= tile / 2 so that only two tiles ever overlap"
+                )
+
+
+@dataclass(frozen=True)
+class TileSpan:
+    """One tile along one axis: latent slice, the output samples it writes, and its blend ramps."""
+
+    latent_start: int
+    latent_stop: int
+    out_start: int
+    out_stop: int
+    drop_first: int
+    """Decoded samples to discard at the front (1 for non-first temporal tiles)."""
+    ramp_in: int
+    """Samples at the front blended with the previous tile (weight rising y/n)."""
+    ramp_out: int
+    """Samples at the back blended with the next tile (weight falling 1 - y/n)."""
+
+
+def _latent_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile starts 0, stride, 2*stride, ... until a tile reaches the end (none fully inside another)."""
+    starts = [0]
+    while starts[-1] + tile < size:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def spatial_spans(size: int, tile: int, overlap: int, ratio: int) -> list[TileSpan]:
+    """Spans along H or W for a latent of `size` cells; output is `ratio` pixels per cell."""
+    starts = _latent_starts(size, tile, tile - overlap)
+    spans = []
+    for k, start in enumerate(starts):
+        stop = min(start + tile, size)
+        ramp_in = ratio * overlap if k > 0 else 0
+        ramp_out = ratio * overlap if k < len(starts) - 1 else 0
+        spans.append(TileSpan(start, stop, ratio * start, ratio * stop, 0, ramp_in, ramp_out))
+    return spans
+
+
+def temporal_spans(frames: int, tile: int, overlap: int, ratio: int) -> list[TileSpan]:
+    """Spans along T for `frames` latent frames; latent frame j >= 1 becomes `ratio` video frames.
+
+    A tile holds 1 + `tile` latent frames. Decoding latent frames [i, stop) yields
+    1 + ratio*(stop-1-i) frames; for i > 0 the first one (decoded without past context) is
+    dropped and the rest are video frames [ratio*i + 1, ratio*(stop-1) + 1).
+    """
+    starts = _latent_starts(frames, tile + 1, tile - overlap)
+    spans = []
+    for k, start in enumerate(starts):
+        stop = min(start + tile + 1, frames)
+        out_start = 0 if k == 0 else ratio * start + 1
+        ramp_in = ratio * overlap if k > 0 else 0
+        ramp_out = ratio * overlap if k < len(starts) - 1 else 0
+        spans.append(TileSpan(start, stop, out_start, ratio * (stop - 1) + 1, int(k > 0), ramp_in, ramp_out))
+    return spans
+
+
+def blend_weights(span: TileSpan, device: torch.device) -> torch.Tensor:
+    """1-D float32 weights over `span`'s output samples: linear ramps at shared ends, else 1."""
+    length = span.out_stop - span.out_start
+    assert span.ramp_in + span.ramp_out <= length, span
+    weight = torch.ones(length, dtype=torch.float32, device=device)
+    if span.ramp_in:
+        weight[: span.ramp_in] = torch.arange(span.ramp_in, device=device) / span.ramp_in
+    if span.ramp_out:
+        weight[length - span.ramp_out :] = 1 - torch.arange(span.ramp_out, device=device) / span.ramp_out
+    return weight
+
+
+def tiled_decode(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    z_BCTHW: torch.Tensor,
+    tiling: VaeTilingConfig,
+    temporal_ratio: int,
+    spatial_ratio: int,
+) -> torch.Tensor:
+    """Decode raw latent `z_BCTHW` tile by tile with `decode` (untiled decode of one tile).
+
+    Returns the float32 video [B, C_out, 1 + temporal_ratio*(T-1), spatial_ratio*H, spatial_ratio*W].
+    A latent no larger than one tile is decoded in a single call.
+    """
+    batch, _, frames, height, width = z_BCTHW.shape
+    t_spans = temporal_spans(
+        frames, tiling.tile_latent_frames, tiling.tile_latent_frame_overlap, temporal_ratio
+    )
+    h_spans = spatial_spans(height, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
+    w_spans = spatial_spans(width, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
+    if len(t_spans) == len(h_spans) == len(w_spans) == 1:
+        return decode(z_BCTHW).float()
+    device = z_BCTHW.device
+    h_weights = [blend_weights(s, device) for s in h_spans]
+    w_weights = [blend_weights(s, device) for s in w_spans]
+    out: torch.Tensor | None = None
+    for t_span in t_spans:
+        t_weight = blend_weights(t_span, device)
+        for h_span, h_weight in zip(h_spans, h_weights, strict=True):
+            for w_span, w_weight in zip(w_spans, w_weights, strict=True):
+                tile_z = z_BCTHW[
+                    :,
+                    :,
+                    t_span.latent_start : t_span.latent_stop,
+                    h_span.latent_start : h_span.latent_stop,
+                    w_span.latent_start : w_span.latent_stop,
+                ]
+                tile_x = decode(tile_z)[:, :, t_span.drop_first :].float()
+                if out is None:
+                    shape = (
+                        batch,
+                        tile_x.shape[1],
+                        t_spans[-1].out_stop,
+                        h_spans[-1].out_stop,
+                        w_spans[-1].out_stop,
+                    )
+                    out = torch.zeros(shape, dtype=torch.float32, device=device)
+                assert tile_x.shape[2:] == (
+                    t_span.out_stop - t_span.out_start,
+                    h_span.out_stop - h_span.out_start,
+                    w_span.out_stop - w_span.out_start,
+                ), (tile_x.shape, t_span, h_span, w_span)
+                tile_x.mul_(t_weight.view(-1, 1, 1)).mul_(h_weight.view(-1, 1)).mul_(w_weight)
+                out[
+                    :,
+                    :,
+                    t_span.out_start : t_span.out_stop,
+                    h_span.out_start : h_span.out_stop,
+                    w_span.out_start : w_span.out_stop,
+                ] += tile_x
+    assert out is not None
+    return out
