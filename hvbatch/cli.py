@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from hvbatch import __version__
 from hvbatch.config import available_presets, load_config
 from hvbatch.generate import add_generate_parser
+from hvbatch.plan_cli import add_plan_parser
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=tiny sampling.seed=3")
     config.set_defaults(func=_cmd_config)
     add_generate_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 

@@ -170,11 +170,35 @@ class VideoConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Sequence and data parallelism. `auto` values are chosen by `hvbatch plan`'s planner."""
+
+    mode: str = "auto"
+    """`throughput` (smallest sequence-parallel group that fits, rest as dp: the batch default),
+    `latency` (a whole node per video), or `auto` (throughput for batches, latency for generate)."""
+    ulysses: str = "auto"
+    """Ulysses degree (all-to-all over heads, inside a node), or `auto`."""
+    ring: str = "auto"
+    """Ring degree (rotating keys and values, may cross nodes), or `auto`."""
+    gpus_per_node: int = 8
+    """GPUs per node the planner may use (a job's own count overrides it at run time)."""
+    num_nodes: int = 1
+    """Nodes per job."""
+    gpu_memory_gib: float = 80.0
+    """Usable memory per GPU for the planner's memory model."""
+    backend: str = "auto"
+    """torch.distributed backend: `auto` (nccl on CUDA, gloo on CPU), `nccl` or `gloo`."""
+    timeout_s: float = 600.0
+    """Collective timeout passed to init_process_group."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     vae: VaeDecodeConfig = field(default_factory=VaeDecodeConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`."""
 

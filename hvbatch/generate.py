@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 from hvbatch.config import Config, load_config, save_config
-from hvbatch.pipeline import Pipeline, Timings
+from hvbatch.parallel.dims import ParallelDims, build_groups
+from hvbatch.parallel.launch import dist_env_from, init_distributed, rank_device, spawn_local
+from hvbatch.parallel.planner import auto_ulysses
+from hvbatch.parallel.runner import SequenceParallelTransformer
+from hvbatch.pipeline import GeneratedVideo, Pipeline, Timings
+from hvbatch.plan_cli import parse_degree
 from hvbatch.sampling import latent_shape
 from hvbatch.video import write_mp4
 
@@ -46,26 +54,96 @@ def _save_latents(latents_path: Path, generated_latents: object) -> None:
     tmp.replace(latents_path)
 
 
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    out: Path
+    latents_out: Path | None
+    config: Config
+
+
+def generate_layout(config: Config, world_size: int, gpus_per_node: int) -> ParallelDims:
+    """One video over all ranks: Ulysses inside a node (largest fitting divisor of the heads), ring across."""
+    heads = config.model.transformer.num_heads
+    ulysses = parse_degree(config.parallel.ulysses, "parallel.ulysses")
+    ring = parse_degree(config.parallel.ring, "parallel.ring")
+    if ulysses is None:
+        ulysses = auto_ulysses(world_size // ring if ring else world_size, heads, gpus_per_node)
+    dims = ParallelDims(
+        dp=1, ulysses=ulysses, ring=ring or max(1, world_size // ulysses), world_size=world_size
+    )
+    dims.validate(heads)
+    return dims
+
+
+def _write_outputs(
+    request: GenerateRequest, generated: GeneratedVideo, timings: Timings, device: object
+) -> None:
+    assert generated.frames is not None
+    config = request.config
+    with timings.measure("write", device):  # type: ignore[arg-type]
+        write_mp4(generated.frames, request.out, config.video)
+        if request.latents_out is not None:
+            _save_latents(request.latents_out, generated.latents)
+        save_config(config, request.out.with_suffix(".yaml"))
+    frames = generated.frames
+    print(
+        f"wrote {request.out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+        f"{config.video.fps} fps)"
+    )
+    print(f"timing: {timings.summary()}")
+
+
+def generate_on_this_rank(request: GenerateRequest) -> None:
+    """Run one generation as this process's rank (a single process when no distributed env is set)."""
+    config = request.config
+    env = dist_env_from(os.environ)
+    device = rank_device(env, config.device)
+    distributed = env is not None and env.world_size > 1
+    if distributed:
+        assert env is not None
+        init_distributed(env, device, backend=config.parallel.backend, timeout_s=config.parallel.timeout_s)
+    try:
+        leader = env is None or env.rank == 0
+        timings = Timings()
+        pipeline = Pipeline.load(config, timings, device=device)
+        if distributed:
+            assert env is not None
+            dims = generate_layout(config, env.world_size, env.local_world_size)
+            if leader:
+                print(
+                    f"sequence parallel: ulysses {dims.ulysses} x ring {dims.ring} "
+                    f"over {env.world_size} ranks"
+                )
+            pipeline.transformer = SequenceParallelTransformer(
+                pipeline.transformer, build_groups(dims, env.rank)
+            )
+        generated = pipeline.generate(
+            request.prompt, on_step=_progress if leader else None, timings=timings, decode=leader
+        )
+        if generated.truncated and leader:
+            print("warning: the prompt was truncated at the text encoders' token limit", file=sys.stderr)
+        if leader:
+            _write_outputs(request, generated, timings, pipeline.device)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
 def run_generate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else default_output(args.prompt, config.sampling.seed)
     latents_out = Path(args.save_latents) if args.save_latents else None
     _check_request(args.prompt, out, latents_out, config)
-    timings = Timings()
-    pipeline = Pipeline.load(config, timings)
-    generated = pipeline.generate(args.prompt, on_step=_progress, timings=timings)
-    if generated.truncated:
-        print("warning: the prompt was truncated at the text encoders' token limit", file=sys.stderr)
-    with timings.measure("write", pipeline.device):
-        write_mp4(generated.frames, out, config.video)
-        if latents_out is not None:
-            _save_latents(latents_out, generated.latents)
-        save_config(config, out.with_suffix(".yaml"))
-    print(
-        f"wrote {out} ({generated.frames.shape[0]} frames, {generated.frames.shape[2]}x"
-        f"{generated.frames.shape[1]}, {config.video.fps} fps)"
-    )
-    print(f"timing: {timings.summary()}")
+    request = GenerateRequest(args.prompt, out, latents_out, config)
+    if args.nproc > 1:
+        env = dist_env_from(os.environ)
+        if env is not None and env.world_size > 1:
+            raise ValueError("--nproc starts its own processes: do not combine it with torchrun or srun")
+        generate_layout(config, args.nproc, args.nproc)  # refuse a bad layout before starting anything
+        spawn_local(args.nproc, generate_on_this_rank, request)
+    else:
+        generate_on_this_rank(request)
     return 0
 
 
@@ -79,6 +157,13 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, help="the text of the video")
     parser.add_argument("--out", help="output .mp4 (default: outputs/<prompt>-seed<seed>.mp4)")
     parser.add_argument("--save-latents", help="also write the final latents to this .safetensors file")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="start this many local processes and split the video over them (sequence parallel: gloo on "
+        "CPU, NCCL on GPUs); under torchrun or srun, leave it at 1",
+    )
     parser.add_argument("--config", help="a YAML file merged over the defaults and the preset")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=tiny sampling.seed=3")
     parser.set_defaults(func=run_generate)

@@ -126,8 +126,8 @@ class _Stage:
 class GeneratedVideo:
     latents: torch.Tensor
     """Final latents `[1, C, T, Hh, Ww]`, float32, on the CPU."""
-    frames: np.ndarray
-    """`[F, H, W, 3]` uint8."""
+    frames: np.ndarray | None
+    """`[F, H, W, 3]` uint8 (None when decoding was skipped: sequence-parallel ranks but the leader)."""
     truncated: bool
     """The prompt was cut at the text encoders' token limit."""
     timings: Timings
@@ -146,8 +146,10 @@ class Pipeline:
         self.config, self.device = config, device
 
     @classmethod
-    def load(cls, config: Config, timings: Timings | None = None) -> Pipeline:
-        device = resolve_device(config.device)
+    def load(
+        cls, config: Config, timings: Timings | None = None, device: torch.device | None = None
+    ) -> Pipeline:
+        device = device or resolve_device(config.device)
         timings = timings or Timings()
         with timings.measure("load", device):
             transformer, vae, text_encoder = _load_components(config.model, device)
@@ -174,6 +176,7 @@ class Pipeline:
         *,
         on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
+        decode: bool = True,
     ) -> GeneratedVideo:
         sampling = sampling or self.config.sampling
         timings = timings or Timings()
@@ -193,11 +196,13 @@ class Pipeline:
                 device=self.device,
                 on_step=on_step,
             )
-        with timings.measure("decode", self.device):
-            video = self.vae.decode_latents(latents, self.tiling())
-            if not torch.isfinite(video).all():
-                raise FloatingPointError("the decoded video contains NaN or Inf")
-            frames = frames_to_uint8(video)
+        frames = None
+        if decode:
+            with timings.measure("decode", self.device):
+                video = self.vae.decode_latents(latents, self.tiling())
+                if not torch.isfinite(video).all():
+                    raise FloatingPointError("the decoded video contains NaN or Inf")
+                frames = frames_to_uint8(video)
         return GeneratedVideo(latents.cpu(), frames, encoded.truncated[0], timings)
 
 

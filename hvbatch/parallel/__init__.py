@@ -1,0 +1,1 @@
+"""Sequence parallelism applied from outside the model: dims, attention, sampler, planner."""

@@ -1,0 +1,203 @@
+"""Ulysses x Ring (USP) attention with joint text tokens, behind the model's `attention_fn` seam.
+
+Shape legend: B batch, L tokens, H heads, D head dim, u Ulysses degree, r ring degree,
+P = u*r ranks of one sequence-parallel (SP) group, Ll = image tokens per rank, T text tokens.
+
+Per call, each rank holds `[B, Ll + T, H, D]`: its shard of the image tokens (shard `sp_index`
+of the padded sequence) followed by the valid text tokens, which every rank holds in full.
+
+1. Ulysses: one `all_to_all_single` turns the image q, k, v from sequence-sharded/all heads
+   into the u shards of this Ulysses group with H/u heads. The text q, k, v are not sent:
+   each rank slices its own H/u heads from its replicated copy.
+2. Ring: the image K/V block rotates through the r ring ranks with `batch_isend_irecv`; the
+   next transfer is in flight while the current block is attended. Block results merge through
+   their log-sum-exp in float32. The text K/V is attended once, as a block of its own, so every
+   query sees every image key and every text key exactly once. Image padding (the sequence is
+   padded to a multiple of P) is sliced off each K/V block before attention: it never changes a
+   valid output, and no mask is built.
+3. The image output goes back with the reverse all-to-all; the text output (the same on every
+   ring rank, because its block results are merged in a fixed order) is all-gathered over heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from hvbatch.parallel.dims import ParallelGroups
+
+
+def attention_with_lse(
+    q_BHLD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention returning `(out [B, H, L, D], logsumexp [B, H, L] float32)`."""
+    if q_BHLD.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_BHLD, k_BHLD, v_BHLD, 0.0, False
+        )[:2]
+        return out, lse.float()
+    if q_BHLD.device.type == "cuda":
+        if q_BHLD.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_BHLD, k_BHLD, v_BHLD, 0.0, False)[
+                :2
+            ]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q_BHLD, k_BHLD, v_BHLD, None, True
+            )[:2]
+        return out, lse[..., : q_BHLD.shape[2]].float()
+    scores = (q_BHLD.float() @ k_BHLD.float().transpose(-1, -2)) * q_BHLD.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.softmax(scores, dim=-1) @ v_BHLD.float()).to(q_BHLD.dtype), lse
+
+
+def merge_blocks(
+    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online-softmax merge of two partial attentions over disjoint keys, in float32."""
+    if out is None or lse is None:
+        return block_out.float(), block_lse
+    out = out - torch.sigmoid(block_lse - lse)[..., None] * (out - block_out.float())
+    lse = lse - F.logsigmoid(lse - block_lse)
+    return out, lse
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent, by collective; for tests and the scaling benchmark."""
+
+    bytes_sent: dict[str, int] = field(
+        default_factory=lambda: {"ulysses": 0, "ring": 0, "text": 0, "gather": 0}
+    )
+    calls: int = 0
+
+    def add(self, kind: str, num_bytes: float) -> None:
+        self.bytes_sent[kind] += int(num_bytes)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class USPAttention:
+    """The sequence-parallel `AttentionFn`; `set_sequence` tells it the current token layout."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.groups = groups
+        self.stats = CommStats()
+        self.num_image_tokens = 0
+        self.shard_len = 0
+
+    def set_sequence(self, num_image_tokens: int, shard_len: int) -> None:
+        """Valid image tokens of the whole video, and image tokens per rank (padded)."""
+        self.num_image_tokens, self.shard_len = num_image_tokens, shard_len
+
+    def _all_to_all(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """Exchange the leading dim (size u) across the Ulysses group."""
+        u = self.groups.dims.ulysses
+        if u == 1:
+            return x
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=self.groups.ulysses)
+        self.stats.add(kind, _nbytes(x) * (u - 1) / u)
+        return out
+
+    def _seq_to_heads(self, qkv_3BLHD: torch.Tensor) -> torch.Tensor:
+        """`[3, B, Ll, H, D]` -> `[3, B, u*Ll, H/u, D]` (this group's shards, this rank's heads)."""
+        u = self.groups.dims.ulysses
+        three, batch, shard, heads, dim = qkv_3BLHD.shape
+        x = qkv_3BLHD.reshape(three, batch, shard, u, heads // u, dim).permute(3, 0, 1, 2, 4, 5)
+        x = self._all_to_all(x, "ulysses")  # [u (source shard), 3, B, Ll, H/u, D]
+        return x.permute(1, 2, 0, 3, 4, 5).reshape(three, batch, u * shard, heads // u, dim)
+
+    def _heads_to_seq(self, out_BLHD: torch.Tensor) -> torch.Tensor:
+        """`[B, u*Ll, H/u, D]` -> `[B, Ll, H, D]`."""
+        u = self.groups.dims.ulysses
+        batch, length, heads_local, dim = out_BLHD.shape
+        x = out_BLHD.reshape(batch, u, length // u, heads_local, dim).permute(1, 0, 2, 3, 4)
+        x = self._all_to_all(x, "ulysses")  # [u (source head group), B, Ll, H/u, D]
+        return x.permute(1, 2, 0, 3, 4).reshape(batch, length // u, u * heads_local, dim)
+
+    def _valid_in_block(self, ring_index: int) -> int:
+        """Valid (non-padding) keys in the image block owned by ring rank `ring_index`."""
+        block = self.groups.dims.ulysses * self.shard_len
+        return max(0, min(block, self.num_image_tokens - ring_index * block))
+
+    def _ring(
+        self, q_BHLD: torch.Tensor, kv_2BHLD: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Attend q to every ring block and to the text block once: `(block id, out, lse)` per block."""
+        r, my_index = self.groups.dims.ring, self.groups.ring_ranks.index(self.groups.rank)
+        parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        if text_kv is not None:
+            out_t, lse_t = attention_with_lse(q_BHLD, *text_kv)
+            parts.append((-1, out_t, lse_t))  # the text block sorts first
+        current = kv_2BHLD.contiguous()
+        for step in range(r):
+            pending, incoming = None, None
+            if step + 1 < r:
+                incoming = torch.empty_like(current)
+                nxt = self.groups.ring_ranks[(my_index + 1) % r]
+                prv = self.groups.ring_ranks[(my_index - 1) % r]
+                pending = dist.batch_isend_irecv(
+                    [
+                        dist.P2POp(dist.isend, current, nxt, self.groups.ring),
+                        dist.P2POp(dist.irecv, incoming, prv, self.groups.ring),
+                    ]
+                )
+                self.stats.add("ring", _nbytes(current))
+            owner = (my_index - step) % r
+            valid = self._valid_in_block(owner)
+            if valid > 0:
+                out_b, lse_b = attention_with_lse(q_BHLD, current[0][:, :, :valid], current[1][:, :, :valid])
+                parts.append((owner, out_b, lse_b))
+            if pending is not None:
+                for request in pending:
+                    request.wait()
+                current = incoming
+        return parts
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text_tokens: int = 0
+    ) -> torch.Tensor:
+        dims, shard = self.groups.dims, q.shape[1] - num_text_tokens
+        assert shard == self.shard_len, f"image shard {shard} != {self.shard_len} set by the runner"
+        u, heads = dims.ulysses, q.shape[2]
+        heads_local = heads // u
+        first_head = self.groups.ulysses_ranks.index(self.groups.rank) * heads_local
+        head_slice = slice(first_head, first_head + heads_local)
+        qkv_img = self._seq_to_heads(torch.stack([q[:, :shard], k[:, :shard], v[:, :shard]]))
+        q_all = torch.cat([qkv_img[0], q[:, shard:, head_slice]], dim=1).transpose(1, 2)
+        kv_img = qkv_img[1:].transpose(2, 3)  # [2, B, H/u, u*Ll, D]
+        text_kv = None
+        if num_text_tokens:
+            text_kv = (k[:, shard:, head_slice].transpose(1, 2), v[:, shard:, head_slice].transpose(1, 2))
+        parts = self._ring(q_all, kv_img, text_kv)
+        img_len = u * shard
+        out, lse = None, None
+        for _, out_b, lse_b in parts:  # image queries: any order
+            out, lse = merge_blocks(out, lse, out_b[:, :, :img_len], lse_b[:, :, :img_len])
+        assert out is not None
+        img_out = self._heads_to_seq(out.to(q.dtype).transpose(1, 2))
+        if not num_text_tokens:
+            return img_out
+        txt, txt_lse = None, None
+        for _, out_b, lse_b in sorted(parts, key=lambda part: part[0]):  # fixed order: same bits on all ranks
+            txt, txt_lse = merge_blocks(txt, txt_lse, out_b[:, :, img_len:], lse_b[:, :, img_len:])
+        assert txt is not None
+        return torch.cat([img_out, self._gather_heads(txt.to(q.dtype).transpose(1, 2))], dim=1)
+
+    def _gather_heads(self, txt_BTHD: torch.Tensor) -> torch.Tensor:
+        """`[B, T, H/u, D]` from each Ulysses rank -> `[B, T, H, D]` on all of them."""
+        u = self.groups.dims.ulysses
+        if u == 1:
+            return txt_BTHD
+        txt_BTHD = txt_BTHD.contiguous()
+        chunks = [torch.empty_like(txt_BTHD) for _ in range(u)]
+        dist.all_gather(chunks, txt_BTHD, group=self.groups.ulysses)
+        self.stats.add("text", _nbytes(txt_BTHD) * (u - 1))
+        return torch.cat(chunks, dim=2)

@@ -1,0 +1,612 @@
+"""Choose `dp x ulysses x ring` for a job from a per-GPU memory model.
+
+The memory model (per GPU, all in bytes, reported in GiB):
+    transformer weights  params * bytes per param (bf16 2; fp8 checkpoints keep block linear weights at 1)
+  + text encoders        LLaVA-Llama-3-8B language model + CLIP-L text model, in their dtype
+  + VAE weights          the causal 3D VAE (encoder and decoder), in its dtype
+  + activations          bytes per token per hidden channel * hidden size * tokens per rank * batch,
+                         tokens per rank = ceil(image tokens / sp) + text tokens (text is replicated)
+  + VAE decode peak      one tile's activations at the default tiles (counted on every GPU: only the
+                         SP group's leader decodes, but any rank may be it)
+  + safety margin        10% of the sum (allocator fragmentation, CUDA context, NCCL buffers)
+
+Layout rules:
+  * Ulysses takes the largest divisor of the head count that divides the SP size and the node's GPU
+    count (so Ulysses groups, contiguous ranks, never straddle a node); ring takes the rest and may
+    cross nodes.
+  * `throughput`: the smallest SP size (a divisor of the world size) whose estimate fits; the other
+    GPUs become data-parallel replicas.
+  * `latency`: one node per video (sp = GPUs per node), more nodes only if a node's memory is short.
+  * Explicit `ulysses` / `ring` are respected (the other is filled in by the rules), validated with
+    `ParallelDims`, and only warned about when the estimate does not fit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from hvbatch.config import TransformerConfig
+from hvbatch.parallel.dims import ParallelDims
+from hvbatch.sampling import latent_shape
+
+GIB = 1024**3
+MODES = ("throughput", "latency")
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# --- Activations of one single-stream block forward, per token and per hidden channel -----------
+# (`MMSingleStreamBlock.forward`; D = hidden size; "b" = bytes of the compute dtype, 2 for bf16).
+# Summing the largest tensors that are live during the block (an upper bound: a few are freed
+# before the last ones are made):
+#   input x                                1 D  (b)
+#   modulated input (layer norm, modulate) 1 D  (b)
+#   linear1 output q|k|v|mlp               7 D  (b)   3*D + 4*D (mlp_ratio 4)
+#   attention output                       1 D  (b)
+#   GELU(tanh) output                      4 D  (b)
+#   concat [attention, GELU]               5 D  (b)
+#   linear2 output                         1 D  (b)
+#                                         -----
+#                                         20 D in the compute dtype
+#   RoPE copies of q and k in float32      2 D  (4 bytes each: `apply_rope` works in float32)
+# bf16: 20 * 2 + 2 * 4 = 48 bytes per token per hidden channel.
+# The double-stream blocks hold about the same per image token (qkv 3 D, fc1 and GELU 4 D each).
+ACTIVATION_ELEMENTS_PER_TOKEN = 20
+"""Compute-dtype elements per token per hidden channel live in one single-stream block."""
+ROPE_FLOAT32_ELEMENTS_PER_TOKEN = 2
+"""float32 elements per token per hidden channel: the RoPE copies of q and k."""
+ULYSSES_BUFFER_ELEMENTS_PER_TOKEN = 3
+"""Ulysses (ulysses > 1): q, k and v all-to-all receive buffers, each one q-sized (D per local token)."""
+RING_BUFFER_ELEMENTS_PER_TOKEN = 2
+"""Ring (ring > 1): the next k and v blocks in flight, each D per local token (compute dtype) ..."""
+RING_FLOAT32_ELEMENTS_PER_TOKEN = 1
+"""... plus the float32 online-softmax output accumulator (D per local token)."""
+
+# --- Components besides the transformer -----------------------------------------------------------
+LLM_PARAMS = 7_504_924_672
+"""LLaVA-Llama-3-8B's language model as `AutoModel` loads it (LlamaModel, no lm_head): embeddings
+128256 x 4096 + 32 layers x (attention 41,943,040 + MLP 3 x 4096 x 14336 + 2 norms of 4096) + final
+norm. 15.0 GB in float16 (the full 8.03B causal LM with lm_head would be 16.1 GB)."""
+CLIP_PARAMS = 123_060_480
+"""CLIP-L (openai/clip-vit-large-patch14) text model: 0.25 GB in float16."""
+VAE_PARAMS = 246_478_803
+"""AutoencoderKLCausal3D with the released config, encoder and decoder (counted on the meta device
+from `hvbatch.models.VaeConfig()`): 0.49 GB in float16."""
+VAE_DECODE_PEAK_GIB_FP16 = 11.0
+"""Tiled VAE decode peak at the default tiles (17 latent frames x 32 x 32 latent cells), float16:
+about 10.4 GiB estimated at 720p (one tile's activations plus the float32 output video), rounded
+up. It barely grows with the video size (the tile is fixed); it doubles in float32."""
+SAFETY_MARGIN = 0.10
+"""Fraction added on top of the sum: allocator fragmentation, CUDA context, cuBLAS/NCCL buffers."""
+DEFAULT_TEXT_TOKENS = 256
+"""LLM text tokens after the template is cropped (`model.text_encoder.max_text_tokens`)."""
+FP8_WEIGHT_BYTES = 1
+"""float8_e4m3fn block linear weights (the official `*_fp8.pt`)."""
+
+
+def _gib(num_bytes: float) -> float:
+    return num_bytes / GIB
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def dtype_bytes(name: str, key: str = "dtype") -> int:
+    """Bytes per element of a dtype config value; `key` names the setting in the error."""
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"{key}={name!r} is not a known dtype; use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
+
+
+def _linear(fan_in: int, fan_out: int) -> int:
+    return fan_in * fan_out + fan_out
+
+
+def _block_params(config: TransformerConfig) -> tuple[int, int]:
+    """(all parameters, linear weights) of the double- and single-stream blocks."""
+    d, hd = config.hidden_size, config.head_dim
+    mlp = int(d * config.mlp_ratio)
+    stream_linears = [(d, 6 * d), (d, 3 * d), (d, d), (d, mlp), (mlp, d)]
+    single_linears = [(d, 3 * d + mlp), (d + mlp, d), (d, 3 * d)]
+    double = 2 * (sum(_linear(i, o) for i, o in stream_linears) + 2 * hd)
+    single = sum(_linear(i, o) for i, o in single_linears) + 2 * hd
+    double_w = 2 * sum(i * o for i, o in stream_linears)
+    single_w = sum(i * o for i, o in single_linears)
+    total = config.num_double_blocks * double + config.num_single_blocks * single
+    weights = config.num_double_blocks * double_w + config.num_single_blocks * single_w
+    return total, weights
+
+
+def transformer_param_counts(config: TransformerConfig) -> tuple[int, int]:
+    """`(all parameters, block linear weights)` of `HunyuanVideoTransformer(config)`, by arithmetic.
+
+    The second number is what an fp8 checkpoint stores in float8 (every `nn.Linear` weight under
+    `double_blocks.` and `single_blocks.`). 720p preset: 12,821,012,544 and 12,457,082,880.
+    """
+    d = config.hidden_size
+    patch = config.patch_size_t * config.patch_size**2
+    refiner_mlp = int(d * config.refiner_mlp_ratio)
+    timestep = _linear(256, d) + _linear(d, d)
+    refiner_block = 4 * d + _linear(d, 3 * d) + _linear(d, d) + _linear(d, refiner_mlp)
+    refiner_block += _linear(refiner_mlp, d) + _linear(d, 2 * d)
+    refiner = _linear(config.text_dim, d) + timestep + _linear(config.text_dim, d) + _linear(d, d)
+    refiner += config.num_refiner_blocks * refiner_block
+    embedders = config.in_channels * patch * d + d + refiner + timestep
+    embedders += _linear(config.pooled_text_dim, d) + _linear(d, d)
+    embedders += timestep if config.guidance_embed else 0
+    final = _linear(d, 2 * d) + _linear(d, patch * config.out_channels)
+    blocks, block_weights = _block_params(config)
+    return embedders + blocks + final, block_weights
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the memory model needs to know about the transformer."""
+
+    num_heads: int
+    """Attention heads (Ulysses must divide them)."""
+    hidden_size: int
+    """Hidden size D (activations scale with it)."""
+    num_params: int
+    """All transformer parameters."""
+    fp8_params: int = 0
+    """Parameters held in float8 (1 byte); the official fp8 checkpoint: the block linear weights."""
+    weight_bytes: int = 2
+    """Bytes per parameter of the rest (bf16 / fp16 2, fp32 4)."""
+    activation_bytes: int = 2
+    """Bytes per activation element (the compute dtype)."""
+
+    @classmethod
+    def from_config(cls, config: TransformerConfig, dtype: str = "bfloat16", fp8: bool = False) -> ModelSize:
+        """The size of `HunyuanVideoTransformer(config)` in `dtype`, with fp8 block weights if `fp8`."""
+        total, block_weights = transformer_param_counts(config)
+        nbytes = dtype_bytes(dtype, "model.dtype")
+        return cls(
+            num_heads=config.num_heads,
+            hidden_size=config.hidden_size,
+            num_params=total,
+            fp8_params=block_weights if fp8 else 0,
+            weight_bytes=nbytes,
+            activation_bytes=nbytes,
+        )
+
+    @property
+    def weight_bytes_total(self) -> int:
+        return (self.num_params - self.fp8_params) * self.weight_bytes + self.fp8_params * FP8_WEIGHT_BYTES
+
+    def describe(self) -> str:
+        dtype = {2: "16-bit", 4: "float32"}.get(self.weight_bytes, f"{self.weight_bytes}-byte")
+        fp8 = f", {_count(self.fp8_params)} of them float8" if self.fp8_params else ""
+        return f"{_count(self.num_params)} params, {dtype}{fp8}"
+
+
+@dataclass(frozen=True)
+class ComponentMemory:
+    """Per-GPU memory of everything besides the transformer, in GiB."""
+
+    text_encoders_gib: float
+    """LLM and CLIP-L weights."""
+    vae_weights_gib: float
+    """VAE weights."""
+    vae_decode_gib: float
+    """Peak activations of the tiled VAE decode."""
+
+    @classmethod
+    def hunyuan(cls, text_encoder_dtype: str = "float16", vae_dtype: str = "float16") -> ComponentMemory:
+        """The released HunyuanVideo text encoders and VAE in the given dtypes."""
+        te = dtype_bytes(text_encoder_dtype, "model.text_encoder_dtype")
+        vae = dtype_bytes(vae_dtype, "model.vae_dtype")
+        return cls(
+            text_encoders_gib=_gib((LLM_PARAMS + CLIP_PARAMS) * te),
+            vae_weights_gib=_gib(VAE_PARAMS * vae),
+            vae_decode_gib=VAE_DECODE_PEAK_GIB_FP16 * vae / 2,
+        )
+
+
+NO_COMPONENTS = ComponentMemory(0.0, 0.0, 0.0)
+"""For presets whose text encoders and VAE are toy-sized random models (model.random_weights)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory of one GPU, broken down, in GiB."""
+
+    transformer_weights_gib: float
+    """Transformer parameters."""
+    text_encoders_gib: float
+    """Text encoder weights (LLM and CLIP-L)."""
+    vae_weights_gib: float
+    """VAE weights."""
+    activations_gib: float
+    """Transformer activations of one block forward, including Ulysses / ring buffers."""
+    vae_decode_gib: float
+    """Tiled VAE decode peak."""
+    margin_gib: float
+    """Safety margin on top of the rest."""
+    tokens_per_rank: int
+    """ceil(image tokens / sp) + text tokens: the sequence one GPU holds."""
+
+    @property
+    def total_gib(self) -> float:
+        weights = self.transformer_weights_gib + self.text_encoders_gib + self.vae_weights_gib
+        return weights + self.activations_gib + self.vae_decode_gib + self.margin_gib
+
+    def fits(self, gpu_memory_gib: float) -> bool:
+        return self.total_gib <= gpu_memory_gib
+
+
+def activation_bytes_per_token(model: ModelSize, ulysses: int, ring: int) -> int:
+    """Bytes per token per hidden channel (see the count at the top of this module)."""
+    b = model.activation_bytes
+    per = ACTIVATION_ELEMENTS_PER_TOKEN * b + ROPE_FLOAT32_ELEMENTS_PER_TOKEN * 4
+    if ulysses > 1:
+        per += ULYSSES_BUFFER_ELEMENTS_PER_TOKEN * b
+    if ring > 1:
+        per += RING_BUFFER_ELEMENTS_PER_TOKEN * b + RING_FLOAT32_ELEMENTS_PER_TOKEN * 4
+    return per
+
+
+def estimate_memory(
+    model: ModelSize,
+    *,
+    image_tokens: int,
+    text_tokens: int = DEFAULT_TEXT_TOKENS,
+    ulysses: int = 1,
+    ring: int = 1,
+    batch: int = 1,
+    components: ComponentMemory | None = None,
+    margin: float = SAFETY_MARGIN,
+) -> MemoryEstimate:
+    """Per-GPU estimate for one video (`batch` 2 with true CFG) split over `ulysses * ring` GPUs."""
+    components = ComponentMemory.hunyuan() if components is None else components
+    tokens = math.ceil(image_tokens / (ulysses * ring)) + text_tokens
+    activations = _gib(activation_bytes_per_token(model, ulysses, ring) * model.hidden_size * tokens * batch)
+    parts = (
+        _gib(model.weight_bytes_total),
+        components.text_encoders_gib,
+        components.vae_weights_gib,
+        activations,
+        components.vae_decode_gib,
+    )
+    return MemoryEstimate(*parts, margin_gib=margin * sum(parts), tokens_per_rank=tokens)
+
+
+def image_tokens(height: int, width: int, num_frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    """Image tokens of a video (sizes validated by `latent_shape`): 720x1280x129 -> 33*45*80 = 118,800."""
+    _, frames, lat_h, lat_w = latent_shape(height, width, num_frames)
+    pt, ph, pw = patch
+    if frames % pt or lat_h % ph or lat_w % pw:
+        raise ValueError(
+            f"latent {frames}x{lat_h}x{lat_w} (frames x height x width) of a {height}x{width}x{num_frames} "
+            f"video is not divisible by the patch {pt}x{ph}x{pw}; choose sizes that are"
+        )
+    return (frames // pt) * (lat_h // ph) * (lat_w // pw)
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """A job's parallel layout, the memory estimate behind it, and why it was chosen."""
+
+    dp: int
+    """Data-parallel replicas: videos generated at the same time (outermost)."""
+    ulysses: int
+    """Ulysses degree (all-to-all over heads; contiguous ranks inside a node)."""
+    ring: int
+    """Ring degree (rotating keys and values; may cross nodes)."""
+    mode: str
+    """`throughput` or `latency`."""
+    memory: MemoryEstimate
+    """Per-GPU memory estimate of this layout."""
+    reasons: tuple[str, ...]
+    """Human-readable sentences explaining each choice, warnings first prefixed `warning:`."""
+    gpus_per_node: int = 8
+    """GPUs per node the plan was made for."""
+    num_nodes: int = 1
+    """Nodes per job the plan was made for."""
+    gpu_memory_gib: float = 80.0
+    """Usable memory per GPU the plan was checked against."""
+    model: str = ""
+    """The transformer's size, in words (e.g. `12.82B params, 16-bit`)."""
+
+    @property
+    def sp(self) -> int:
+        """GPUs per video: ulysses * ring."""
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.num_nodes
+
+    def dims(self, world_size: int | None = None) -> ParallelDims:
+        """The layout as `ParallelDims` for `world_size` (default the plan's own; dp = world_size / sp).
+
+        Call `.validate(num_heads)` on it: a world size that sp does not divide is refused there.
+        """
+        world = self.world_size if world_size is None else world_size
+        return ParallelDims(
+            dp=max(1, world // self.sp), ulysses=self.ulysses, ring=self.ring, world_size=world
+        )
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    ulysses: int
+    ring: int
+    memory: MemoryEstimate
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def auto_ulysses(sp: int, num_heads: int, gpus_per_node: int) -> int:
+    """The largest divisor of `num_heads` that divides both `sp` and `gpus_per_node` (at least 1)."""
+    return max(d for d in _divisors(num_heads) if sp % d == 0 and gpus_per_node % d == 0)
+
+
+def _layouts(
+    world: int, num_heads: int, gpus_per_node: int, ulysses: int | None, ring: int | None
+) -> list[tuple[int, int]]:
+    """Every `(ulysses, ring)` whose product divides `world` and agrees with the explicit settings."""
+    layouts = []
+    for sp in _divisors(world):
+        if ulysses is not None and ring is not None:
+            if sp == ulysses * ring:
+                layouts.append((ulysses, ring))
+        elif ulysses is not None:
+            if sp % ulysses == 0:
+                layouts.append((ulysses, sp // ulysses))
+        elif ring is not None:
+            u = sp // ring
+            if sp % ring == 0 and num_heads % u == 0 and gpus_per_node % u == 0:
+                layouts.append((u, ring))
+        else:
+            u = auto_ulysses(sp, num_heads, gpus_per_node)
+            layouts.append((u, sp // u))
+    return layouts
+
+
+def _validate(dims: ParallelDims, num_heads: int, gpus_per_node: int, num_nodes: int) -> None:
+    try:
+        dims.validate(num_heads)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (WORLD_SIZE = parallel.gpus_per_node({gpus_per_node}) * parallel.num_nodes({num_nodes}); "
+            "set parallel.ulysses and parallel.ring to auto, or to degrees whose product divides WORLD_SIZE)"
+        ) from err
+
+
+def _check_inputs(mode: str, minimums: dict[str, tuple[float, float]]) -> None:
+    """`minimums` maps a setting's name to (value, smallest allowed value)."""
+    problems = [
+        f"{key} must be >= {low:g}, got {value:g}" for key, (value, low) in minimums.items() if value < low
+    ]
+    if mode not in MODES:
+        problems.append(f"parallel.mode={mode!r} is not one of {', '.join(MODES)} (or auto)")
+    if problems:
+        raise ValueError("cannot plan: " + "; ".join(problems))
+
+
+def _too_big(largest: _Candidate, gpu_memory_gib: float, world: int) -> ValueError:
+    m = largest.memory
+    base = m.total_gib - m.margin_gib
+    fixed = (base - m.activations_gib) * m.total_gib / base
+    why = (
+        f"even with all {world} GPUs on one video (sp={largest.sp}) the estimate is "
+        f"{m.total_gib:.1f} GiB per GPU, more than parallel.gpu_memory_gib={gpu_memory_gib:g}"
+    )
+    if fixed > gpu_memory_gib:
+        why += (
+            f"; the weights, text encoders and VAE decode alone need {fixed:.1f} GiB (with the margin) "
+            "and do not shrink with more GPUs"
+        )
+    return ValueError(
+        f"the video does not fit: {why}. To fix: use more GPUs per job (parallel.num_nodes, "
+        "parallel.gpus_per_node) or GPUs with more memory, fp8 transformer weights "
+        "(model.transformer_path=.../mp_rank_00_model_states_fp8.pt), or a smaller video "
+        "(sampling.height, sampling.width, sampling.num_frames)"
+    )
+
+
+def _does_not_fit(c: _Candidate, gpu_memory_gib: float) -> str:
+    return (
+        f"warning: the estimate ({c.memory.total_gib:.1f} GiB per GPU) exceeds {gpu_memory_gib:g} GiB: "
+        "expect out-of-memory errors; use a larger sp (parallel.ulysses / parallel.ring), fp8 weights "
+        "or a smaller video"
+    )
+
+
+def _pick_throughput(
+    candidates: list[_Candidate], gpu_memory_gib: float, explicit: bool, world: int
+) -> tuple[_Candidate, list[str]]:
+    fitting = [i for i, c in enumerate(candidates) if c.memory.fits(gpu_memory_gib)]
+    if not fitting:
+        if not explicit:
+            raise _too_big(candidates[-1], gpu_memory_gib, world)
+        chosen = candidates[-1]
+        return chosen, [
+            _does_not_fit(chosen, gpu_memory_gib),
+            f"sp={chosen.sp}: the largest group the explicit settings allow",
+        ]
+    chosen = candidates[fitting[0]]
+    est = f"{chosen.memory.total_gib:.1f} GiB"
+    if fitting[0] == 0:
+        if chosen.sp == 1:
+            return chosen, [
+                f"sp=1: one GPU per video fits (estimate {est} of {gpu_memory_gib:g} GiB per GPU)"
+            ]
+        return chosen, [
+            f"sp={chosen.sp}: the smallest group the explicit settings allow; its estimate ({est}) fits in "
+            f"{gpu_memory_gib:g} GiB per GPU"
+        ]
+    smaller = candidates[fitting[0] - 1]
+    return chosen, [
+        f"sp={chosen.sp}: the smallest sequence-parallel group whose estimate ({est}) fits in "
+        f"{gpu_memory_gib:g} GiB per GPU; sp={smaller.sp} needs {smaller.memory.total_gib:.1f} GiB"
+    ]
+
+
+def _pick_latency(
+    candidates: list[_Candidate], gpu_memory_gib: float, explicit: bool, gpus_per_node: int, world: int
+) -> tuple[_Candidate, list[str]]:
+    node = [c for c in candidates if c.sp == gpus_per_node]
+    inside = [c for c in candidates if c.sp <= gpus_per_node]
+    chosen = (node or inside[-1:] or candidates[:1])[0]
+    if chosen.sp == gpus_per_node:
+        reasons = [f"sp={chosen.sp}: latency mode gives each video a whole node ({gpus_per_node} GPUs)"]
+    else:
+        reasons = [
+            f"sp={chosen.sp}: the group closest to a whole node ({gpus_per_node} GPUs) that the "
+            "explicit settings allow"
+        ]
+    if chosen.memory.fits(gpu_memory_gib):
+        return chosen, reasons
+    if explicit:
+        return chosen, [_does_not_fit(chosen, gpu_memory_gib), *reasons]
+    bigger = [c for c in candidates if c.sp > chosen.sp and c.memory.fits(gpu_memory_gib)]
+    if not bigger:
+        raise _too_big(candidates[-1], gpu_memory_gib, world)
+    return bigger[0], [
+        f"sp={bigger[0].sp}: one node (sp={chosen.sp}) needs {chosen.memory.total_gib:.1f} GiB per GPU, more "
+        f"than {gpu_memory_gib:g} GiB, so each video spans {bigger[0].sp / gpus_per_node:g} nodes"
+    ]
+
+
+def _layout_reasons(
+    c: _Candidate, num_heads: int, gpus_per_node: int, world: int, explicit: tuple[bool, bool]
+) -> list[str]:
+    u, r, sp = c.ulysses, c.ring, c.sp
+    ulysses_set, ring_set = explicit
+    if ulysses_set:
+        reasons = [f"ulysses={u}: set explicitly (parallel.ulysses)"]
+    elif ring_set:
+        reasons = [f"ulysses={u}: filled in as sp / ring = {sp} / {r}"]
+    else:
+        reasons = [
+            f"ulysses={u}: the largest divisor of the {num_heads} heads that divides sp={sp} and "
+            f"the {gpus_per_node} GPUs of a node"
+        ]
+    if ring_set:
+        reasons.append(f"ring={r}: set explicitly (parallel.ring)")
+    else:
+        reasons.append(f"ring={r}: the rest of the group (sp / ulysses = {sp} / {u})")
+    if sp > gpus_per_node:
+        reasons.append(
+            f"the group spans {math.ceil(sp / gpus_per_node)} nodes: ring crosses nodes "
+            "(point-to-point traffic that overlaps compute)"
+        )
+    elif gpus_per_node % sp:
+        reasons.append(
+            f"note: sp={sp} does not divide the {gpus_per_node} GPUs of a node, so some groups "
+            "straddle two nodes (their ring crosses the network)"
+        )
+    if u > gpus_per_node or gpus_per_node % u:
+        reasons.append(
+            f"warning: ulysses={u} does not divide the {gpus_per_node} GPUs of a node, so "
+            "Ulysses all-to-alls cross nodes (slow); prefer a ulysses that divides "
+            f"{gpus_per_node} and put the rest into ring"
+        )
+    dp = world // sp
+    if dp == 1:
+        reasons.append(f"dp=1: all {world} GPUs work on one video")
+    else:
+        reasons.append(f"dp={dp}: the {world} GPUs make {dp} videos at a time ({world} / sp={sp})")
+    return reasons
+
+
+def plan_parallel(
+    model: ModelSize,
+    *,
+    image_tokens: int,
+    text_tokens: int = DEFAULT_TEXT_TOKENS,
+    gpus_per_node: int = 8,
+    num_nodes: int = 1,
+    gpu_memory_gib: float = 80.0,
+    mode: str = "throughput",
+    ulysses: int | None = None,
+    ring: int | None = None,
+    batch: int = 1,
+    components: ComponentMemory | None = None,
+) -> ParallelPlan:
+    """Choose `dp x ulysses x ring` for `gpus_per_node * num_nodes` GPUs (rules: module docstring).
+
+    `ulysses` / `ring` None means auto. `batch` is 2 with true CFG (both branches in one forward).
+    Raises ValueError for inconsistent settings (naming every factor) and, with no explicit degree,
+    when no layout fits (saying what to change).
+    """
+    minimums: dict[str, tuple[float, float]] = {"parallel.gpus_per_node": (gpus_per_node, 1)}
+    minimums |= {"parallel.num_nodes": (num_nodes, 1), "parallel.gpu_memory_gib": (gpu_memory_gib, 1)}
+    minimums |= {"image_tokens": (image_tokens, 1), "text_tokens": (text_tokens, 0), "batch": (batch, 1)}
+    _check_inputs(mode, minimums)
+    world = gpus_per_node * num_nodes
+    explicit = ulysses is not None or ring is not None
+    positive = all(d is None or d >= 1 for d in (ulysses, ring))
+    layouts = _layouts(world, model.num_heads, gpus_per_node, ulysses, ring) if positive else []
+    if explicit:  # refuse bad explicit degrees with ParallelDims' message, which names every factor
+        u, r = layouts[0] if layouts else (1 if ulysses is None else ulysses, 1 if ring is None else ring)
+        dims = ParallelDims(max(1, world // max(1, u * r)), u, r, world)
+        _validate(dims, model.num_heads, gpus_per_node, num_nodes)
+    estimate = functools.partial(
+        estimate_memory,
+        model,
+        image_tokens=image_tokens,
+        text_tokens=text_tokens,
+        batch=batch,
+        components=components,
+    )
+    candidates = [_Candidate(u, r, estimate(ulysses=u, ring=r)) for u, r in layouts]
+    if mode == "throughput":
+        chosen, reasons = _pick_throughput(candidates, gpu_memory_gib, explicit, world)
+    else:
+        chosen, reasons = _pick_latency(candidates, gpu_memory_gib, explicit, gpus_per_node, world)
+    reasons += _layout_reasons(
+        chosen, model.num_heads, gpus_per_node, world, (ulysses is not None, ring is not None)
+    )
+    reasons.sort(key=lambda s: not s.startswith("warning:"))
+    plan = ParallelPlan(
+        dp=world // chosen.sp,
+        ulysses=chosen.ulysses,
+        ring=chosen.ring,
+        mode=mode,
+        memory=chosen.memory,
+        reasons=tuple(reasons),
+        gpus_per_node=gpus_per_node,
+        num_nodes=num_nodes,
+        gpu_memory_gib=gpu_memory_gib,
+        model=model.describe(),
+    )
+    _validate(plan.dims(), model.num_heads, gpus_per_node, num_nodes)
+    return plan
+
+
+def format_plan(plan: ParallelPlan) -> str:
+    """The text `hvbatch plan` prints: layout, per-GPU memory breakdown, reasons."""
+    m = plan.memory
+    nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''}"
+    rows = [
+        ("transformer weights", m.transformer_weights_gib, plan.model),
+        ("text encoders", m.text_encoders_gib, "LLaVA-Llama-3-8B + CLIP-L"),
+        ("VAE weights", m.vae_weights_gib, ""),
+        ("activations", m.activations_gib, f"{m.tokens_per_rank:,} tokens per GPU"),
+        ("VAE decode peak", m.vae_decode_gib, "tiled"),
+        ("safety margin", m.margin_gib, f"{SAFETY_MARGIN:.0%}"),
+    ]
+    lines = [
+        f"layout: dp {plan.dp} x ulysses {plan.ulysses} x ring {plan.ring}  "
+        f"({plan.mode}; {plan.world_size} GPUs = {nodes} x {plan.gpus_per_node}, {plan.sp} per video)",
+        "memory per GPU (estimate):",
+        *(
+            f"  {name:<20} {gib:6.1f} GiB" + (f"  ({note})" if note and gib else "")
+            for name, gib, note in rows
+        ),
+        f"  {'total':<20} {m.total_gib:6.1f} GiB  of {plan.gpu_memory_gib:g} GiB"
+        + ("" if m.fits(plan.gpu_memory_gib) else "  (DOES NOT FIT)"),
+        "why:",
+        *(f"  - {reason}" for reason in plan.reasons),
+    ]
+    return "\n".join(lines)

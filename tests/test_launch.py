@@ -1,0 +1,31 @@
+"""Rank and world from torchrun's or Slurm's environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from hvbatch.parallel.launch import DistEnv, dist_env_from
+
+
+def test_single_process_when_nothing_is_set() -> None:
+    assert dist_env_from({}) is None
+    assert dist_env_from({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+
+
+def test_torchrun_environment() -> None:
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
+           "MASTER_ADDR": "node1", "MASTER_PORT": "29400"}  # fmt: skip
+    assert dist_env_from(env) == DistEnv(3, 8, 3, 8, "node1", 29400)
+
+
+def test_slurm_environment() -> None:
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8",
+           "SLURM_JOB_ID": "1234", "MASTER_ADDR": "gpu-a01"}  # fmt: skip
+    assert dist_env_from(env) == DistEnv(9, 16, 1, 8, "gpu-a01", 20000 + 1234)
+
+
+def test_incomplete_environment_is_explained() -> None:
+    with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT"):
+        dist_env_from({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="WORLD_SIZE='eight' is not an integer"):
+        dist_env_from({"RANK": "0", "WORLD_SIZE": "eight"})
