@@ -11,15 +11,8 @@ import dataclasses
 import json
 
 from hvbatch.config import Config, SamplingConfig, load_config
-from hvbatch.parallel.planner import (
-    NO_COMPONENTS,
-    ComponentMemory,
-    ModelSize,
-    ParallelPlan,
-    format_plan,
-    image_tokens,
-    plan_parallel,
-)
+from hvbatch.parallel.memory import NO_COMPONENTS, ComponentMemory, ModelSize
+from hvbatch.parallel.planner import ParallelPlan, format_plan, image_tokens, plan_parallel
 
 FP8_SUFFIX = "_fp8.pt"
 

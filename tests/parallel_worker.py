@@ -142,3 +142,21 @@ def forward_worker(rank: int, world: int, port: int, out_dir: str, latent_shape:
             torch.save(out, Path(out_dir) / "out.pt")
     finally:
         dist.destroy_process_group()
+
+
+def data_parallel_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """dp 2 x ulysses 2: each dp group samples a different case; every rank saves what it got."""
+    init_gloo(rank, world, port)
+    try:
+        model = random_transformer(transformer_preset("tiny"), seed=0)
+        dims = ParallelDims(dp=2, ulysses=2, ring=1, world_size=world)
+        groups = build_groups(dims, rank)
+        runner = SequenceParallelTransformer(model, groups)
+        name = sorted(CASES)[groups.dp_index]
+        sampling, cond, negative = CASES[name]
+        latents = denoise(
+            runner, initial_noise(LATENT_SHAPE, sampling.seed), cond, sampling, negative=negative
+        )
+        torch.save({"case": name, "latents": latents}, Path(out_dir) / f"dp-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -150,3 +150,13 @@ def test_720p_token_grid_on_odd_rank_counts(tmp_path: Path, world: int) -> None:
         )
     mp.spawn(forward_worker, args=(world, free_port(), str(tmp_path), shape), nprocs=world, join=True)
     assert rel_err(torch.load(tmp_path / "out.pt"), expected) <= 1e-5
+
+
+def test_dp_groups_work_on_different_prompts(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    from tests.parallel_worker import data_parallel_worker
+
+    mp.spawn(data_parallel_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
+    results = [torch.load(tmp_path / f"dp-rank{r}.pt") for r in range(4)]
+    assert [r["case"] for r in results] == ["cfg", "cfg", "plain", "plain"]  # ranks 0-1 and 2-3
+    for result in results:
+        assert rel_err(result["latents"], reference[result["case"]]) <= 1e-5

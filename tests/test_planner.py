@@ -15,19 +15,15 @@ from hvbatch import cli
 from hvbatch.config import load_config, transformer_preset
 from hvbatch.models import HunyuanVideoTransformer
 from hvbatch.parallel.dims import ParallelDims
-from hvbatch.parallel.planner import (
+from hvbatch.parallel.memory import (
     NO_COMPONENTS,
     ComponentMemory,
     ModelSize,
-    ParallelPlan,
     activation_bytes_per_token,
-    auto_ulysses,
     estimate_memory,
-    format_plan,
-    image_tokens,
-    plan_parallel,
     transformer_param_counts,
 )
+from hvbatch.parallel.planner import ParallelPlan, auto_ulysses, format_plan, image_tokens, plan_parallel
 from hvbatch.plan_cli import add_plan_parser, parse_degree, plan_for_config
 
 FULL = transformer_preset("hunyuan-video-t2v-720p")
