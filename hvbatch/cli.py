@@ -8,6 +8,8 @@ import sys
 from omegaconf import OmegaConf
 
 from hvbatch import __version__
+from hvbatch.batch.commands import add_batch_parsers
+from hvbatch.batch.sbatch import add_sbatch_parsers
 from hvbatch.config import available_presets, load_config
 from hvbatch.generate import add_generate_parser
 from hvbatch.plan_cli import add_plan_parser
@@ -33,11 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=_cmd_config)
     add_generate_parser(commands)
     add_plan_parser(commands)
+    add_batch_parsers(commands)
+    add_sbatch_parsers(commands)
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may also follow options after a positional."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides_only = all("=" in item and not item.startswith("-") for item in extra)
+    if extra and hasattr(args, "overrides") and overrides_only:
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as err:

@@ -193,12 +193,57 @@ class ParallelConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """One array element per shard, each a node job (the same settings drive the local executor)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = 240
+    """Walltime of one shard job in minutes; shards are sized to fit it."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    """GPUs per node requested from Slurm (the local executor uses parallel.gpus_per_node GPUs if any)."""
+    tasks_per_node: int = 8
+    """Ranks per node: one per GPU."""
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
+    """Memory per node; None lets the cluster's default apply."""
+    array_parallelism: int = 256
+    """Most array elements running at once."""
+    max_array_size: int | None = None
+    """Largest array to submit; None reads MaxArraySize from `scontrol show config` (default 1001)."""
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    """Extra sbatch options, e.g. {exclusive: ""} or {reservation: name}."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before srun in the job script (module load, conda activate, ...)."""
+
+
+@dataclass
+class BatchConfig:
+    """How prompts become shards and jobs."""
+
+    seconds_per_cost_unit: float = 3.3e-4
+    """Estimated GPU-seconds per (image token x step) for one SP group; 720p x 129 frames x 50 steps on
+    one H100 is about 1904 s (published), i.e. 3.2e-4 s per token-step."""
+    reserve_s: float = 600.0
+    """Seconds of each job kept for start-up, loading and the last video's write."""
+    min_shards: int = 1
+    """At least this many shards (more jobs in flight on a large cluster)."""
+    executor: str = "auto"
+    """`auto` (Slurm where sbatch exists, else local), `slurm` or `local`."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     vae: VaeDecodeConfig = field(default_factory=VaeDecodeConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`."""
 

@@ -1,0 +1,1 @@
+"""Batch generation: prompt files in, shards of videos out (`hvbatch.batch.prompts`)."""

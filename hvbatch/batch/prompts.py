@@ -1,0 +1,503 @@
+"""A Parquet file of prompts in; one validated row per video out; videos split into cost-balanced shards.
+
+Input columns (only `prompt` is required; a missing optional column, or a null in one, takes the
+default from the `SamplingConfig` passed in):
+
+    prompt               string   the text prompt; must not be null, empty or whitespace-only
+    id                   string or integer (made a string); default: a hash of the row's content
+    negative_prompt      string
+    seed                 integer  >= 0; the row's videos get seeds seed, seed+1, ..., seed+n-1
+    height, width        integer  positive multiples of 16
+    num_frames           integer  4k+1
+    num_inference_steps  integer  >= 1
+    guidance_scale       number   >= 0
+    flow_shift           number   > 0
+    num_videos           integer  1..100,000 (default 1): videos made from the row
+
+Integer columns may be any intN/uintN type, or floats holding whole numbers (pandas writes an
+integer column with missing values as floats). Columns with other names are allowed and ignored,
+except names close to a known one (`Prompt`, `num_frame`, `steps`, ...), which are refused with the
+right name, and `cfg_scale`, which is a per-batch setting (`sampling.cfg_scale`), not per prompt.
+
+The default id is the first 16 hex digits of a BLAKE2b hash of the row's content as written in the
+file (prompt, negative_prompt, seed, sizes, steps, guidance_scale, flow_shift; a missing column
+counts as null; texts as UTF-8, numbers exactly: 720 and 720.0 alike, floats by their bits), so a
+row keeps its id when rows are reordered, added or removed, and when config defaults change. `num_videos` is
+not hashed: rows that differ only in it ask for the same videos and are reported as duplicates.
+Explicit ids must be unique, non-empty, at most 200 bytes, and free of `/`, `\\`, `#` and control
+characters (ids name files, and `#` separates the video index in video ids).
+
+Every problem is collected before anything is returned, and raised as one `PromptFileError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hvbatch.config import SamplingConfig
+from hvbatch.sampling.sampler import SIZE_MULTIPLE, VAE_SPATIAL_RATIO, VAE_TEMPORAL_RATIO
+
+INT_COLUMNS = ("seed", "height", "width", "num_frames", "num_inference_steps", "num_videos")
+FLOAT_COLUMNS = ("guidance_scale", "flow_shift")
+TEXT_COLUMNS = ("prompt", "negative_prompt")
+KNOWN_COLUMNS = ("id", *TEXT_COLUMNS, *INT_COLUMNS, *FLOAT_COLUMNS)
+HASHED_COLUMNS = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames")
+HASHED_COLUMNS += ("num_inference_steps", "guidance_scale", "flow_shift")
+VIDEO_SCHEMA = pa.schema(
+    [("video_id", pa.string()), ("prompt_id", pa.string()), ("row", pa.int64()), ("video_index", pa.int32())]
+    + [("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64())]
+    + [(name, pa.int32()) for name in ("height", "width", "num_frames", "num_inference_steps")]
+    + [("guidance_scale", pa.float64()), ("flow_shift", pa.float64()), ("cost", pa.float64())]
+)
+"""`read_prompts`' output: one row per video, in file order (row, then video_index).
+
+video_id is the prompt id when the row makes one video, else `{prompt_id}#{video_index}`; seed is
+the row's seed + video_index; cost = image tokens x steps, image tokens = ((num_frames-1)//4+1)
+latent frames x height/16 x width/16 (`hvbatch.parallel.planner.image_tokens`)."""
+
+BATCH_ROWS = 65_536
+SHOW_ROWS = 5
+MAX_ID_BYTES = 200
+MAX_VIDEOS = 100_000
+"""Most videos one row may ask for (a guard against a typo expanding into billions of rows)."""
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+_CONFIG_NUMBERS = tuple(c for c in (*INT_COLUMNS, *FLOAT_COLUMNS) if c != "num_videos")
+_ALIASES = {"steps": "num_inference_steps", "numsteps": "num_inference_steps", "frames": "num_frames"}
+_ALIASES |= {"negative": "negative_prompt", "negprompt": "negative_prompt", "guidance": "guidance_scale"}
+_ALIASES |= {"shift": "flow_shift", "promptid": "id", "videosperprompt": "num_videos", "text": "prompt"}
+_ALIASES |= {"caption": "prompt"}
+_PER_BATCH = {"cfg_scale": "a per-batch setting: set sampling.cfg_scale in the config instead"}
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; `problems` lists every problem, each naming file and column."""
+
+    def __init__(self, path: str | Path, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = list(problems)
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        super().__init__(f"{count} in prompt file {self.path}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _listed(rows: list[int], count: int | None = None) -> str:
+    """`1, 4, 9, 17, 20, ... (95 more)`: the first SHOW_ROWS row numbers of `count` (default len(rows))."""
+    more = (len(rows) if count is None else count) - min(len(rows), SHOW_ROWS)
+    return ", ".join(map(str, rows[:SHOW_ROWS])) + f", ... ({more:,} more)" * (more > 0)
+
+
+@dataclass
+class _Problem:
+    where: str
+    what: str
+    count: int = 0
+    rows: list[int] = field(default_factory=list)
+    detail: str = ""
+
+
+class _Problems:
+    """Problems keyed by (where, what); row numbers merge across batches (first few kept, all counted)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._items: dict[tuple[str, str], _Problem] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def add(self, where: str, what: str, rows: np.ndarray | None = None, detail: str = "") -> None:
+        item = self._items.setdefault((where, what), _Problem(where, what, detail=detail))
+        if rows is not None:
+            item.count += len(rows)
+            item.rows += [int(r) for r in rows[: SHOW_ROWS - len(item.rows)]]
+
+    def add_mask(
+        self, where: str, what: str, mask: np.ndarray, offset: int, hint: Callable[[int], str] | None = None
+    ) -> None:
+        """Rows `offset + i` where `mask[i]`; `hint(i)` gives the nearest valid values for the first one."""
+        local = np.flatnonzero(mask)
+        if local.size:
+            first = (where, what) not in self._items
+            detail = (
+                f"nearest valid for row {offset + local[0]}: {hint(int(local[0]))}" if hint and first else ""
+            )
+            self.add(where, what, local + offset, detail)
+
+    def messages(self) -> list[str]:
+        out = []
+        for p in self._items.values():
+            if not p.count:
+                out.append(f"{self.path}: {p.where}: {p.what}")
+                continue
+            noun = "row" if p.count == 1 else "rows"
+            shown = _listed(p.rows, p.count)
+            detail = f"; {p.detail}" if p.detail else ""
+            out.append(f"{self.path}: {p.where}: {p.count:,} {noun} {p.what} ({noun} {shown}{detail})")
+        return out
+
+    def raise_if_any(self) -> None:
+        if self._items:
+            raise PromptFileError(self.path, self.messages())
+
+
+# ----------------------------------------------------------------------------------------- columns
+
+
+def _is_text(t: pa.DataType) -> bool:
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
+
+
+def _type_problem(name: str, t: pa.DataType) -> str | None:
+    """Why a column of type `t` cannot hold `name`, or None when it can."""
+    numeric = pa.types.is_integer(t) or pa.types.is_floating(t)
+    if pa.types.is_null(t):
+        return None
+    if name in INT_COLUMNS and not numeric:
+        return f"type {t}, expected integers (int8..int64, or floats holding whole numbers)"
+    if name in FLOAT_COLUMNS and not numeric:
+        return f"type {t}, expected numbers"
+    if name in TEXT_COLUMNS and not _is_text(t):
+        return f"type {t}, expected strings"
+    if name == "id" and not (_is_text(t) or pa.types.is_integer(t)):
+        return f"type {t}, expected strings or integers"
+    return None
+
+
+def _near_miss(name: str, present: set[str]) -> str | None:
+    """The known column `name` looks like a misspelling of (only ones the file lacks), or None."""
+    norm = lambda s: s.lower().replace("_", "").replace("-", "").replace(" ", "")
+    known = {norm(k): k for k in KNOWN_COLUMNS if k not in present}
+    key = norm(name)
+    target = known.get(key) or _ALIASES.get(key)
+    if target is None:
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.85)
+        target = known[close[0]] if close else None
+    return target if target is not None and target not in present else None
+
+
+def _check_columns(schema: pa.Schema, problems: _Problems) -> list[str]:
+    """Schema-level problems; returns the known columns to read (those with a usable type)."""
+    names = list(schema.names)
+    present = set(names) & set(KNOWN_COLUMNS)
+    usable = []
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            problems.add(f"column {name}", f"appears {names.count(name)} times; keep one")
+        elif name in _PER_BATCH:
+            problems.add(f"column {name}", f"is {_PER_BATCH[name]}")
+        elif name not in KNOWN_COLUMNS:
+            target = _near_miss(name, present)
+            if target:
+                problems.add(
+                    f"column {name}",
+                    f"unknown column; did you mean {target}? Rename it to {target} (or, if it holds "
+                    "other data, to a name that is not close to a known column)",
+                )
+        elif why := _type_problem(name, schema.field(name).type):
+            problems.add(f"column {name}", why)
+        else:
+            usable.append(name)
+    if "prompt" not in names:
+        texts = [n for n in names if _is_text(schema.field(n).type) and n not in KNOWN_COLUMNS]
+        hint = f" (string columns found: {', '.join(texts)}; rename the one holding prompts)" if texts else ""
+        problems.add("column prompt", f"missing; it is the one required column{hint}")
+    return usable
+
+
+# ------------------------------------------------------------------------------------ value rules
+
+
+def _nearest(value: int, multiple: int, first: int) -> str:
+    """Nearest valid values of the form first + k*multiple (>= first), as `latent_shape` names them."""
+    low = max(first, (value - first) // multiple * multiple + first)
+    return f"{low} or {low + multiple}" if low < value else f"{low}"
+
+
+_Rule = tuple[Callable[[np.ndarray], np.ndarray], str, Callable[[int], str] | None]
+
+
+def _rules(name: str) -> list[_Rule]:
+    """(bad-value test, what is wrong, nearest valid values from a value) for a numeric column."""
+    m, t = SIZE_MULTIPLE, VAE_TEMPORAL_RATIO
+    big: _Rule = (lambda v: v > INT32_MAX, f"too large (over {INT32_MAX})", None)
+    at_least_1: _Rule = (lambda v: v < 1, "less than 1 (must be >= 1)", None)
+    not_multiple = lambda v: (v < m) | (v % m != 0)
+    not_4k1 = lambda v: (v < 1) | ((v - 1) % t != 0)
+    size: _Rule = (not_multiple, f"not a positive multiple of {m}", lambda v: _nearest(v, m, m))
+    frames: _Rule = (not_4k1, f"not of the form {t}k+1", lambda v: _nearest(v, t, 1))
+    return {
+        "height": [size, big],
+        "width": [size, big],
+        "num_frames": [frames, big],
+        "num_inference_steps": [at_least_1, big],
+        "num_videos": [at_least_1, (lambda v: v > MAX_VIDEOS, f"too large (over {MAX_VIDEOS})", None)],
+        "seed": [(lambda v: v < 0, "negative (must be >= 0)", None)],
+        "guidance_scale": [(lambda v: v < 0, "negative (must be >= 0)", None)],
+        "flow_shift": [(lambda v: v <= 0, "not positive (must be > 0)", None)],
+    }[name]
+
+
+def _numbers(arr: pa.Array, name: str, offset: int, problems: _Problems) -> tuple[np.ndarray, np.ndarray]:
+    """(values, ok): int64 (float64 for FLOAT_COLUMNS) values, ok = given (not null) and convertible."""
+    given = ~arr.is_null().to_numpy(zero_copy_only=False)
+    where = f"column {name}"
+    if name in FLOAT_COLUMNS or pa.types.is_floating(arr.type):
+        f = pc.cast(arr, pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+        finite = np.isfinite(f)
+        problems.add_mask(where, "not a finite number", given & ~finite, offset)
+        if name in FLOAT_COLUMNS:
+            return f + 0.0, given & finite  # + 0.0 turns -0.0 into 0.0 (one id for both)
+        whole = finite & (np.floor(np.where(finite, f, 0.0)) == f)
+        problems.add_mask(where, "not a whole number", given & finite & ~whole, offset)
+        ok = given & whole & (np.abs(np.where(whole, f, 0.0)) <= 2.0**53)
+        problems.add_mask(where, "too large (beyond 2**53 in a float column)", given & whole & ~ok, offset)
+        return np.where(ok, f, 0.0).astype(np.int64), ok
+    if pa.types.is_null(arr.type):
+        return np.zeros(len(arr), np.int64), given
+    ok = given
+    if arr.type == pa.uint64():
+        huge = pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64())).fill_null(False)
+        huge = huge.to_numpy(zero_copy_only=False)
+        problems.add_mask(where, f"too large (over {INT64_MAX})", huge, offset)
+        ok = given & ~huge
+    values = pc.cast(arr, pa.int64(), safe=False).fill_null(0).to_numpy(zero_copy_only=False)
+    return np.where(ok, values, 0), ok
+
+
+def _check_rules(name: str, values: np.ndarray, ok: np.ndarray, offset: int, problems: _Problems) -> None:
+    for test, what, hint in _rules(name):
+        bad = ok & test(values)
+        explain = None if hint is None else (lambda i, hint=hint: hint(values[i]))
+        problems.add_mask(f"column {name}", what, bad, offset, explain)
+
+
+def _check_default(name: str, value: object, used: int, problems: _Problems) -> None:
+    """Check a config default used by `used` rows (where the column is missing or null)."""
+    rows = "row" if used == 1 else "rows"
+    where = f"sampling.{name}={value!r} (the config default, used by {used} {rows} where column {name} "
+    where += "is missing or null)"
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return problems.add(where, "is not a finite number")
+    if name in INT_COLUMNS and not float(value).is_integer():
+        return problems.add(where, "is not a whole number")
+    for test, what, hint in _rules(name):
+        if bool(test(np.array([value]))[0]):
+            problems.add(where, what + (f" (nearest valid: {hint(int(value))})" if hint else ""))
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class _Batch:
+    offset: int
+    prompt: pa.Array
+    negative_prompt: pa.Array
+    numbers: dict[str, np.ndarray]
+    ids: pa.Array
+    explicit: np.ndarray
+    """True where the id was given in the file (else hashed)."""
+
+
+def _text(arr: pa.Array) -> pa.Array:
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if arr.type != pa.string():
+        arr = pc.cast(arr, pa.string())
+    return arr
+
+
+def _check_prompts(prompt: pa.Array, offset: int, problems: _Problems) -> np.ndarray:
+    """Problems of the prompt column; returns the mask of bad prompts."""
+    null = prompt.is_null().to_numpy(zero_copy_only=False)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(prompt)), 0).fill_null(False)
+    blank = blank.to_numpy(zero_copy_only=False)
+    problems.add_mask("column prompt", "null", null, offset)
+    problems.add_mask("column prompt", "empty or whitespace-only", blank, offset)
+    return null | blank
+
+
+def _check_ids(ids: pa.Array, offset: int, problems: _Problems) -> None:
+    """Rules for explicit ids (nulls are skipped: those rows get hashed ids)."""
+    where = "column id"
+    mask = lambda a: a.fill_null(False).to_numpy(zero_copy_only=False)
+    blank = mask(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0))
+    problems.add_mask(where, "empty or whitespace-only", blank, offset)
+    bad_chars = mask(pc.match_substring_regex(ids, r"[/\\#\x00-\x1f\x7f]"))
+    problems.add_mask(where, "containing /, \\, # or a control character", bad_chars, offset)
+    problems.add_mask(where, "equal to . or ..", mask(pc.is_in(ids, pa.array([".", ".."]))), offset)
+    long = mask(pc.greater(pc.binary_length(ids), MAX_ID_BYTES))
+    problems.add_mask(where, f"longer than {MAX_ID_BYTES} bytes", long, offset)
+
+
+def _canonical(columns: dict[str, pa.Array]) -> pa.Array:
+    """One string per row encoding its hashed content unambiguously (texts are length-prefixed)."""
+    parts = [pa.array(["v1"] * len(columns["prompt"]), pa.string())]
+    for name in HASHED_COLUMNS:
+        arr = columns[name]
+        if name in TEXT_COLUMNS:
+            arr = pc.binary_join_element_wise(pc.cast(pc.binary_length(arr), pa.string()), arr, ":")
+        parts.append(pc.fill_null(pc.cast(arr, pa.string()), "~"))
+    return pc.binary_join_element_wise(*parts, "|")
+
+
+def _hash_ids(canonical: pa.Array) -> pa.Array:
+    """First 16 hex digits of BLAKE2b(canonical) per row, as a string array."""
+    start = canonical.offset
+    offsets = np.frombuffer(canonical.buffers()[1], np.int32)[start : start + len(canonical) + 1].tolist()
+    data = canonical.buffers()[2].to_pybytes() if canonical.buffers()[2] else b""
+    b2 = hashlib.blake2b
+    digests = b"".join([b2(data[a:b], digest_size=8).digest() for a, b in itertools.pairwise(offsets)])
+    hexed = pa.py_buffer(digests.hex().encode())
+    ends = pa.py_buffer(np.arange(0, 16 * len(canonical) + 1, 16, dtype=np.int32).tobytes())
+    return pa.Array.from_buffers(pa.string(), len(canonical), [None, ends, hexed])
+
+
+def _read_batch(
+    batch: pa.RecordBatch, offset: int, defaults: SamplingConfig, used: dict[str, int], problems: _Problems
+) -> _Batch:
+    """Validate one batch, fill defaults (counting their use in `used`), and make every row's id."""
+    n = batch.num_rows
+    col = lambda name: batch.column(name) if name in batch.schema.names else pa.nulls(n)
+    prompt = _text(col("prompt"))
+    bad = _check_prompts(prompt, offset, problems) if "prompt" in batch.schema.names else np.ones(n, bool)
+    hashed: dict[str, pa.Array] = {"prompt": prompt, "negative_prompt": _text(col("negative_prompt"))}
+    used["negative_prompt"] = used.get("negative_prompt", 0) + hashed["negative_prompt"].null_count
+    numbers: dict[str, np.ndarray] = {}
+    for name in (*INT_COLUMNS, *FLOAT_COLUMNS):
+        values, ok = _numbers(col(name), name, offset, problems)
+        _check_rules(name, values, ok, offset, problems)
+        bad |= ~ok & ~col(name).is_null().to_numpy(zero_copy_only=False)
+        used[name] = used.get(name, 0) + col(name).null_count
+        numbers[name] = np.where(ok, values, 1 if name == "num_videos" else getattr(defaults, name))
+        exact = values.view(np.int64) if values.dtype == np.float64 else values  # floats: IEEE-754 bits
+        hashed[name] = pa.array(exact, mask=~ok)
+    last_seed = INT64_MAX - (np.maximum(numbers["num_videos"], 1) - 1)  # seeds seed..seed+n-1 fit in int64
+    seeds_over = numbers["seed"] > last_seed
+    problems.add_mask(
+        "columns seed, num_videos", "with seed + num_videos - 1 over 2**63-1", seeds_over, offset
+    )
+    ids = _text(col("id"))
+    _check_ids(ids, offset, problems)
+    explicit = ~ids.is_null().to_numpy(zero_copy_only=False)
+    if not explicit.all():
+        missing = pa.array(~explicit)
+        canonical = _canonical({k: v.filter(missing) for k, v in hashed.items()})
+        rows_bad = bad[~explicit]
+        if rows_bad.any():  # rows with unusable values get an id of their own (no duplicate noise)
+            marks = pc.cast(pa.array(np.flatnonzero(~explicit)[rows_bad] + offset), pa.string())
+            canonical = pc.replace_with_mask(canonical, pa.array(rows_bad), marks)
+        ids = pc.replace_with_mask(ids, missing, _hash_ids(canonical))
+    negative = pc.fill_null(hashed["negative_prompt"], defaults.negative_prompt)
+    return _Batch(offset, prompt, negative, numbers, ids, explicit)
+
+
+def _expand(b: _Batch) -> pa.RecordBatch:
+    """One row per video of a validated batch (VIDEO_SCHEMA)."""
+    nums, n = b.numbers, len(b.ids)
+    count = nums["num_videos"]
+    if (count == 1).all():
+        take, index, video_id = np.arange(n), np.zeros(n, np.int64), b.ids
+        prompt, negative, prompt_id = b.prompt, b.negative_prompt, b.ids
+    else:
+        take = np.repeat(np.arange(n), count)
+        index = np.arange(len(take)) - np.repeat(np.cumsum(count) - count, count)
+        indices = pa.array(take)
+        prompt, negative, prompt_id = (a.take(indices) for a in (b.prompt, b.negative_prompt, b.ids))
+        suffixed = pc.binary_join_element_wise(prompt_id, pc.cast(pa.array(index), pa.string()), "#")
+        video_id = pc.if_else(pa.array(count[take] == 1), prompt_id, suffixed)
+    h, w, f, steps = (nums[k][take] for k in ("height", "width", "num_frames", "num_inference_steps"))
+    patch = VAE_SPATIAL_RATIO * 2  # latent cells per pixel x the transformer's 2x2 spatial patch
+    tokens = ((f - 1) // VAE_TEMPORAL_RATIO + 1).astype(np.float64) * (h // patch) * (w // patch)
+    arrays = [video_id, prompt_id, pa.array(take + b.offset, pa.int64()), pa.array(index, pa.int32())]
+    arrays += [prompt, negative, pa.array(nums["seed"][take] + index, pa.int64())]
+    arrays += [pa.array(v, pa.int32()) for v in (h, w, f, steps)]
+    arrays += [pa.array(nums[k][take], pa.float64()) for k in FLOAT_COLUMNS]
+    return pa.RecordBatch.from_arrays([*arrays, pa.array(tokens * steps)], schema=VIDEO_SCHEMA)
+
+
+def _check_duplicates(ids: pa.ChunkedArray, explicit: np.ndarray, problems: _Problems) -> None:
+    """Ids used by more than one row, grouped as explicit, hashed, or an explicit id equal to a hash."""
+    counts = pc.value_counts(ids)
+    dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if not len(dup):
+        return
+    rows = np.flatnonzero(pc.is_in(ids, dup).to_numpy())
+    groups: dict[str, list[int]] = {}
+    for row, name in zip(rows.tolist(), ids.take(pa.array(rows)).to_pylist(), strict=True):
+        groups.setdefault(name, []).append(row)
+    fixes = {
+        "column id": "ids must be unique: change or remove the duplicates",
+        "hashed ids": "these rows have the same content (prompt, negative_prompt, seed, sizes, steps, "
+        "guidance_scale, flow_shift), so the same videos: remove duplicates (use num_videos for more "
+        "videos of a prompt) or give them distinct values in an id column",
+        "ids": "an explicit id equals another row's hashed id: change the explicit id",
+    }
+    kinds: dict[str, list[tuple[str, list[int]]]] = {}
+    for name, members in groups.items():
+        given = {bool(explicit[r]) for r in members}
+        kind = "column id" if given == {True} else "hashed ids" if given == {False} else "ids"
+        kinds.setdefault(kind, []).append((name, members))
+    for kind, items in kinds.items():
+        shown = "; ".join(f"{name!r} in rows {_listed(m)}" for name, m in items[:SHOW_ROWS])
+        shown += f"; ... ({len(items) - SHOW_ROWS} more ids)" * (len(items) > SHOW_ROWS)
+        used_by = sum(len(m) for _, m in items)
+        ids_noun = "id" if len(items) == 1 else "ids"
+        problems.add(
+            kind, f"{len(items):,} duplicate {ids_noun} shared by {used_by:,} rows ({shown}); {fixes[kind]}"
+        )
+
+
+def read_prompts(path: str | Path, defaults: SamplingConfig) -> pa.Table:
+    """Read and validate a prompt Parquet file; return one row per video (schema: `VIDEO_SCHEMA`).
+
+    Columns, defaults and id rules: the module docstring. The file is read in batches of
+    `BATCH_ROWS` rows (only the known columns) and every problem in it is collected first: raises
+    one `PromptFileError` listing them all, each with the file, the column and the row numbers
+    (0-based rows of the file), or returns the videos in file order.
+    """
+    problems = _Problems(path)
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+    except (OSError, pa.ArrowException) as err:
+        raise PromptFileError(path, [f"{path}: cannot be read as a Parquet file ({err})"]) from err
+    usable = _check_columns(schema, problems)
+    if parquet.metadata.num_rows == 0:
+        problems.add("file", "has no rows; add at least one prompt")
+    used: dict[str, int] = {}
+    ids: list[pa.Array] = []
+    explicit: list[np.ndarray] = []
+    videos: list[pa.RecordBatch] = []
+    offset = 0
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=usable) if usable else ():
+        b = _read_batch(batch, offset, defaults, used, problems)
+        ids.append(b.ids)
+        explicit.append(b.explicit)
+        if not problems:
+            videos.append(_expand(b))
+        offset += batch.num_rows
+    if ids:
+        _check_duplicates(pa.chunked_array(ids, pa.string()), np.concatenate(explicit), problems)
+    for name, count in used.items():
+        if count and (name in usable or name not in schema.names) and name in _CONFIG_NUMBERS:
+            _check_default(name, getattr(defaults, name), count, problems)
+    problems.raise_if_any()
+    return pa.Table.from_batches(videos, VIDEO_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------- sharding

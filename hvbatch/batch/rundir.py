@@ -1,0 +1,143 @@
+"""The run directory: frozen inputs, outputs and the manifest, every file written atomically.
+
+    RUN_DIR/
+      run.json                     what was submitted (prompts file, counts, executor, version)
+      config.yaml                  the resolved config
+      shards/shard-00003.parquet   the frozen videos of shard 3 (never rewritten)
+      jobs/submission-0001.json    job ids of each submission (submit, retry)
+      submitit/                    submitit's pickles and logs (one folder per job)
+      videos/<name>.mp4            outputs; <name> is a filesystem-safe form of the video id
+      manifest/*.parquet           one part per job attempt and dp group: a row per video tried
+      metrics/*.parquet            one row per job attempt
+      done/shard-00003.json        completion marker, written after the shard's last manifest row
+
+A video is done when a manifest row says so; its mp4 was renamed into place before that row was
+written. Reruns skip done videos, so nothing is made twice and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_frames", pa.int32()),
+        ("num_inference_steps", pa.int32()),
+        ("shard", pa.int32()),
+        ("status", pa.string()),  # done | failed
+        ("path", pa.string()),  # relative to the run directory; null unless done
+        ("seconds", pa.float64()),
+        ("error", pa.string()),  # "ErrorClass: message"; null unless failed
+        ("truncated", pa.bool_()),
+        ("job_id", pa.string()),
+        ("attempt_key", pa.string()),
+        ("finished_at", pa.float64()),  # unix time
+    ]
+)
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def video_file_name(video_id: str) -> str:
+    """A safe, unique file name for any id: readable part plus a hash (slashes, `..`, unicode...)."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", video_id).strip("_")[:60] or "video"
+    digest = hashlib.sha1(video_id.encode("utf-8")).hexdigest()[:12]
+    return f"{readable}-{digest}.mp4"
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    def exists(self) -> bool:
+        return self.run_json.is_file()
+
+    def shard_path(self, shard: int) -> Path:
+        return self.root / "shards" / f"{shard_name(shard)}.parquet"
+
+    def done_marker(self, shard: int) -> Path:
+        return self.root / "done" / f"{shard_name(shard)}.json"
+
+    def video_path(self, video_id: str) -> Path:
+        return self.root / "videos" / video_file_name(video_id)
+
+    def manifest_part(self, shard: int, attempt_key: str, dp_index: int) -> Path:
+        return self.root / "manifest" / f"{shard_name(shard)}.{attempt_key}.dp{dp_index}.parquet"
+
+    def metrics_part(self, shard: int, attempt_key: str) -> Path:
+        return self.root / "metrics" / f"{shard_name(shard)}.{attempt_key}.parquet"
+
+    def read_run(self) -> dict[str, Any]:
+        if not self.exists():
+            raise ValueError(
+                f"{self.root} is not an hvbatch run directory (no run.json): pass the --run-dir of a submit"
+            )
+        return json.loads(self.run_json.read_text())
+
+    def num_shards(self) -> int:
+        return int(self.read_run()["num_shards"])
+
+    def read_shard(self, shard: int) -> pa.Table:
+        return pq.read_table(self.shard_path(shard))
+
+    def completed_shards(self) -> set[int]:
+        folder = self.root / "done"
+        if not folder.is_dir():
+            return set()
+        return {int(p.stem.split("-")[1]) for p in folder.glob("shard-*.json")}
+
+    def manifest_rows(self, shard: int | None = None) -> pa.Table:
+        """Every attempt row (all parts), optionally of one shard; empty table if none yet."""
+        folder = self.root / "manifest"
+        pattern = f"{shard_name(shard)}.*.parquet" if shard is not None else "shard-*.parquet"
+        parts = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if not parts:
+            return MANIFEST_SCHEMA.empty_table()
+        return pa.concat_tables([pq.read_table(p, schema=MANIFEST_SCHEMA) for p in parts])
+
+    def submissions(self) -> list[dict[str, Any]]:
+        folder = self.root / "jobs"
+        if not folder.is_dir():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("submission-*.json"))]

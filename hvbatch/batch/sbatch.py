@@ -1,0 +1,99 @@
+"""`hvbatch sbatch`: the run's jobs as plain sbatch scripts, and `hvbatch run-shard`, their entry point.
+
+Every value that reaches the script is shell-quoted, whatever the config or the path contains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import shlex
+import string
+import sys
+from pathlib import Path
+
+from hvbatch.batch.commands import unfinished_shards
+from hvbatch.batch.rundir import RunDir
+from hvbatch.config import Config, load_config
+
+TEMPLATES = ("node", "multinode", "array")
+
+
+def _template_text(name: str) -> str:
+    if name not in TEMPLATES:
+        raise ValueError(f"--template {name!r}: use one of {', '.join(TEMPLATES)}")
+    return (importlib.resources.files("hvbatch.slurm_templates") / f"{name}.sbatch").read_text()
+
+
+def _sbatch_options(config: Config) -> str:
+    s = config.slurm
+    options = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint}
+    if s.mem_gb:
+        options["mem"] = f"{s.mem_gb}G"
+    if s.cpus_per_task:
+        options["cpus-per-task"] = str(s.cpus_per_task)
+    options.update(s.additional_parameters)
+    lines = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        if not key.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"slurm option name {key!r} is not a valid sbatch option")
+        lines.append(f"#SBATCH --{key}" + (f"={shlex.quote(str(value))}" if str(value) != "" else ""))
+    return "\n".join(lines)
+
+
+def render(run: RunDir, template: str, shards: list[int]) -> str:
+    """The sbatch script for `shards` of `run` from one of the `slurm/` templates."""
+    config = load_config(run.root / "config.yaml")
+    if template != "array" and not shards:
+        raise ValueError(f"{run.root}: every shard is complete; nothing to render")
+    s = config.slurm
+    values = {
+        "job_name": shlex.quote(f"hvbatch-{run.root.name}"),
+        "nodes": str(int(s.nodes)),
+        "tasks_per_node": str(int(s.tasks_per_node)),
+        "gpus_per_node": str(int(s.gpus_per_node)),
+        "time_min": str(int(s.time_min)),
+        "log_dir": shlex.quote(str(run.root / "logs")),
+        "extra_sbatch": _sbatch_options(config),
+        "setup": "\n".join(s.setup),  # the user's own shell lines, verbatim by design
+        "python": shlex.quote(sys.executable),
+        "run_dir": shlex.quote(str(run.root)),
+        "shards": " ".join(str(int(shard)) for shard in shards),
+        "array": ",".join(str(int(shard)) for shard in shards) + f"%{int(s.array_parallelism)}",
+    }
+    return string.Template(_template_text(template)).substitute(values)
+
+
+def run_sbatch(args: argparse.Namespace) -> int:
+    run = RunDir(args.run_dir)
+    shards = [int(x) for x in args.shards.split(",")] if args.shards else unfinished_shards(run)
+    text = render(run, args.template, shards)
+    (run.root / "logs").mkdir(exist_ok=True)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}: submit it with `sbatch {args.out}`")
+    else:
+        print(text, end="")
+    return 0
+
+
+def run_shard_command(args: argparse.Namespace) -> int:
+    from hvbatch.batch.job import run_shards_job
+
+    run_shards_job(str(Path(args.run_dir).resolve()), [int(shard) for shard in args.shards])
+    return 0
+
+
+def add_sbatch_parsers(commands: argparse._SubParsersAction) -> None:
+    sbatch = commands.add_parser("sbatch", help="render the run's jobs as a plain sbatch script")
+    sbatch.add_argument("run_dir")
+    sbatch.add_argument("--template", default="array", help=f"one of {', '.join(TEMPLATES)} (default array)")
+    sbatch.add_argument("--shards", help="comma-separated shard indices (default: every unfinished shard)")
+    sbatch.add_argument("--out", help="write the script here instead of printing it")
+    sbatch.set_defaults(func=run_sbatch)
+    shard = commands.add_parser("run-shard", help="run shards of a run on this rank (the sbatch entry point)")
+    shard.add_argument("run_dir")
+    shard.add_argument("shards", nargs="+", type=int)
+    shard.set_defaults(func=run_shard_command)

@@ -1,0 +1,183 @@
+"""Run status from the run directory's own files plus `squeue` (never submitit's job state)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hvbatch.batch.rundir import RunDir
+
+LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
+    """`squeue` states of the given jobs (array elements expanded); absent ids are no longer queued."""
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i %T", "--jobs", ",".join(sorted(set(job_ids)))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1]
+    return states
+
+
+def local_job_states(job_ids: list[str]) -> dict[str, str]:
+    """The local executor's job id is its controller's pid."""
+    states = {}
+    for job_id in set(job_ids):
+        try:
+            stat = Path(f"/proc/{int(job_id)}/stat").read_text()
+        except (ValueError, OSError):
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):  # a zombie has exited
+            states[job_id] = "RUNNING"
+    return states
+
+
+def latest_jobs(run: RunDir) -> dict[int, dict[str, Any]]:
+    """The most recent submission record of each shard."""
+    latest: dict[int, dict[str, Any]] = {}
+    for submission in run.submissions():
+        for record in submission["jobs"]:
+            latest[int(record["shard"])] = record | {"submitted_at": submission["submitted_at"]}
+    return latest
+
+
+def live_states(records: list[dict[str, Any]]) -> dict[str, str]:
+    slurm = [r["job_id"] for r in records if r["executor"] == "slurm"]
+    local = [r["job_id"] for r in records if r["executor"] == "local"]
+    return slurm_job_states(slurm) | local_job_states(local)
+
+
+def video_table(run: RunDir) -> pa.Table:
+    """One row per video: id, prompt, seed, status, attempts, path, seconds, error (+ shard)."""
+    rows = run.manifest_rows().to_pylist()
+    best: dict[str, dict[str, Any]] = {}
+    attempts: dict[str, int] = {}
+    for row in sorted(rows, key=lambda r: r["finished_at"] or 0.0):
+        vid = row["video_id"]
+        attempts[vid] = attempts.get(vid, 0) + 1
+        if best.get(vid, {}).get("status") != "done":
+            best[vid] = row
+    jobs = latest_jobs(run)
+    states = live_states(list(jobs.values()))
+    out = []
+    for shard in range(run.num_shards()):
+        shard_live = states.get(jobs.get(shard, {}).get("job_id", ""), "") in LIVE_STATES
+        for video in pq.read_table(run.shard_path(shard), columns=["video_id", "prompt", "seed"]).to_pylist():
+            row = best.get(video["video_id"])
+            status = row["status"] if row else ("running" if shard_live else "pending")
+            out.append(
+                {
+                    "video_id": video["video_id"],
+                    "prompt": video["prompt"],
+                    "seed": video["seed"],
+                    "status": status,
+                    "attempts": attempts.get(video["video_id"], 0),
+                    "path": row["path"] if row else None,
+                    "seconds": row["seconds"] if row else None,
+                    "error": row["error"] if row else None,
+                    "shard": shard,
+                }
+            )
+    return pa.Table.from_pylist(
+        out,
+        schema=pa.schema(
+            [
+                ("video_id", pa.string()),
+                ("prompt", pa.string()),
+                ("seed", pa.int64()),
+                ("status", pa.string()),
+                ("attempts", pa.int32()),
+                ("path", pa.string()),
+                ("seconds", pa.float64()),
+                ("error", pa.string()),
+                ("shard", pa.int32()),
+            ]
+        ),
+    )
+
+
+@dataclass
+class RunStatus:
+    counts: dict[str, int]
+    videos_per_hour: float | None
+    eta_seconds: float | None
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts,
+            "videos_per_hour": self.videos_per_hour,
+            "eta_seconds": self.eta_seconds,
+            "jobs": self.jobs,
+        }
+
+
+def run_status(run: RunDir) -> RunStatus:
+    videos = video_table(run)
+    statuses = videos["status"].to_pylist()
+    counts = {name: statuses.count(name) for name in ("done", "failed", "pending", "running")}
+    rows = run.manifest_rows()
+    finished = [
+        t
+        for t, s in zip(rows["finished_at"].to_pylist(), rows["status"].to_pylist(), strict=True)
+        if s == "done" and t
+    ]
+    started = float(run.read_run()["created_at"])
+    rate = None
+    if finished:
+        rate = len(finished) / max(1.0, max(finished) - started) * 3600.0
+    remaining = counts["pending"] + counts["running"]
+    eta = remaining / rate * 3600.0 if rate and remaining else (0.0 if not remaining else None)
+    jobs = latest_jobs(run)
+    states = live_states(list(jobs.values()))
+    done_shards = run.completed_shards()
+    table = []
+    for shard in range(run.num_shards()):
+        record = jobs.get(shard, {})
+        state = "COMPLETE" if shard in done_shards else states.get(record.get("job_id", ""), "NOT QUEUED")
+        table.append(
+            {
+                "shard": shard,
+                "job_id": record.get("job_id"),
+                "executor": record.get("executor"),
+                "state": state,
+            }
+        )
+    return RunStatus(counts, rate, eta, table)
+
+
+def format_status(run: RunDir, status: RunStatus) -> str:
+    c = status.counts
+    total = sum(c.values())
+    rate = f"{status.videos_per_hour:.1f} videos/hour" if status.videos_per_hour else "no video done yet"
+    eta = (
+        ""
+        if status.eta_seconds is None
+        else f", ETA {time.strftime('%H:%M:%S', time.gmtime(status.eta_seconds))}"
+    )
+    lines = [
+        f"run {run.root}: {total} videos: {c['done']} done, {c['failed']} failed, {c['running']} running, "
+        f"{c['pending']} pending; {rate}{eta}",
+        f"{'shard':>6}  {'job':<16} {'executor':<9} state",
+    ]
+    lines += [f"{j['shard']:>6}  {j['job_id']!s:<16} {j['executor']!s:<9} {j['state']}" for j in status.jobs]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+# marks slurm/ as the hvbatch.slurm_templates package so the sbatch templates ship with the wheel
