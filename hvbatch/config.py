@@ -190,6 +190,16 @@ class ParallelConfig:
     """torch.distributed backend: `auto` (nccl on CUDA, gloo on CPU), `nccl` or `gloo`."""
     timeout_s: float = 600.0
     """Collective timeout passed to init_process_group."""
+    nccl_env: dict[str, str] = field(
+        default_factory=lambda: {
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+            "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "1200",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        }
+    )
+    """Environment set before NCCL starts, unless the job's environment already sets the name:
+    a timed-out collective aborts the communicator and ends the process (so the job fails fast
+    and is retried) instead of hanging; the heartbeat monitor allows slow model loading."""
 
 
 @dataclass

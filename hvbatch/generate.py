@@ -102,7 +102,13 @@ def generate_on_this_rank(request: GenerateRequest) -> None:
     distributed = env is not None and env.world_size > 1
     if distributed:
         assert env is not None
-        init_distributed(env, device, backend=config.parallel.backend, timeout_s=config.parallel.timeout_s)
+        init_distributed(
+            env,
+            device,
+            backend=config.parallel.backend,
+            timeout_s=config.parallel.timeout_s,
+            nccl_env=config.parallel.nccl_env,
+        )
     try:
         leader = env is None or env.rank == 0
         timings = Timings()

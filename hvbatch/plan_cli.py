@@ -107,6 +107,14 @@ def plan_to_dict(plan: ParallelPlan) -> dict[str, object]:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    files = [item for item in args.overrides if "=" not in item]
+    if len(files) > 1:
+        raise ValueError(f"hvbatch plan takes at most one prompts file, got {files}")
+    if files:  # `hvbatch plan PROMPTS.parquet` is `hvbatch submit PROMPTS.parquet --dry-run`
+        from hvbatch.batch.commands import dry_run
+
+        overrides = [item for item in args.overrides if "=" in item]
+        return dry_run(load_config(args.config, overrides), files[0])
     config = load_config(args.config, args.overrides)
     plan = plan_for_config(config)
     if args.json:
@@ -135,5 +143,11 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", help="a YAML file merged over the defaults and the preset")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.gpu_memory_gib=40")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="[PROMPTS.parquet] key=value",
+        help="an optional prompts file (then: shards, layout and estimates of `submit --dry-run`) and "
+        "key=value overrides, e.g. parallel.gpu_memory_gib=40",
+    )
     parser.set_defaults(func=run_plan)

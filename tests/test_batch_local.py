@@ -28,6 +28,16 @@ def test_submit_runs_every_prompt_once(tmp_path: Path, capsys: pytest.CaptureFix
         assert row["world_size"] == 8 and row["dp"] * row["ulysses"] * row["ring"] == 8
         assert row["exit_reason"] == "completed" and len(row["peak_memory_bytes"]) == 8
         assert row["load_seconds"] > 0 and row["seconds_to_first_step"] > 0
+    # The merged manifest reads with pyarrow, pandas and duckdb.
+    merged = tmp_path / "all.parquet"
+    assert main(["manifest", str(run_dir), "--out", str(merged)]) == 0
+    import duckdb
+    import pandas as pd
+
+    assert pq.read_table(merged).num_rows == 6
+    frame = pd.read_parquet(merged)
+    assert list(frame["status"]) == ["done"] * 6 and frame["attempts"].tolist() == [1] * 6
+    assert duckdb.sql(f"SELECT count(*) FROM '{merged}' WHERE status = 'done'").fetchone() == (6,)
     # A rerun skips what is done; a second submit into the same directory is refused.
     assert main(["retry", str(run_dir)]) == 0
     assert "nothing to retry" in capsys.readouterr().out

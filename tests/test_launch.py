@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hvbatch.parallel.launch import DistEnv, dist_env_from
 
@@ -29,3 +30,24 @@ def test_incomplete_environment_is_explained() -> None:
         dist_env_from({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="WORLD_SIZE='eight' is not an integer"):
         dist_env_from({"RANK": "0", "WORLD_SIZE": "eight"})
+
+
+def test_nccl_defaults_are_exported_unless_already_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from hvbatch.config import load_config
+    from hvbatch.parallel.launch import free_local_port, init_distributed
+
+    monkeypatch.setenv("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "77")
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    config = load_config(overrides=["model=tiny"])
+    env = DistEnv(0, 1, 0, 1, "127.0.0.1", free_local_port())
+    init_distributed(env, torch.device("cpu"), nccl_env=config.parallel.nccl_env, timeout_s=30)
+    try:
+        import os
+
+        assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"  # the config's default
+        assert os.environ["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == "77"  # the user's own value wins
+        assert dist.get_backend() == "gloo"
+    finally:
+        dist.destroy_process_group()

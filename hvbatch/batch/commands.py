@@ -78,6 +78,15 @@ def create_run(run: RunDir, config: Config, prompts: Path, shards: list[pa.Table
     run.root.chmod(0o700)  # submitit's pickles in here are code the jobs execute
     for index, shard in enumerate(shards):
         write_parquet_atomic(run.shard_path(index), shard)
+    write_parquet_atomic(
+        run.videos_path,
+        pa.concat_tables(
+            shard.select(["video_id", "prompt", "seed"]).append_column(
+                "shard", pa.array([index] * shard.num_rows, pa.int32())
+            )
+            for index, shard in enumerate(shards)
+        ),
+    )
     save_config(config, run.root / "config.yaml")
     write_json_atomic(
         run.run_json,
@@ -105,16 +114,23 @@ def wait_for_run(run: RunDir, poll_s: float = 5.0, timeout_s: float | None = Non
         time.sleep(poll_s)
 
 
+def dry_run(config: Config, prompts: str | Path) -> int:
+    """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
+    videos = read_prompts(Path(prompts), config.sampling)
+    plan = job_plan(config, videos)
+    _print_dry_run(config, videos, plan, _shards_for(config, videos, plan))
+    return 0
+
+
 def run_submit(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(config, args.prompts)
     prompts = Path(args.prompts)
     videos = read_prompts(prompts, config.sampling)  # validates everything before anything is written
     kind = resolve_executor(args.executor or config.batch.executor)
     plan = job_plan(config, videos)
     shards = _shards_for(config, videos, plan)
-    if args.dry_run:
-        _print_dry_run(config, videos, plan, shards)
-        return 0
     run = RunDir(args.run_dir or _default_run_dir(prompts))
     create_run(run, config, prompts, shards, kind)
     records = submit_shards(run, config, list(range(len(shards))), kind)

@@ -299,7 +299,13 @@ def run_shards_job(run_dir: str, shards: list[int]) -> list[dict[str, Any]]:
     distributed = env is not None and env.world_size > 1
     if distributed:
         assert env is not None
-        init_distributed(env, device, backend=config.parallel.backend, timeout_s=config.parallel.timeout_s)
+        init_distributed(
+            env,
+            device,
+            backend=config.parallel.backend,
+            timeout_s=config.parallel.timeout_s,
+            nccl_env=config.parallel.nccl_env,
+        )
     try:
         timings = Timings()
         pipeline = Pipeline.load(config, timings, device=device)

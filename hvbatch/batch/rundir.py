@@ -3,6 +3,7 @@
     RUN_DIR/
       run.json                     what was submitted (prompts file, counts, executor, version)
       config.yaml                  the resolved config
+      videos.parquet               every video of the run with its shard (for status)
       shards/shard-00003.parquet   the frozen videos of shard 3 (never rewritten)
       jobs/submission-0001.json    job ids of each submission (submit, retry)
       submitit/                    submitit's pickles and logs (one folder per job)
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 MANIFEST_SCHEMA = pa.schema(
@@ -82,6 +85,23 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _read_parts(parts: list[Path], keys: dict[str, str] | None = None) -> pa.Table:
+    """The rows of manifest parts; with `keys`, tagged `_key` = `name|size:mtime` of their part."""
+    if not parts:
+        empty = MANIFEST_SCHEMA.empty_table()
+        return empty.append_column("_key", pa.array([], pa.string())) if keys is not None else empty
+    dataset = ds.dataset([str(p) for p in parts], schema=MANIFEST_SCHEMA, format="parquet")
+    if keys is None:
+        return dataset.to_table()
+    batches, labels = [], []
+    for tagged in dataset.scanner().scan_batches():
+        name = Path(tagged.fragment.path).name
+        batches.append(tagged.record_batch)
+        labels += [f"{name}|{keys[name]}"] * tagged.record_batch.num_rows
+    table = pa.Table.from_batches(batches, schema=MANIFEST_SCHEMA)
+    return table.append_column("_key", pa.array(labels, pa.string()))
+
+
 class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -121,6 +141,14 @@ class RunDir:
     def read_shard(self, shard: int) -> pa.Table:
         return pq.read_table(self.shard_path(shard))
 
+    @property
+    def videos_path(self) -> Path:
+        return self.root / "videos.parquet"
+
+    def all_videos(self, columns: list[str] | None = None) -> pa.Table:
+        """Every video of the run with its `shard` (one file, written at submit)."""
+        return pq.read_table(self.videos_path, columns=columns)
+
     def completed_shards(self) -> set[int]:
         folder = self.root / "done"
         if not folder.is_dir():
@@ -128,13 +156,34 @@ class RunDir:
         return {int(p.stem.split("-")[1]) for p in folder.glob("shard-*.json")}
 
     def manifest_rows(self, shard: int | None = None) -> pa.Table:
-        """Every attempt row (all parts), optionally of one shard; empty table if none yet."""
+        """Every attempt row (all parts), optionally of one shard; empty table if none yet.
+
+        For the whole run, parts unchanged since the last call come from `manifest-cache.parquet`
+        (keyed by each part's name, size and mtime), so status stays fast with thousands of parts.
+        """
         folder = self.root / "manifest"
         pattern = f"{shard_name(shard)}.*.parquet" if shard is not None else "shard-*.parquet"
         parts = sorted(folder.glob(pattern)) if folder.is_dir() else []
-        if not parts:
-            return MANIFEST_SCHEMA.empty_table()
-        return pa.concat_tables([pq.read_table(p, schema=MANIFEST_SCHEMA) for p in parts])
+        if shard is not None or not parts:
+            return _read_parts(parts)
+        return self._cached_manifest(parts)
+
+    def _cached_manifest(self, parts: list[Path]) -> pa.Table:
+        cache_path = self.root / "manifest-cache.parquet"
+        keys = {p.name: f"{(st := p.stat()).st_size}:{st.st_mtime_ns}" for p in parts}
+        cached = pq.read_table(cache_path) if cache_path.is_file() else None
+        if cached is not None:
+            fresh = pc.is_in(cached["_key"], pa.array([f"{n}|{k}" for n, k in keys.items()]))
+            cached = cached.filter(fresh)
+            have = {key.split("|", 1)[0] for key in pc.unique(cached["_key"]).to_pylist()}
+        else:
+            have = set()
+        stale = [p for p in parts if p.name not in have]
+        fresh_rows = _read_parts(stale, keys)
+        merged = pa.concat_tables([t for t in (cached, fresh_rows) if t is not None])
+        if stale:
+            write_parquet_atomic(cache_path, merged)
+        return merged.drop_columns(["_key"])
 
     def submissions(self) -> list[dict[str, Any]]:
         folder = self.root / "jobs"

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hvbatch.batch.rundir import RunDir
 
+MAX_TABLE_ROWS = 40
 LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
@@ -78,25 +78,21 @@ def video_table(run: RunDir) -> pa.Table:
             best[vid] = row
     jobs = latest_jobs(run)
     states = live_states(list(jobs.values()))
+    live_shards = {shard for shard, record in jobs.items() if states.get(record["job_id"], "") in LIVE_STATES}
     out = []
-    for shard in range(run.num_shards()):
-        shard_live = states.get(jobs.get(shard, {}).get("job_id", ""), "") in LIVE_STATES
-        for video in pq.read_table(run.shard_path(shard), columns=["video_id", "prompt", "seed"]).to_pylist():
-            row = best.get(video["video_id"])
-            status = row["status"] if row else ("running" if shard_live else "pending")
-            out.append(
-                {
-                    "video_id": video["video_id"],
-                    "prompt": video["prompt"],
-                    "seed": video["seed"],
-                    "status": status,
-                    "attempts": attempts.get(video["video_id"], 0),
-                    "path": row["path"] if row else None,
-                    "seconds": row["seconds"] if row else None,
-                    "error": row["error"] if row else None,
-                    "shard": shard,
-                }
-            )
+    for video in run.all_videos().to_pylist():
+        row = best.get(video["video_id"]) or {}
+        status = row.get("status") or ("running" if video["shard"] in live_shards else "pending")
+        out.append(
+            video
+            | {
+                "status": status,
+                "attempts": attempts.get(video["video_id"], 0),
+                "path": row.get("path"),
+                "seconds": row.get("seconds"),
+                "error": row.get("error"),
+            }
+        )
     return pa.Table.from_pylist(
         out,
         schema=pa.schema(
@@ -179,5 +175,15 @@ def format_status(run: RunDir, status: RunStatus) -> str:
         f"{c['pending']} pending; {rate}{eta}",
         f"{'shard':>6}  {'job':<16} {'executor':<9} state",
     ]
-    lines += [f"{j['shard']:>6}  {j['job_id']!s:<16} {j['executor']!s:<9} {j['state']}" for j in status.jobs]
+    shown = [j for j in status.jobs if j["state"] != "COMPLETE"][:MAX_TABLE_ROWS] or status.jobs[
+        :MAX_TABLE_ROWS
+    ]
+    lines += [f"{j['shard']:>6}  {j['job_id']!s:<16} {j['executor']!s:<9} {j['state']}" for j in shown]
+    if len(status.jobs) > len(shown):
+        by_state: dict[str, int] = {}
+        for job in status.jobs:
+            by_state[job["state"]] = by_state.get(job["state"], 0) + 1
+        lines.append(
+            f"({len(status.jobs)} shards: " + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())) + ")"
+        )
     return "\n".join(lines)

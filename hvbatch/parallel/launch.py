@@ -97,11 +97,21 @@ def rank_device(env: DistEnv | None, requested: str) -> torch.device:
 
 
 def init_distributed(
-    env: DistEnv, device: torch.device, *, backend: str = "auto", timeout_s: float = 600.0
+    env: DistEnv,
+    device: torch.device,
+    *,
+    backend: str = "auto",
+    timeout_s: float = 600.0,
+    nccl_env: Mapping[str, str] | None = None,
 ) -> None:
-    """`init_process_group` (NCCL for CUDA devices, gloo for the CPU, unless `backend` says otherwise)."""
+    """`init_process_group` (NCCL for CUDA devices, gloo for the CPU, unless `backend` says otherwise).
+
+    `nccl_env` values are exported first, except names the environment already sets.
+    """
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    for name, value in (nccl_env or {}).items():
+        os.environ.setdefault(name, str(value))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
