@@ -22,13 +22,19 @@ def test_video_file_names_are_safe_and_unique() -> None:
 
 
 def _row(video_id: str, status: str = "done") -> dict[str, object]:
-    return {name: None for name in MANIFEST_SCHEMA.names} | {"video_id": video_id, "status": status, "shard": 0}
+    return {name: None for name in MANIFEST_SCHEMA.names} | {
+        "video_id": video_id,
+        "status": status,
+        "shard": 0,
+    }
 
 
 def test_manifest_cache_follows_rewritten_parts(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     for key in ("a", "b"):
-        write_parquet_atomic(run.manifest_part(0, key, 0), pa.Table.from_pylist([_row(f"{key}1")], MANIFEST_SCHEMA))
+        write_parquet_atomic(
+            run.manifest_part(0, key, 0), pa.Table.from_pylist([_row(f"{key}1")], MANIFEST_SCHEMA)
+        )
     assert sorted(run.manifest_rows()["video_id"].to_pylist()) == ["a1", "b1"]
     assert (tmp_path / "manifest-cache.parquet").is_file()
     time.sleep(0.01)  # a later mtime, as a job rewriting its part after its next video
