@@ -37,7 +37,7 @@ def test_submit_runs_every_prompt_once(tmp_path: Path, capsys: pytest.CaptureFix
     assert pq.read_table(merged).num_rows == 6
     frame = pd.read_parquet(merged)
     assert list(frame["status"]) == ["done"] * 6 and frame["attempts"].tolist() == [1] * 6
-    assert duckdb.sql(f"SELECT count(*) FROM '{merged}' WHERE status = 'done'").fetchone() == (6,)
+    assert duckdb.sql(f"SELECT count(*) FROM '{merged}' WHERE status = 'done'").fetchall() == [(6,)]
     # A rerun skips what is done; a second submit into the same directory is refused.
     assert main(["retry", str(run_dir)]) == 0
     assert "nothing to retry" in capsys.readouterr().out

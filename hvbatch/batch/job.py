@@ -66,7 +66,9 @@ class ShardProgress:
 
 def _export_submitit_environment() -> None:
     """Under submitit (Slurm or local), publish RANK/WORLD_SIZE/MASTER_* for `dist_env_from`."""
-    if "RANK" in os.environ or not ({"SUBMITIT_LOCAL_JOB_ID", "SLURM_JOB_ID"} & set(os.environ)):
+    # Only submitit's own job scripts set SUBMITIT_EXECUTOR; under plain srun, `dist_env_from`
+    # reads Slurm's variables itself.
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
         return
     import submitit
 

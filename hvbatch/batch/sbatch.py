@@ -1,12 +1,16 @@
 """`hvbatch sbatch`: the run's jobs as plain sbatch scripts, and `hvbatch run-shard`, their entry point.
 
 Every value that reaches the script is shell-quoted, whatever the config or the path contains.
+`#SBATCH` lines are read by sbatch's own parser, not by the shell: a line break there would end the
+comment and run the rest as a command, and a backslash escapes the next character even inside single
+quotes, so values with control characters are refused and backslashes are doubled.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
+import json
 import shlex
 import string
 import sys
@@ -25,6 +29,20 @@ def _template_text(name: str) -> str:
     return (importlib.resources.files("hvbatch.slurm_templates") / f"{name}.sbatch").read_text()
 
 
+def _sbatch_value(value: str, what: str) -> str:
+    """`value` quoted for an `#SBATCH` line (sbatch reads it back exactly); refuse control characters."""
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
+        raise ValueError(f"{what} {value!r} contains a line break or control character")
+    return shlex.quote(value).replace("\\", "\\\\")
+
+
+def _log_dir(run: RunDir) -> str:
+    log_dir = str(run.root / "logs")
+    if "\\" in log_dir:  # sbatch drops backslashes from --output paths
+        raise ValueError(f"{run.root}: sbatch cannot write job logs under a path with a backslash")
+    return _sbatch_value(log_dir.replace("%", "%%"), "run directory")  # %% is a literal % in --output
+
+
 def _sbatch_options(config: Config) -> str:
     s = config.slurm
     options = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint}
@@ -39,23 +57,29 @@ def _sbatch_options(config: Config) -> str:
             continue
         if not key.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"slurm option name {key!r} is not a valid sbatch option")
-        lines.append(f"#SBATCH --{key}" + (f"={shlex.quote(str(value))}" if str(value) != "" else ""))
+        flag = key.replace("_", "-")  # as submitit writes additional_parameters: mail_user -> --mail-user
+        text = str(value)
+        lines.append(f"#SBATCH --{flag}" + (f"={_sbatch_value(text, f'slurm option {key}')}" if text else ""))
     return "\n".join(lines)
 
 
 def render(run: RunDir, template: str, shards: list[int]) -> str:
     """The sbatch script for `shards` of `run` from one of the `slurm/` templates."""
     config = load_config(run.root / "config.yaml")
-    if template != "array" and not shards:
+    if not shards:  # an empty --array=%N would be read as --array=0
         raise ValueError(f"{run.root}: every shard is complete; nothing to render")
+    num_shards = run.num_shards()
+    bad = [shard for shard in shards if not 0 <= shard < num_shards]
+    if bad or len(set(shards)) != len(shards):
+        raise ValueError(f"--shards {shards}: give distinct shard indices in 0..{num_shards - 1}")
     s = config.slurm
     values = {
-        "job_name": shlex.quote(f"hvbatch-{run.root.name}"),
+        "job_name": _sbatch_value(f"hvbatch-{run.root.name}", "run directory name"),
         "nodes": str(int(s.nodes)),
         "tasks_per_node": str(int(s.tasks_per_node)),
         "gpus_per_node": str(int(s.gpus_per_node)),
         "time_min": str(int(s.time_min)),
-        "log_dir": shlex.quote(str(run.root / "logs")),
+        "log_dir": _log_dir(run),
         "extra_sbatch": _sbatch_options(config),
         "setup": "\n".join(s.setup),  # the user's own shell lines, verbatim by design
         "python": shlex.quote(sys.executable),
@@ -70,6 +94,11 @@ def run_sbatch(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     shards = [int(x) for x in args.shards.split(",")] if args.shards else unfinished_shards(run)
     text = render(run, args.template, shards)
+    # As `retry` does: a job skips a shard that has a marker, so reopen those with failed videos.
+    for shard in shards:
+        marker = run.done_marker(shard)
+        if marker.is_file() and json.loads(marker.read_text()).get("failed", 0):
+            marker.unlink()
     (run.root / "logs").mkdir(exist_ok=True)
     if args.out:
         Path(args.out).write_text(text)
