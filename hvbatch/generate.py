@@ -9,12 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from hvbatch.config import Config, load_config, save_config
 from hvbatch.parallel.dims import ParallelDims, build_groups
-from hvbatch.parallel.launch import dist_env_from, init_distributed, rank_device, spawn_local
+from hvbatch.parallel.launch import dist_env_from, setup_rank, spawn_local, teardown_rank
 from hvbatch.parallel.planner import auto_ulysses
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from hvbatch.pipeline import GeneratedVideo, Pipeline, Timings
@@ -97,18 +96,8 @@ def _write_outputs(
 def generate_on_this_rank(request: GenerateRequest) -> None:
     """Run one generation as this process's rank (a single process when no distributed env is set)."""
     config = request.config
-    env = dist_env_from(os.environ)
-    device = rank_device(env, config.device)
-    distributed = env is not None and env.world_size > 1
-    if distributed:
-        assert env is not None
-        init_distributed(
-            env,
-            device,
-            backend=config.parallel.backend,
-            timeout_s=config.parallel.timeout_s,
-            nccl_env=config.parallel.nccl_env,
-        )
+    setup = setup_rank(config.parallel, config.device)
+    env, device, distributed = setup.env, setup.device, setup.distributed
     try:
         leader = env is None or env.rank == 0
         timings = Timings()
@@ -132,8 +121,7 @@ def generate_on_this_rank(request: GenerateRequest) -> None:
         if leader:
             _write_outputs(request, generated, timings, pipeline.device)
     finally:
-        if distributed:
-            dist.destroy_process_group()
+        teardown_rank(setup)
 
 
 def run_generate(args: argparse.Namespace) -> int:

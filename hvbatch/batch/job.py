@@ -27,7 +27,7 @@ import torch.distributed as dist
 from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir, shard_name, write_json_atomic, write_parquet_atomic
 from hvbatch.config import Config, SamplingConfig, load_config
 from hvbatch.parallel.dims import ParallelDims, ParallelGroups, build_groups
-from hvbatch.parallel.launch import DistEnv, dist_env_from, init_distributed, rank_device
+from hvbatch.parallel.launch import DistEnv, setup_rank, teardown_rank
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from hvbatch.pipeline import Pipeline, Timings
 from hvbatch.plan_cli import plan_for_config
@@ -296,18 +296,8 @@ def run_shards_job(run_dir: str, shards: list[int]) -> list[dict[str, Any]]:
     run = RunDir(run_dir)
     config = load_config(run.root / "config.yaml")
     identity = JobIdentity.from_environment()
-    env = dist_env_from(os.environ)
-    device = rank_device(env, config.device)
-    distributed = env is not None and env.world_size > 1
-    if distributed:
-        assert env is not None
-        init_distributed(
-            env,
-            device,
-            backend=config.parallel.backend,
-            timeout_s=config.parallel.timeout_s,
-            nccl_env=config.parallel.nccl_env,
-        )
+    setup = setup_rank(config.parallel, config.device)
+    env, device = setup.env, setup.device
     try:
         timings = Timings()
         pipeline = Pipeline.load(config, timings, device=device)
@@ -318,5 +308,4 @@ def run_shards_job(run_dir: str, shards: list[int]) -> list[dict[str, Any]]:
             if not run.done_marker(shard).is_file()
         ]
     finally:
-        if distributed:
-            dist.destroy_process_group()
+        teardown_rank(setup)

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hvbatch.config import ParallelConfig
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -123,6 +125,41 @@ def init_distributed(
         world_size=env.world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    env: DistEnv | None
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.env is not None and self.env.world_size > 1
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank if self.env else 0
+
+
+def setup_rank(parallel: ParallelConfig, device: str) -> RankSetup:
+    """This process's rank, device and (when there are several ranks) its process group."""
+    env = dist_env_from(os.environ)
+    setup = RankSetup(env, rank_device(env, device))
+    if setup.distributed:
+        assert env is not None
+        init_distributed(
+            env,
+            setup.device,
+            backend=parallel.backend,
+            timeout_s=parallel.timeout_s,
+            nccl_env=parallel.nccl_env,
+        )
+    return setup
+
+
+def teardown_rank(setup: RankSetup) -> None:
+    if setup.distributed and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def free_local_port() -> int:
