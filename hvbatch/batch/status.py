@@ -66,9 +66,24 @@ def live_states(records: list[dict[str, Any]]) -> dict[str, str]:
     return slurm_job_states(slurm) | local_job_states(local)
 
 
-def video_table(run: RunDir) -> pa.Table:
+@dataclass
+class RunSnapshot:
+    """One read of a run: its manifest rows, the latest job of each shard, and their queue states."""
+
+    rows: pa.Table
+    jobs: dict[int, dict[str, Any]]
+    states: dict[str, str]
+
+    @classmethod
+    def take(cls, run: RunDir) -> RunSnapshot:
+        jobs = latest_jobs(run)
+        return cls(run.manifest_rows(), jobs, live_states(list(jobs.values())))
+
+
+def video_table(run: RunDir, snapshot: RunSnapshot | None = None) -> pa.Table:
     """One row per video: id, prompt, seed, status, attempts, path, seconds, error (+ shard)."""
-    rows = run.manifest_rows().to_pylist()
+    snapshot = snapshot or RunSnapshot.take(run)
+    rows = snapshot.rows.to_pylist()
     best: dict[str, dict[str, Any]] = {}
     attempts: dict[str, int] = {}
     for row in sorted(rows, key=lambda r: r["finished_at"] or 0.0):
@@ -76,8 +91,7 @@ def video_table(run: RunDir) -> pa.Table:
         attempts[vid] = attempts.get(vid, 0) + 1
         if best.get(vid, {}).get("status") != "done":
             best[vid] = row
-    jobs = latest_jobs(run)
-    states = live_states(list(jobs.values()))
+    jobs, states = snapshot.jobs, snapshot.states
     live_shards = {shard for shard, record in jobs.items() if states.get(record["job_id"], "") in LIVE_STATES}
     out = []
     for video in run.all_videos().to_pylist():
@@ -128,10 +142,10 @@ class RunStatus:
 
 
 def run_status(run: RunDir) -> RunStatus:
-    videos = video_table(run)
-    statuses = videos["status"].to_pylist()
+    snapshot = RunSnapshot.take(run)
+    statuses = video_table(run, snapshot)["status"].to_pylist()
     counts = {name: statuses.count(name) for name in ("done", "failed", "pending", "running")}
-    rows = run.manifest_rows()
+    rows = snapshot.rows
     finished = [
         t
         for t, s in zip(rows["finished_at"].to_pylist(), rows["status"].to_pylist(), strict=True)
@@ -143,8 +157,7 @@ def run_status(run: RunDir) -> RunStatus:
         rate = len(finished) / max(1.0, max(finished) - started) * 3600.0
     remaining = counts["pending"] + counts["running"]
     eta = remaining / rate * 3600.0 if rate and remaining else (0.0 if not remaining else None)
-    jobs = latest_jobs(run)
-    states = live_states(list(jobs.values()))
+    jobs, states = snapshot.jobs, snapshot.states
     done_shards = run.completed_shards()
     table = []
     for shard in range(run.num_shards()):
