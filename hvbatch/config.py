@@ -210,8 +210,9 @@ class SlurmConfig:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    time_min: int = 240
-    """Walltime of one shard job in minutes; shards are sized to fit it."""
+    time_min: float = 240
+    """Walltime of one shard job in minutes; shards are sized to fit it. Slurm gets it rounded up to
+    whole minutes; the local executor uses it as given."""
     nodes: int = 1
     gpus_per_node: int = 8
     """GPUs per node requested from Slurm (the local executor uses parallel.gpus_per_node GPUs if any)."""
@@ -246,6 +247,29 @@ class BatchConfig:
 
 
 @dataclass
+class RetryConfig:
+    """What happens when a prompt or a job attempt fails (see README "Failures and retries")."""
+
+    max_attempts: int = 3
+    """Job attempts per shard (the first included) before its unfinished videos are marked failed."""
+    max_prompt_attempts: int = 2
+    """Attempts per video before its failure is final (a crash during a video counts as one)."""
+    backoff_s: float = 60.0
+    """Delay before the second attempt of a shard; doubled for each further attempt."""
+    max_backoff_s: float = 1800.0
+    signal_delay_s: int = 120
+    """Seconds before the walltime at which USR2 asks the job to checkpoint and requeue."""
+    max_walltime_requeues: int = 10
+    """Requeues after walltime warnings per job (preemption does not count), so that a video
+    longer than the walltime cannot requeue forever."""
+    resync_timeout_s: float = 60.0
+    """How long the ranks of a group wait for each other after a video that failed on some rank;
+    past it the attempt ends (and is retried) instead of hanging."""
+    stall_timeout_s: float = 1800.0
+    """A rank that makes no progress (no denoising step) for this long ends its attempt."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -254,8 +278,12 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`."""
+    fault: str = ""
+    """Fault injection for tests and rehearsals, e.g. `rank=1,video=0,step=2,action=kill;...` (see
+    README); the HVBATCH_FAULT environment variable overrides it. Empty: off."""
 
 
 def torch_dtype(name: str) -> torch.dtype:

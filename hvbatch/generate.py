@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -110,9 +111,9 @@ def generate_on_this_rank(request: GenerateRequest) -> None:
                     f"sequence parallel: ulysses {dims.ulysses} x ring {dims.ring} "
                     f"over {env.world_size} ranks"
                 )
-            pipeline.transformer = SequenceParallelTransformer(
-                pipeline.transformer, build_groups(dims, env.rank)
-            )
+            timeout = timedelta(seconds=config.parallel.timeout_s)
+            groups = build_groups(dims, env.rank, timeout)
+            pipeline.transformer = SequenceParallelTransformer(pipeline.transformer, groups)
         generated = pipeline.generate(
             request.prompt, on_step=_progress if leader else None, timings=timings, decode=leader
         )

@@ -196,6 +196,8 @@ class Pipeline:
                 device=self.device,
                 on_step=on_step,
             )
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError("the denoised latents contain NaN or Inf")
         frames = None
         if decode:
             with timings.measure("decode", self.device):
@@ -218,7 +220,9 @@ def _load_components(
             vae = AutoencoderKLCausal3D(TINY_VAE)
         vae = vae.to(device=device, dtype=torch_dtype(model.vae_dtype)).eval().requires_grad_(False)
         text_encoder = tiny_text_encoder(
-            model.transformer.text_dim, model.transformer.pooled_text_dim, seed=seed + 2,
+            model.transformer.text_dim,
+            model.transformer.pooled_text_dim,
+            seed=seed + 2,
             settings=model.text_encoder,
         )
         text_encoder.llm.to(device=device, dtype=torch_dtype(model.text_encoder_dtype))

@@ -39,32 +39,38 @@ def write_png(frame_HW3: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def write_mp4(frames_FHW3: np.ndarray, path: str | Path, config: VideoConfig | None = None) -> Path:
-    """Encode `[F, H, W, 3]` uint8 frames to `path` atomically; H and W must be even (yuv420p)."""
+def encode_mp4(frames_FHW3: np.ndarray, path: str | Path, config: VideoConfig | None = None) -> None:
+    """Encode `[F, H, W, 3]` uint8 frames straight into `path` (callers make it atomic)."""
     config = config or VideoConfig()
-    path = Path(path)
     if frames_FHW3.dtype != np.uint8 or frames_FHW3.ndim != 4 or frames_FHW3.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames_FHW3.dtype} {frames_FHW3.shape}")
     height, width = frames_FHW3.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"yuv420p needs even sizes, got {height}x{width}")
+    writer = imageio.get_writer(
+        path,
+        format="FFMPEG",
+        fps=config.fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        quality=None,
+        macro_block_size=1,
+        ffmpeg_params=["-crf", str(config.crf), "-preset", config.preset],
+        ffmpeg_log_level="error",
+    )
+    with writer:
+        for frame in frames_FHW3:
+            writer.append_data(frame)
+
+
+def write_mp4(frames_FHW3: np.ndarray, path: str | Path, config: VideoConfig | None = None) -> Path:
+    """Encode `[F, H, W, 3]` uint8 frames to `path` atomically; H and W must be even (yuv420p)."""
+    config = config or VideoConfig()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path, ".mp4")
     try:
-        writer = imageio.get_writer(
-            tmp,
-            format="FFMPEG",
-            fps=config.fps,
-            codec="libx264",
-            pixelformat="yuv420p",
-            quality=None,
-            macro_block_size=1,
-            ffmpeg_params=["-crf", str(config.crf), "-preset", config.preset],
-            ffmpeg_log_level="error",
-        )
-        with writer:
-            for frame in frames_FHW3:
-                writer.append_data(frame)
+        encode_mp4(frames_FHW3, tmp, config)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

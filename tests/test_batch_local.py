@@ -52,8 +52,9 @@ def test_cancel_then_retry_finishes_exactly_once(tmp_path: Path, capsys: pytest.
             "parallel.ulysses=4", "parallel.ring=2"]  # fmt: skip  (one group of 8: videos one at a time)
     assert main(argv) == 0
     deadline = time.time() + 240
-    while not list((run_dir / "manifest").glob("*.parquet")) and time.time() < deadline:
-        time.sleep(1)  # cancel once the first video is committed: mid-run
+    while not list((run_dir / "videos").glob("[!.]*.mp4")) and time.time() < deadline:
+        time.sleep(0.5)  # cancel once the first video is committed: mid-run
+    time.sleep(1)  # its done row follows the mp4
     assert main(["cancel", str(run_dir)]) == 0
     time.sleep(3)
     capsys.readouterr()

@@ -49,8 +49,9 @@ def test_scancel_mid_shard_then_retry(
     argv = _submit_argv(run_dir, "sampling.num_inference_steps=20", "parallel.ulysses=4", "parallel.ring=2")
     assert main(argv) == 0
     deadline = time.time() + 300
-    while not list((run_dir / "manifest").glob("*.parquet")) and time.time() < deadline:
-        time.sleep(1)
+    while not list((run_dir / "videos").glob("[!.]*.mp4")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)  # the done row follows the mp4
     assert main(["cancel", str(run_dir)]) == 0
     deadline = time.time() + 60
     while slurm_env.run(["squeue", "-h"]).strip() and time.time() < deadline:
@@ -62,3 +63,7 @@ def test_scancel_mid_shard_then_retry(
     assert main(["retry", str(run_dir), "--wait"]) == 0
     assert_every_video_done_once(run_dir, capsys)
     assert len(RunDir(run_dir).submissions()) == 2
+    # The cancelled attempts were left `running` (scancel kills the job script too); retry read
+    # their end from accounting.
+    reasons = [row["exit_reason"] for row in RunDir(run_dir).metrics_rows()]
+    assert reasons.count("cancelled") >= 1 and "running" not in reasons

@@ -29,7 +29,7 @@ class _FakeExecutor:
 
 def test_arrays_are_split_at_max_array_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeExecutor()
-    monkeypatch.setattr(launcher, "make_executor", lambda run, config, kind: fake)
+    monkeypatch.setattr(launcher, "make_executor", lambda run, config, kind, delay_s=0.0: fake)
     monkeypatch.setattr(launcher, "cluster_max_array_size", lambda: 4)
     run = RunDir(tmp_path)
     records = launcher.submit_shards(run, load_config(overrides=["model=tiny"]), list(range(10)), "slurm")
@@ -51,4 +51,5 @@ def test_executor_parameters_come_from_the_config(tmp_path: Path) -> None:
     assert params["constraint"] == "h100" and params["mem"] == "900GB" and params["time"] == 90
     assert params["gpus_per_node"] == 8 and params["ntasks_per_node"] == 8 and params["nodes"] == 1
     assert params["array_parallelism"] == 3 and params["srun_args"] == ["--kill-on-bad-exit=1"]
-    assert params["additional_parameters"] == {"reservation": "big"}
+    assert params["additional_parameters"] == {"reservation": "big", "requeue": True}
+    assert params["signal_delay_s"] == 120 and "hvbatch.batch.supervisor finish" in params["teardown"][0]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hvbatch.batch.attempts import reconcile_stale_attempts
 from hvbatch.batch.launcher import resolve_executor, submit_shards
 from hvbatch.batch.prompts import read_prompts
 from hvbatch.batch.rundir import RunDir, write_json_atomic, write_parquet_atomic
@@ -27,7 +28,7 @@ from hvbatch.plan_cli import plan_for_config
 
 def job_plan(config: Config, videos: pa.Table) -> ParallelPlan:
     """The layout a shard job will use: planned for one job's GPUs and the largest video."""
-    from hvbatch.batch.job import sampling_for
+    from hvbatch.batch.job_support import sampling_for
 
     s = config.slurm
     job = dataclasses.replace(
@@ -188,6 +189,7 @@ def run_retry(args: argparse.Namespace) -> int:
         print(f"run {run.root}: nothing to retry (every shard is complete or still queued)")
         return 0
     for shard in todo:
+        reconcile_stale_attempts(run, shard, set(live), "")  # e.g. an attempt ended by scancel
         run.done_marker(shard).unlink(missing_ok=True)  # a shard with failed videos runs them again
     kind = resolve_executor(args.executor or run.read_run()["executor"])
     records = submit_shards(run, config, todo, kind)

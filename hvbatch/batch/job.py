@@ -1,10 +1,13 @@
-"""The shard job: every rank of one node job runs `run_shard_job(run_dir, shard)`.
+"""The shard job: every rank of one node job runs `run_shards_job(run_dir, shards)`.
 
-Ranks come from the submitit / Slurm / torchrun environment. The job loads the model once,
-chooses its layout with the planner (dp groups x ulysses x ring), and each dp group works through
-its share of the shard's videos in file order, skipping those already done. The group's leader
-writes each mp4 (temp name, then rename) and then the manifest row; the completion marker is
-written last, once every video of the shard has a row.
+Ranks come from the submitit / Slurm / torchrun environment. The job loads the model once, chooses
+its layout with the planner (dp groups x ulysses x ring), and each dp group works through its share
+of the shard's videos in file order, skipping those already done. Per video the group's leader
+writes a `started` row, then the mp4 (attempt-unique temporary name, hard-linked to its final name),
+then the `done` or `failed` row. A video that fails on any rank fails for the whole group (the ranks
+agree after every video, within `retry.resync_timeout_s`); a failed video is tried again, in this
+job, until `retry.max_prompt_attempts`. A failure of the group itself (a collective that times out,
+a rank that dies) ends the attempt: the error is recorded and the process exits non-zero.
 """
 
 from __future__ import annotations
@@ -12,56 +15,63 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import resource
-import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir, shard_name, write_json_atomic, write_parquet_atomic
-from hvbatch.config import Config, SamplingConfig, load_config
-from hvbatch.parallel.dims import ParallelDims, ParallelGroups, build_groups
-from hvbatch.parallel.launch import DistEnv, setup_rank, teardown_rank
+from hvbatch.batch.attempts import (
+    COMPLETED,
+    RUNNING,
+    VideoHistory,
+    error_kind,
+    is_communication_error,
+    mark_done_if_complete,
+    reconcile_stale_attempts,
+    record_rank_error,
+    video_histories,
+)
+from hvbatch.batch.faults import FaultInjector, VideoFaults
+from hvbatch.batch.job_support import (
+    JobIdentity,
+    ShardProgress,
+    Watchdog,
+    choose_layout,
+    commit_video,
+    manifest_row,
+    recover_orphans,
+    sampling_for,
+    write_metrics,
+)
+from hvbatch.batch.rundir import RunDir, shard_name
+from hvbatch.config import Config, load_config
+from hvbatch.parallel.dims import ParallelGroups, build_groups
+from hvbatch.parallel.launch import setup_rank, teardown_rank
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from hvbatch.pipeline import Pipeline, Timings
-from hvbatch.plan_cli import plan_for_config
-from hvbatch.video import write_mp4
 
 logger = logging.getLogger(__name__)
-PROCESS_START = time.time()
+PROMPT_ERRORS = (ValueError, RuntimeError, FloatingPointError, OSError, torch.cuda.OutOfMemoryError)
 
 
-@dataclass
-class JobIdentity:
-    job_id: str
-    array_index: int | None
-    restart: int
-    attempt_key: str
-
-    @classmethod
-    def from_environment(cls) -> JobIdentity:
-        env = os.environ
-        if "SLURM_ARRAY_JOB_ID" in env:
-            job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
-        else:
-            job_id = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or f"pid{os.getpid()}"
-        restart = int(env.get("SLURM_RESTART_COUNT", "0"))
-        array_index = int(env["SLURM_ARRAY_TASK_ID"]) if "SLURM_ARRAY_TASK_ID" in env else None
-        # A retry gets a new job id; a requeue keeps it and bumps the restart count.
-        return cls(job_id, array_index, restart, f"job{job_id}.r{restart}")
+class GroupLostError(RuntimeError):
+    """The ranks of a group could not agree on a video's outcome in time."""
 
 
-@dataclass
-class ShardProgress:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    first_step_at: float | None = None
+@dataclasses.dataclass
+class ShardContext:
+    run: RunDir
+    shard: int
+    config: Config
+    pipeline: Pipeline
+    groups: ParallelGroups
+    identity: JobIdentity
+    attempt: int
+    faults: FaultInjector | None
+    watchdog: Watchdog
 
 
 def _export_submitit_environment() -> None:
@@ -75,178 +85,169 @@ def _export_submitit_environment() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=torch.cuda.is_available())
 
 
-def sampling_for(video: dict[str, Any], defaults: SamplingConfig) -> SamplingConfig:
-    overrides = {
-        k: video[k]
-        for k in (
-            "seed",
-            "height",
-            "width",
-            "num_frames",
-            "num_inference_steps",
-            "guidance_scale",
-            "flow_shift",
-            "negative_prompt",
-        )
-        if video.get(k) is not None
-    }
-    return dataclasses.replace(defaults, **overrides)
-
-
-def choose_layout(config: Config, videos: pa.Table, env: DistEnv | None) -> ParallelDims:
-    """The planner's layout for this job's GPUs, sized for the shard's largest video."""
-    world = env.world_size if env else 1
-    local = env.local_world_size if env else 1
-    config = dataclasses.replace(
-        config,
-        parallel=dataclasses.replace(config.parallel, gpus_per_node=local, num_nodes=max(1, world // local)),
-    )
-    largest = max(range(videos.num_rows), key=lambda i: videos["cost"][i].as_py())
-    plan = plan_for_config(config, sampling_for(videos.slice(largest, 1).to_pylist()[0], config.sampling))
-    dims = plan.dims(world)
-    dims.validate(config.model.transformer.num_heads)
-    return dims
-
-
-def _done_video_ids(run: RunDir, shard: int) -> set[str]:
-    rows = run.manifest_rows(shard)
-    done = rows.filter(pc.equal(rows["status"], "done"))
-    return {
-        vid
-        for vid, path in zip(done["video_id"].to_pylist(), done["path"].to_pylist(), strict=True)
-        if path and (run.root / path).is_file()
-    }
-
-
-def _manifest_row(video: dict[str, Any], shard: int, identity: JobIdentity, **result: Any) -> dict[str, Any]:
-    row = {name: video.get(name) for name in MANIFEST_SCHEMA.names}
-    row.update(shard=shard, job_id=identity.job_id, attempt_key=identity.attempt_key, finished_at=time.time())
-    row.update(result)
-    return row
-
-
 def _generate_one(
-    pipeline: Pipeline,
-    run: RunDir,
-    video: dict[str, Any],
-    config: Config,
-    leader: bool,
-    progress: ShardProgress,
+    ctx: ShardContext, video: dict[str, Any], video_faults: VideoFaults | None
 ) -> dict[str, Any]:
-    """Make one video; returns the manifest fields describing the outcome."""
+    """Make (and, on the leader, commit) one video; the manifest fields of the outcome."""
     start = time.perf_counter()
+    leader = ctx.groups.is_sp_leader
+    progress_first: list[float] = []
 
     def on_step(step: int, total: int) -> None:
-        if progress.first_step_at is None:
-            progress.first_step_at = time.time()
+        ctx.watchdog.touch()
+        if not progress_first:
+            progress_first.append(time.time())
+        if video_faults is not None:
+            video_faults.at_step(step)
 
+    sampling = sampling_for(video, ctx.config.sampling)
+    if video_faults is not None and video_faults.nan:
+        sampling = dataclasses.replace(sampling, guidance_scale=float("nan"))
     try:
-        generated = pipeline.generate(
-            video["prompt"],
-            sampling_for(video, config.sampling),
-            on_step=on_step,
-            decode=leader,
-            timings=Timings(),
+        generated = ctx.pipeline.generate(
+            video["prompt"], sampling, on_step=on_step, decode=leader, timings=Timings()
         )
-        path = None
+        status, path = "done", None
         if leader:
             assert generated.frames is not None
-            target = run.video_path(video["video_id"])
-            write_mp4(generated.frames, target, config.video)
-            path = str(target.relative_to(run.root))
-        return dict(
-            status="done", path=path, seconds=time.perf_counter() - start, truncated=generated.truncated
-        )
-    except (ValueError, RuntimeError, FloatingPointError, torch.cuda.OutOfMemoryError) as err:
+            committed = commit_video(
+                ctx.run,
+                video["video_id"],
+                generated.frames,
+                ctx.config.video,
+                ctx.identity.attempt_key,
+                video_faults,
+            )
+            status = "done" if committed else "committed-elsewhere"
+            path = str(ctx.run.video_path(video["video_id"]).relative_to(ctx.run.root))
+        result = dict(status=status, path=path, truncated=generated.truncated)
+    except PROMPT_ERRORS as err:
+        if is_communication_error(err):
+            raise
         logger.error("video %s failed:\n%s", video["video_id"], traceback.format_exc())
+        result = dict(status="failed", error=f"{type(err).__name__}: {err}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return dict(
-            status="failed", seconds=time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
+    result["seconds"] = time.perf_counter() - start
+    result["first_step_at"] = progress_first[0] if progress_first else None
+    return result
+
+
+def _agree_on_failure(ctx: ShardContext, result: dict[str, Any]) -> dict[str, Any]:
+    """Every rank of the SP group learns whether the video failed anywhere (and the leader why)."""
+    groups = ctx.groups
+    if groups.dims.sp == 1:
+        return result
+    failed = result["status"] == "failed"
+    device = ctx.pipeline.device if dist.get_backend(groups.sp) == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+    timeout = timedelta(seconds=ctx.config.retry.resync_timeout_s)
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=groups.sp, async_op=True).wait(timeout=timeout)
+    except RuntimeError as err:
+        cause = result.get("error") or "none on this rank"
+        raise GroupLostError(
+            f"ranks of the group did not agree after a video (own error: {cause}): {err}"
+        ) from err
+    if not int(flag.item()):
+        return result
+    # Every rank must take the same decision, or their collectives would no longer match.
+    outcomes: list[Any] = [None] * groups.dims.sp
+    dist.all_gather_object(outcomes, (result["status"], result.get("error")), group=groups.sp)
+    leader_status = outcomes[0][0]  # sp index 0 is the leader
+    if leader_status in ("done", "committed-elsewhere"):  # the mp4 is committed: the video is done
+        return result | dict(status=leader_status, error=None)
+    first = next(error for status, error in outcomes if status == "failed")
+    suffix = "" if failed else " (on another rank of the group)"
+    return result | dict(status="failed", error=f"{first}{suffix}", path=None)
+
+
+def _run_video(
+    ctx: ShardContext, index: int, video: dict[str, Any], history: VideoHistory, progress: ShardProgress
+) -> None:
+    groups, retry = ctx.groups, ctx.config.retry
+    leader = groups.is_sp_leader
+    attempt = history.attempts + 1
+    row_of = dict(attempt=attempt, final=False)
+    if leader:
+        progress.put(video["video_id"], manifest_row(video, ctx, status="started", **row_of))
+    video_faults = None
+    if ctx.faults is not None:
+        video_faults = ctx.faults.for_video(
+            rank=groups.rank,
+            shard=ctx.shard,
+            video_index=index,
+            video_id=video["video_id"],
+            attempt=ctx.attempt,
+        )
+    result = _agree_on_failure(ctx, _generate_one(ctx, video, video_faults))
+    ctx.watchdog.touch()
+    progress.seconds.append(result["seconds"])
+    progress.first_step_at = progress.first_step_at or result.pop("first_step_at")
+    result.pop("first_step_at", None)
+    history.attempts = attempt
+    if result["status"] == "committed-elsewhere":
+        history.done = True
+        if leader:
+            progress.drop(video["video_id"])
+        return
+    history.done = result["status"] == "done"
+    history.final = not history.done and attempt >= retry.max_prompt_attempts
+    history.last_error = result.get("error")
+    if leader:
+        progress.put(
+            video["video_id"], manifest_row(video, ctx, **row_of | result | {"final": history.final})
         )
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _write_metrics(
-    run: RunDir,
-    shard: int,
-    identity: JobIdentity,
-    dims: ParallelDims,
-    progress: ShardProgress,
-    load_seconds: float,
-    peaks: list[int],
-    device: torch.device,
-    exit_reason: str,
-) -> None:
-    wall = time.time() - PROCESS_START
-    row = {
-        "job_id": identity.job_id,
-        "array_index": identity.array_index,
-        "attempt": identity.restart,
-        "attempt_key": identity.attempt_key,
-        "shard": shard,
-        "node": socket.gethostname(),
-        "gpu_type": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "world_size": dims.world_size,
-        "dp": dims.dp,
-        "ulysses": dims.ulysses,
-        "ring": dims.ring,
-        "load_seconds": load_seconds,
-        "seconds_to_first_step": (progress.first_step_at - PROCESS_START) if progress.first_step_at else None,
-        "prompt_seconds": progress.seconds,
-        "wall_seconds": wall,
-        "gpu_seconds": wall * dims.world_size,
-        "peak_memory_bytes": peaks,
-        "exit_reason": exit_reason,
-        "finished_at": time.time(),
-    }
-    write_parquet_atomic(run.metrics_part(shard, identity.attempt_key), pa.Table.from_pylist([row]))
-
-
-def _maybe_mark_done(run: RunDir, shard: int, identity: JobIdentity) -> bool:
-    """Write the completion marker if every video of the shard has a row (done or failed)."""
-    videos = set(run.read_shard(shard)["video_id"].to_pylist())
-    rows = run.manifest_rows(shard)
-    finished = set(rows["video_id"].to_pylist())
-    if not videos <= finished:
-        return False
-    done = len(_done_video_ids(run, shard) & videos)
-    write_json_atomic(
-        run.done_marker(shard),
-        {
-            "shard": shard,
-            "videos": len(videos),
-            "done": done,
-            "failed": len(videos) - done,
-            "job_id": identity.job_id,
-            "finished_at": time.time(),
-        },
-    )
-    return True
-
-
-def _process_videos(
-    run: RunDir, shard: int, config: Config, pipeline: Pipeline, groups: ParallelGroups, identity: JobIdentity
-) -> ShardProgress:
-    videos = run.read_shard(shard).to_pylist()
-    done = _done_video_ids(run, shard)
-    mine = [
-        v for i, v in enumerate(videos) if i % groups.dims.dp == groups.dp_index and v["video_id"] not in done
-    ]
-    progress = ShardProgress()
-    part = run.manifest_part(shard, identity.attempt_key, groups.dp_index)
-    for video in mine:
-        result = _generate_one(pipeline, run, video, config, groups.is_sp_leader, progress)
-        progress.seconds.append(result["seconds"])
-        if groups.is_sp_leader:
-            progress.rows.append(_manifest_row(video, shard, identity, **result))
-            write_parquet_atomic(part, pa.Table.from_pylist(progress.rows, schema=MANIFEST_SCHEMA))
+def _process_videos(ctx: ShardContext) -> ShardProgress:
+    run, groups, retry = ctx.run, ctx.groups, ctx.config.retry
+    videos = run.read_shard(ctx.shard).to_pylist()
+    histories = video_histories(run, ctx.shard, ctx.identity.attempt_key)
+    mine = [(i, v) for i, v in enumerate(videos) if i % groups.dims.dp == groups.dp_index]
+    part = run.manifest_part(ctx.shard, ctx.identity.attempt_key, groups.dp_index)
+    progress = ShardProgress(part if groups.is_sp_leader else None)
+    for _ in range(retry.max_prompt_attempts):
+        todo = _leader_todo(ctx, mine, histories, progress) if groups.is_sp_leader else []
+        todo = _share_from_leader(ctx, todo)
+        if not todo:
+            break
+        for index, video in todo:
+            _run_video(ctx, index, video, histories.setdefault(video["video_id"], VideoHistory()), progress)
     return progress
+
+
+def _share_from_leader(ctx: ShardContext, todo: list[tuple[int, dict[str, Any]]]) -> list[Any]:
+    """The group follows its leader's list (ranks reading the manifest could see different states)."""
+    groups = ctx.groups
+    if groups.dims.sp == 1:
+        return todo
+    box: list[Any] = [todo]
+    dist.broadcast_object_list(box, src=groups.sp_ranks[0], group=groups.sp)
+    return list(box[0])
+
+
+def _leader_todo(
+    ctx: ShardContext,
+    mine: list[tuple[int, dict[str, Any]]],
+    histories: dict[str, VideoHistory],
+    progress: ShardProgress,
+) -> list[tuple[int, dict[str, Any]]]:
+    """The videos to try in this pass; those out of attempts get their final failed row here."""
+    run, retry = ctx.run, ctx.config.retry
+    todo = []
+    for index, video in mine:
+        history = histories.setdefault(video["video_id"], VideoHistory())
+        if history.done or history.final or run.video_path(video["video_id"]).exists():
+            continue
+        if history.attempts >= retry.max_prompt_attempts:
+            history.final = True
+            error = f"failed on {history.attempts} attempts; last: {history.last_error}"
+            row = manifest_row(video, ctx, status="failed", final=True, attempt=history.attempts, error=error)
+            progress.put(video["video_id"], row)
+            continue
+        todo.append((index, video))
+    return todo
 
 
 def _run_one_shard(
@@ -254,58 +255,115 @@ def _run_one_shard(
     shard: int,
     config: Config,
     pipeline: Pipeline,
-    env: DistEnv | None,
+    setup: Any,
     identity: JobIdentity,
     load_seconds: float,
+    faults: FaultInjector | None,
+    watchdog: Watchdog,
 ) -> dict[str, Any]:
-    rank = env.rank if env else 0
+    env, rank = setup.env, setup.rank
     dims = choose_layout(config, run.read_shard(shard), env)
-    groups = build_groups(dims, rank)
-    raw_model = (
-        pipeline.transformer.model
-        if isinstance(pipeline.transformer, SequenceParallelTransformer)
-        else (pipeline.transformer)
-    )
+    groups = build_groups(dims, rank, timedelta(seconds=config.parallel.timeout_s))
+    raw_model = pipeline.transformer
+    if isinstance(raw_model, SequenceParallelTransformer):
+        raw_model = raw_model.model
     pipeline.transformer = SequenceParallelTransformer(raw_model, groups) if dims.sp > 1 else raw_model
+    attempt = len(run.metrics_rows(shard)) + (
+        0 if run.metrics_part(shard, identity.attempt_key).is_file() else 1
+    )
+    ctx = ShardContext(run, shard, config, pipeline, groups, identity, attempt, faults, watchdog)
+    if rank == 0:
+        reconcile_stale_attempts(run, shard, set(), identity.attempt_key)
+        write_metrics(ctx, ShardProgress(None), load_seconds, [], RUNNING)
+    if env is not None and env.world_size > 1:
+        dist.barrier()  # nobody counts attempts before rank 0 has reconciled them
     logger.info(
-        "%s %s: layout dp %d x ulysses %d x ring %d",
+        "%s %s (attempt %d): layout dp %d x ulysses %d x ring %d",
         shard_name(shard),
         identity.attempt_key,
+        attempt,
         dims.dp,
         dims.ulysses,
         dims.ring,
     )
-    progress = _process_videos(run, shard, config, pipeline, groups, identity)
-    peaks = [_peak_memory_bytes(pipeline.device)]
+    progress = _process_videos(ctx)
+    peaks = [progress.peak_memory_bytes(pipeline.device)]
     if env is not None and env.world_size > 1:
         gathered: list[Any] = [None] * dims.world_size
         dist.all_gather_object(gathered, peaks[0])  # also the point where every group has finished
         peaks = [int(p) for p in gathered]
     complete = False
     if rank == 0:
-        _write_metrics(
-            run, shard, identity, dims, progress, load_seconds, peaks, pipeline.device, "completed"
-        )
-        complete = _maybe_mark_done(run, shard, identity)
+        recover_orphans(ctx)
+        write_metrics(ctx, progress, load_seconds, peaks, COMPLETED)
+        complete = mark_done_if_complete(run, shard, identity.job_id)
     return {"shard": shard, "rank": rank, "videos": len(progress.seconds), "complete": complete}
 
 
-def run_shards_job(run_dir: str, shards: list[int]) -> list[dict[str, Any]]:
+def run_shards_job(run_dir: str, shards: list[int], on_shard: Any = None) -> list[dict[str, Any]]:
     """Entry point of a job (called on every rank): load once, then work through `shards` in order."""
     _export_submitit_environment()
     run = RunDir(run_dir)
     config = load_config(run.root / "config.yaml")
     identity = JobIdentity.from_environment()
+    faults = FaultInjector.from_spec(config.fault)
     setup = setup_rank(config.parallel, config.device)
-    env, device = setup.env, setup.device
+    watchdog = Watchdog(config.retry.stall_timeout_s, run, identity.attempt_key, setup.rank)
+    failed = False
     try:
         timings = Timings()
-        pipeline = Pipeline.load(config, timings, device=device)
+        pipeline = Pipeline.load(config, timings, device=setup.device)
         load_seconds = timings.seconds.get("load", 0.0)
-        return [
-            _run_one_shard(run, shard, config, pipeline, env, identity, load_seconds)
-            for shard in shards
-            if not run.done_marker(shard).is_file()
-        ]
+        watchdog.start()
+        results = []
+        for shard in shards:
+            if run.done_marker(shard).is_file():
+                continue
+            if on_shard is not None:
+                on_shard(run, shard, identity.attempt_key)
+            results.append(
+                _run_one_shard(run, shard, config, pipeline, setup, identity, load_seconds, faults, watchdog)
+            )
+        return results
+    except Exception as err:
+        kind = "resync" if isinstance(err, GroupLostError) else error_kind(err)
+        record_rank_error(run, identity.attempt_key, setup.rank, kind, f"{type(err).__name__}: {err}")
+        logger.error(
+            "rank %d: attempt %s failed:\n%s", setup.rank, identity.attempt_key, traceback.format_exc()
+        )
+        failed = True
+        raise
     finally:
-        teardown_rank(setup)
+        watchdog.stop()
+        if not failed:  # after a failed collective, tearing the group down can block: just exit
+            teardown_rank(setup)
+
+
+@dataclasses.dataclass
+class ShardJob:
+    """What submitit runs on every rank; on USR2 (walltime or preemption) rank 0 records why, and
+    submitit requeues the job, which resumes from the manifest."""
+
+    time_min: float
+    signal_delay_s: float
+    active: tuple[RunDir, int, str] | None = None
+
+    def __call__(self, run_dir: str, shards: list[int]) -> list[dict[str, Any]]:
+        return run_shards_job(run_dir, shards, on_shard=self._set_active)
+
+    def _set_active(self, run: RunDir, shard: int, attempt_key: str) -> None:
+        self.active = (run, shard, attempt_key)
+
+    def checkpoint(self, run_dir: str, shards: list[int]) -> Any:
+        import submitit
+
+        from hvbatch.batch.attempts import set_exit_reason
+        from hvbatch.batch.job_support import PROCESS_START, interruption_reason
+
+        if self.active is not None:
+            run, shard, key = self.active
+            reason = interruption_reason(time.time() - PROCESS_START, self.time_min, self.signal_delay_s)
+            set_exit_reason(run, shard, key, reason, "USR2: checkpointed and requeued")
+        return submitit.helpers.DelayedSubmission(
+            ShardJob(self.time_min, self.signal_delay_s), run_dir, shards
+        )

@@ -24,8 +24,9 @@ file (prompt, negative_prompt, seed, sizes, steps, guidance_scale, flow_shift; a
 counts as null; texts as UTF-8, numbers exactly: 720 and 720.0 alike, floats by their bits), so a
 row keeps its id when rows are reordered, added or removed, and when config defaults change. `num_videos` is
 not hashed: rows that differ only in it ask for the same videos and are reported as duplicates.
-Explicit ids must be unique, non-empty, at most 200 bytes, and free of `/`, `\\`, `#` and control
-characters (ids name files, and `#` separates the video index in video ids).
+Explicit ids must be unique, non-empty, at most 200 bytes, and free of `#` and control characters
+(`#` separates the video index in video ids). Anything else is fine, slashes and `..` included: file
+names are derived from ids safely (`rundir.video_file_name`), never used as paths.
 
 Every problem is collected before anything is returned, and raised as one `PromptFileError`.
 """
@@ -337,8 +338,8 @@ def _check_ids(ids: pa.Array, offset: int, problems: _Problems) -> None:
     mask = lambda a: a.fill_null(False).to_numpy(zero_copy_only=False)
     blank = mask(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0))
     problems.add_mask(where, "empty or whitespace-only", blank, offset)
-    bad_chars = mask(pc.match_substring_regex(ids, r"[/\\#\x00-\x1f\x7f]"))
-    problems.add_mask(where, "containing /, \\, # or a control character", bad_chars, offset)
+    bad_chars = mask(pc.match_substring_regex(ids, r"[#\x00-\x1f\x7f]"))
+    problems.add_mask(where, "containing # or a control character", bad_chars, offset)
     problems.add_mask(where, "equal to . or ..", mask(pc.is_in(ids, pa.array([".", ".."]))), offset)
     long = mask(pc.greater(pc.binary_length(ids), MAX_ID_BYTES))
     problems.add_mask(where, f"longer than {MAX_ID_BYTES} bytes", long, offset)

@@ -9,11 +9,14 @@
       submitit/                    submitit's pickles and logs (one folder per job)
       videos/<name>.mp4            outputs; <name> is a filesystem-safe form of the video id
       manifest/*.parquet           one part per job attempt and dp group: a row per video tried
-      metrics/*.parquet            one row per job attempt
+      metrics/*.parquet            one row per shard and job attempt, with its exit reason
+      attempts/*.json              what each rank that failed said (read when an attempt ends)
       done/shard-00003.json        completion marker, written after the shard's last manifest row
 
-A video is done when a manifest row says so; its mp4 was renamed into place before that row was
-written. Reruns skip done videos, so nothing is made twice and nothing is lost.
+A video is done when a manifest row says so. Its mp4 was written under an attempt-unique temporary
+name and hard-linked to its final name before that row was written; the link fails if another
+attempt committed the video first, so a final name only ever holds one complete file and a video
+has at most one `done` row. Reruns skip done videos: nothing is made twice and nothing is lost.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("num_frames", pa.int32()),
         ("num_inference_steps", pa.int32()),
         ("shard", pa.int32()),
-        ("status", pa.string()),  # done | failed
+        ("status", pa.string()),  # started (replaced when the video ends) | done | failed
+        ("attempt", pa.int32()),  # this video's attempt number, 1-based
+        ("final", pa.bool_()),  # a failure that will not be retried (attempts used up)
         ("path", pa.string()),  # relative to the run directory; null unless done
         ("seconds", pa.float64()),
         ("error", pa.string()),  # "ErrorClass: message"; null unless failed
@@ -65,7 +72,21 @@ def video_file_name(video_id: str) -> str:
 
 
 def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_json_exclusive(path: Path, payload: Any) -> bool:
+    """Write `path` atomically unless it exists (hard link of a temp file); False if it existed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -127,6 +148,17 @@ class RunDir:
 
     def metrics_part(self, shard: int, attempt_key: str) -> Path:
         return self.root / "metrics" / f"{shard_name(shard)}.{attempt_key}.parquet"
+
+    def rank_error_path(self, attempt_key: str, rank: int) -> Path:
+        return self.root / "attempts" / f"{attempt_key}.rank{rank:05d}.json"
+
+    def metrics_rows(self, shard: int | None = None) -> list[dict[str, Any]]:
+        """One dict per (shard, attempt), oldest first."""
+        folder = self.root / "metrics"
+        pattern = f"{shard_name(shard)}.*.parquet" if shard is not None else "shard-*.parquet"
+        parts = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        rows = [row for part in parts for row in pq.read_table(part).to_pylist()]
+        return sorted(rows, key=lambda r: r.get("started_at") or 0.0)
 
     def read_run(self) -> dict[str, Any]:
         if not self.exists():
@@ -190,3 +222,12 @@ class RunDir:
         if not folder.is_dir():
             return []
         return [json.loads(p.read_text()) for p in sorted(folder.glob("submission-*.json"))]
+
+    def add_submission(self, payload: dict[str, Any]) -> Path:
+        """Record a submission under the next free number (safe when jobs resubmit concurrently)."""
+        number = len(self.submissions()) + 1
+        while True:
+            path = self.root / "jobs" / f"submission-{number:04d}.json"
+            if write_json_exclusive(path, payload):
+                return path
+            number += 1

@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import math
+import os
 import shlex
+import signal
 import string
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config
 
 TEMPLATES = ("node", "multinode", "array")
+EXIT_REQUEUED = 143
 
 
 def _template_text(name: str) -> str:
@@ -78,7 +83,8 @@ def render(run: RunDir, template: str, shards: list[int]) -> str:
         "nodes": str(int(s.nodes)),
         "tasks_per_node": str(int(s.tasks_per_node)),
         "gpus_per_node": str(int(s.gpus_per_node)),
-        "time_min": str(int(s.time_min)),
+        "time_min": str(math.ceil(s.time_min)),
+        "signal_delay_s": str(int(config.retry.signal_delay_s)),
         "log_dir": _log_dir(run),
         "extra_sbatch": _sbatch_options(config),
         "setup": "\n".join(s.setup),  # the user's own shell lines, verbatim by design
@@ -109,9 +115,23 @@ def run_sbatch(args: argparse.Namespace) -> int:
 
 
 def run_shard_command(args: argparse.Namespace) -> int:
-    from hvbatch.batch.job import run_shards_job
+    """Under plain sbatch: on USR2 (walltime or preemption) rank 0 records why and requeues the job."""
+    from hvbatch.batch.job import ShardJob
 
-    run_shards_job(str(Path(args.run_dir).resolve()), [int(shard) for shard in args.shards])
+    run_dir = str(Path(args.run_dir).resolve())
+    shards = [int(shard) for shard in args.shards]
+    config = load_config(Path(run_dir) / "config.yaml")
+    job = ShardJob(config.slurm.time_min, config.retry.signal_delay_s)
+
+    def on_usr2(signum: int, frame: object) -> None:
+        if os.environ.get("SLURM_PROCID", "0") != "0" or "SLURM_JOB_ID" not in os.environ:
+            return
+        job.checkpoint(run_dir, shards)  # records walltime / preempted for the running shard
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False, timeout=60)
+        sys.exit(EXIT_REQUEUED)
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    job(run_dir, shards)
     return 0
 
 

@@ -80,49 +80,101 @@ class RunSnapshot:
         return cls(run.manifest_rows(), jobs, live_states(list(jobs.values())))
 
 
+def manual_reset_times(run: RunDir) -> dict[int, float]:
+    """Per shard, when it was last submitted by hand (`hvbatch retry` gives failed videos new tries)."""
+    resets: dict[int, float] = {}
+    for submission in run.submissions():
+        if submission.get("kind", "manual") == "manual":
+            for record in submission["jobs"]:
+                resets[int(record["shard"])] = float(submission["submitted_at"])
+    return resets
+
+
 def video_table(run: RunDir, snapshot: RunSnapshot | None = None) -> pa.Table:
-    """One row per video: id, prompt, seed, status, attempts, path, seconds, error (+ shard)."""
+    """One row per video: id, prompt, seed, status, attempts, path, seconds, error (+ shard).
+
+    done: a done row exists; failed: its failure is final (attempts used up); running: its shard's
+    job is queued or running; pending: otherwise (e.g. after a cancel, until `hvbatch retry`).
+    """
     snapshot = snapshot or RunSnapshot.take(run)
-    rows = snapshot.rows.to_pylist()
-    best: dict[str, dict[str, Any]] = {}
+    resets = manual_reset_times(run)
+    shard_of = dict(zip(*run.all_videos(["video_id", "shard"]).columns, strict=True))
+    done: dict[str, dict[str, Any]] = {}
+    last: dict[str, dict[str, Any]] = {}
+    final: set[str] = set()
     attempts: dict[str, int] = {}
-    for row in sorted(rows, key=lambda r: r["finished_at"] or 0.0):
+    for row in sorted(snapshot.rows.to_pylist(), key=lambda r: r["finished_at"] or 0.0):
         vid = row["video_id"]
         attempts[vid] = attempts.get(vid, 0) + 1
-        if best.get(vid, {}).get("status") != "done":
-            best[vid] = row
+        if row["status"] == "done":
+            done.setdefault(vid, row)
+            continue
+        last[vid] = row
+        reset = resets.get(shard_of.get(vid, -1), 0.0)
+        if row["status"] == "failed" and row["final"] and (row["finished_at"] or 0.0) >= reset:
+            final.add(vid)
     jobs, states = snapshot.jobs, snapshot.states
     live_shards = {shard for shard, record in jobs.items() if states.get(record["job_id"], "") in LIVE_STATES}
     out = []
     for video in run.all_videos().to_pylist():
-        row = best.get(video["video_id"]) or {}
-        status = row.get("status") or ("running" if video["shard"] in live_shards else "pending")
+        vid = video["video_id"]
+        row = done.get(vid) or last.get(vid) or {}
+        if vid in done:
+            status = "done"
+        elif vid in final:
+            status = "failed"
+        else:
+            status = "running" if video["shard"] in live_shards else "pending"
+        error = row.get("error")
+        if row.get("status") == "started":
+            error = "interrupted: the job attempt ended during this video"
         out.append(
             video
             | {
                 "status": status,
-                "attempts": attempts.get(video["video_id"], 0),
-                "path": row.get("path"),
+                "attempts": attempts.get(vid, 0),
+                "path": row.get("path") if status == "done" else None,
                 "seconds": row.get("seconds"),
-                "error": row.get("error"),
+                "error": None if status == "done" else error,
             }
         )
-    return pa.Table.from_pylist(
-        out,
-        schema=pa.schema(
-            [
-                ("video_id", pa.string()),
-                ("prompt", pa.string()),
-                ("seed", pa.int64()),
-                ("status", pa.string()),
-                ("attempts", pa.int32()),
-                ("path", pa.string()),
-                ("seconds", pa.float64()),
-                ("error", pa.string()),
-                ("shard", pa.int32()),
-            ]
-        ),
-    )
+    return pa.Table.from_pylist(out, schema=VIDEO_TABLE_SCHEMA)
+
+
+VIDEO_TABLE_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),
+        ("attempts", pa.int32()),
+        ("path", pa.string()),
+        ("seconds", pa.float64()),
+        ("error", pa.string()),
+        ("shard", pa.int32()),
+    ]
+)
+
+
+def shard_attempt_summary(run: RunDir) -> dict[int, dict[str, Any]]:
+    """Per shard: number of job attempts and how the latest one ended (from the metrics parts)."""
+    import pyarrow.dataset as ds
+
+    from hvbatch.batch.attempts import METRICS_SCHEMA
+
+    folder = run.root / "metrics"
+    parts = sorted(str(p) for p in folder.glob("shard-*.parquet")) if folder.is_dir() else []
+    if not parts:
+        return {}
+    columns = ["shard", "exit_reason", "exit_detail", "started_at"]
+    rows = ds.dataset(parts, schema=METRICS_SCHEMA, format="parquet").to_table(columns=columns).to_pylist()
+    summary: dict[int, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["started_at"] or 0.0):
+        entry = summary.setdefault(int(row["shard"]), {"attempts": 0})
+        entry["attempts"] += 1
+        entry["last_exit"] = row["exit_reason"]
+        entry["last_exit_detail"] = row["exit_detail"]
+    return summary
 
 
 @dataclass
@@ -159,16 +211,21 @@ def run_status(run: RunDir) -> RunStatus:
     eta = remaining / rate * 3600.0 if rate and remaining else (0.0 if not remaining else None)
     jobs, states = snapshot.jobs, snapshot.states
     done_shards = run.completed_shards()
+    attempts = shard_attempt_summary(run)
     table = []
     for shard in range(run.num_shards()):
         record = jobs.get(shard, {})
-        state = "COMPLETE" if shard in done_shards else states.get(record.get("job_id", ""), "NOT QUEUED")
+        state = "COMPLETE" if shard in done_shards else states.get(record.get("job_id", ""), "STOPPED")
+        history = attempts.get(shard, {})
         table.append(
             {
                 "shard": shard,
                 "job_id": record.get("job_id"),
                 "executor": record.get("executor"),
                 "state": state,
+                "attempts": history.get("attempts", 0),
+                "last_exit": history.get("last_exit"),
+                "last_exit_detail": history.get("last_exit_detail"),
             }
         )
     return RunStatus(counts, rate, eta, table)
@@ -186,12 +243,20 @@ def format_status(run: RunDir, status: RunStatus) -> str:
     lines = [
         f"run {run.root}: {total} videos: {c['done']} done, {c['failed']} failed, {c['running']} running, "
         f"{c['pending']} pending; {rate}{eta}",
-        f"{'shard':>6}  {'job':<16} {'executor':<9} state",
+        f"{'shard':>6}  {'job':<16} {'executor':<9} {'state':<11} {'tries':>5}  last exit",
     ]
     shown = [j for j in status.jobs if j["state"] != "COMPLETE"][:MAX_TABLE_ROWS] or status.jobs[
         :MAX_TABLE_ROWS
     ]
-    lines += [f"{j['shard']:>6}  {j['job_id']!s:<16} {j['executor']!s:<9} {j['state']}" for j in shown]
+    lines += [
+        f"{j['shard']:>6}  {j['job_id']!s:<16} {j['executor']!s:<9} {j['state']:<11} {j['attempts']:>5}  "
+        + (
+            f"{j['last_exit']}" + (f": {j['last_exit_detail']}" if j["last_exit_detail"] else "")
+            if j["last_exit"]
+            else ""
+        )
+        for j in shown
+    ]
     if len(status.jobs) > len(shown):
         by_state: dict[str, int] = {}
         for job in status.jobs:

@@ -12,6 +12,7 @@ Rank layout (dp outermost, Ulysses innermost),
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -96,8 +97,12 @@ class ParallelGroups:
         return self.sp_index == 0
 
 
-def build_groups(dims: ParallelDims, rank: int) -> ParallelGroups:
-    """Create every Ulysses, ring and SP group (all ranks must call this, in the same order)."""
+def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None) -> ParallelGroups:
+    """Create every Ulysses, ring and SP group (all ranks must call this, in the same order).
+
+    `timeout` bounds every collective of the groups; pass the job's (new groups do not inherit the
+    default group's timeout).
+    """
     made: dict[str, dist.ProcessGroup | None] = {"ulysses": None, "ring": None, "sp": None}
     blocks = {
         "ulysses": sorted({tuple(dims.ulysses_ranks(r)) for r in range(dims.world_size)}),
@@ -106,7 +111,7 @@ def build_groups(dims: ParallelDims, rank: int) -> ParallelGroups:
     }
     for kind, members_list in blocks.items():
         for members in members_list:
-            group = dist.new_group(list(members)) if dims.world_size > 1 else None
+            group = dist.new_group(list(members), timeout=timeout) if dims.world_size > 1 else None
             if rank in members:
                 made[kind] = group
     return ParallelGroups(

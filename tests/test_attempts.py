@@ -1,0 +1,216 @@
+"""Attempt bookkeeping without running jobs: fault specs, exit reasons, budgets, commits."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hvbatch.batch import attempts
+from hvbatch.batch.attempts import (
+    METRICS_SCHEMA,
+    backoff_seconds,
+    classify_exit,
+    finish_attempt,
+    video_histories,
+)
+from hvbatch.batch.faults import FaultInjector, InjectedFault, parse_faults
+from hvbatch.batch.job_support import commit_video, interruption_reason
+from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir, write_json_atomic, write_parquet_atomic
+from hvbatch.batch.supervisor import first_failed_task
+from hvbatch.config import RetryConfig, VideoConfig
+
+
+def test_fault_specs_parse_and_select() -> None:
+    faults = parse_faults("action=kill,rank=1,shard=0,video=fox,step=3,attempt=1; action=nan,rank=all")
+    assert faults[0].action == "kill" and faults[0].rank == 1 and faults[0].step == 3
+    assert faults[1].rank is None and faults[1].video is None
+    injector = FaultInjector(tuple(faults))
+    chosen = injector.for_video(rank=1, shard=0, video_index=2, video_id="fox", attempt=1)
+    assert chosen is not None and chosen.nan and len(chosen.faults) == 2
+    assert injector.for_video(rank=1, shard=0, video_index=2, video_id="fox", attempt=2).faults == tuple(
+        faults[1:]
+    )
+    assert injector.for_video(rank=0, shard=5, video_index=0, video_id="x", attempt=1).faults == tuple(
+        faults[1:]
+    )
+    raising = FaultInjector(tuple(parse_faults("action=raise,video=0,step=2")))
+    video = raising.for_video(rank=0, shard=0, video_index=0, video_id="a", attempt=1)
+    assert video is not None
+    video.at_step(1)  # not yet
+    with pytest.raises(InjectedFault):
+        video.at_step(2)
+    with pytest.raises(OSError, match="injected write failure"):
+        FaultInjector(tuple(parse_faults("action=write-error"))).for_video(
+            rank=0, shard=0, video_index=0, video_id="a", attempt=1
+        ).at_write()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("action=explode", "action must be one of"),
+        ("action=kill,when=now", "unknown keys ['when']"),
+        ("action=kill,rank=one", "are integers"),
+        ("kill", "is not key=value"),
+    ],
+)
+def test_bad_fault_specs_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_faults(spec)
+
+
+def test_fault_injection_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HVBATCH_FAULT", raising=False)
+    assert FaultInjector.from_spec("") is None
+    monkeypatch.setenv("HVBATCH_FAULT", "action=hang")
+    injector = FaultInjector.from_spec("action=kill")
+    assert injector is not None and injector.faults[0].action == "hang"  # the environment wins
+
+
+def _error(kind: str, rank: int = 0) -> dict[str, Any]:
+    return {"kind": kind, "rank": rank, "error": f"{kind} on rank {rank}"}
+
+
+def test_exit_reasons() -> None:
+    assert classify_exit(137, []) == ("crash", "killed by SIGKILL")
+    assert classify_exit(-int(signal.SIGABRT), [_error("peer-lost")])[1] == "killed by SIGABRT"
+    # A peer's timeout names the cause of a hang; the hung rank only shows the kill it got.
+    assert classify_exit(137, [_error("timeout", 0)])[0] == "timeout"
+    assert classify_exit(1, [_error("resync", 2), _error("timeout")]) == (
+        "failed",
+        "rank 2: resync on rank 2",
+    )
+    assert classify_exit(124, [])[0] == "stalled"
+    assert classify_exit(1, [], "OUT_OF_MEMORY")[0] == "oom"
+    assert classify_exit(None, [], "CANCELLED")[0] == "cancelled"
+    assert classify_exit(None, [], "NODE_FAIL")[0] == "node-failure"
+    assert classify_exit(None, [])[0] == "lost"
+    assert classify_exit(1, [_error("peer-lost", 3)]) == ("crash", "exit code 1; rank 3: peer-lost on rank 3")
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    retry = RetryConfig(backoff_s=30, max_backoff_s=100)
+    assert [backoff_seconds(retry, n) for n in (1, 2, 3, 4)] == [30, 60, 100, 100]
+
+
+def test_walltime_or_preemption_from_when_usr2_came() -> None:
+    assert interruption_reason(elapsed_s=590, time_min=10, signal_delay_s=30) == "walltime"
+    assert interruption_reason(elapsed_s=60, time_min=240, signal_delay_s=120) == "preempted"
+
+
+def test_first_failed_task_reads_this_attempts_srun_messages(tmp_path: Path) -> None:
+    log = tmp_path / "job.err"
+    old = "srun: error: node1: task 3: Killed\n"
+    log.write_text(
+        old + "traceback...\nsrun: error: node2: task 1: Aborted\nsrun: error: node2: task 0: Terminated\n"
+    )
+    assert first_failed_task(log, len(old)) == 128 + signal.SIGABRT
+    assert first_failed_task(log, 0) == 128 + signal.SIGKILL
+    log.write_text("srun: error: n: task 2: Exited with exit code 3\n")
+    assert first_failed_task(log, 0) == 3
+    log.write_text("srun: error: n: task 2: Out Of Memory\n")
+    assert first_failed_task(log, 0) == "oom"
+    assert first_failed_task(tmp_path / "missing", 0) is None
+
+
+def _video(vid: str) -> dict[str, Any]:
+    return {"video_id": vid, "prompt_id": vid, "prompt": f"p {vid}", "seed": 0, "height": 48, "width": 64,
+            "num_frames": 5, "num_inference_steps": 2, "cost": 1.0}  # fmt: skip
+
+
+def _run(tmp_path: Path, videos: list[str]) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    write_parquet_atomic(run.shard_path(0), pa.Table.from_pylist([_video(v) for v in videos]))
+    write_json_atomic(run.run_json, {"num_shards": 1, "created_at": 0.0})
+    return run
+
+
+def _attempt(run: RunDir, key: str, reason: str, rows: list[tuple[str, str]], at: float) -> None:
+    metrics = {name: None for name in METRICS_SCHEMA.names} | {
+        "job_id": key, "attempt_key": key, "shard": 0, "exit_reason": reason, "started_at": at,
+    }  # fmt: skip
+    write_parquet_atomic(run.metrics_part(0, key), pa.Table.from_pylist([metrics], schema=METRICS_SCHEMA))
+    manifest = [
+        {name: None for name in MANIFEST_SCHEMA.names}
+        | {
+            "video_id": vid,
+            "status": status,
+            "attempt_key": key,
+            "finished_at": at + 1,
+            "final": False,
+            "error": "boom" if status == "failed" else None,
+        }
+        for vid, status in rows
+    ]
+    write_parquet_atomic(run.manifest_part(0, key, 0), pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA))
+
+
+def test_videos_are_charged_for_crashes_but_not_for_walltime(tmp_path: Path) -> None:
+    run = _run(tmp_path, ["a", "b", "c"])
+    _attempt(run, "k1", "walltime", [("a", "started")], at=10)
+    _attempt(run, "k2", "crash", [("a", "done"), ("b", "started")], at=20)
+    _attempt(run, "k3", "completed", [("c", "failed")], at=30)
+    histories = video_histories(run, 0, current_attempt_key=None)
+    assert histories["a"].done and histories["a"].attempts == 0
+    assert histories["b"].attempts == 1 and "crash" in (histories["b"].last_error or "")
+    assert histories["c"].attempts == 1 and histories["c"].last_error == "boom"
+    # `hvbatch retry` (a manual submission) starts the counts again.
+    run.add_submission({"submitted_at": 100.0, "executor": "local", "kind": "manual",
+                        "jobs": [{"shard": 0, "job_id": "9", "executor": "local"}]})  # fmt: skip
+    histories = video_histories(run, 0, current_attempt_key=None)
+    assert histories["b"].attempts == 0 and histories["c"].attempts == 0 and histories["a"].done
+
+
+def test_attempts_used_up_end_every_video_as_one_failure(tmp_path: Path) -> None:
+    run = _run(tmp_path, ["a", "b", "c"])
+    now = time.time()
+    _attempt(run, "k1", "running", [("a", "done"), ("b", "started")], at=now)
+    resubmitted: list[tuple[list[int], float]] = []
+    retry = RetryConfig(max_attempts=2, backoff_s=5)
+    fates = finish_attempt(run, retry, [0], "k1", 137, resubmit=lambda s, d: resubmitted.append((s, d)))
+    assert fates == {0: "retry"} and resubmitted == [([0], 5.0)]
+    assert run.metrics_rows(0)[0]["exit_reason"] == "crash"
+    _attempt(run, "k2", "running", [("b", "started")], at=now + 1)
+    fates = finish_attempt(run, retry, [0], "k2", 137, resubmit=lambda s, d: resubmitted.append((s, d)))
+    assert fates == {0: "gave-up"} and len(resubmitted) == 1
+    rows = [r for r in run.manifest_rows(0).to_pylist() if r["status"] == "failed"]
+    assert sorted(r["video_id"] for r in rows) == ["b", "c"] and all(r["final"] for r in rows)
+    assert "gave up after 2 attempts (last: crash: killed by SIGKILL)" in rows[0]["error"]
+    marker = json.loads(run.done_marker(0).read_text())
+    assert marker["done"] == 1 and marker["failed"] == 2
+
+
+def test_submissions_get_distinct_numbers_when_recorded_concurrently(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    threads = [threading.Thread(target=run.add_submission, args=({"n": i, "jobs": []},)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(s["n"] for s in run.submissions()) == list(range(16))
+
+
+def test_a_video_is_committed_once(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    assert commit_video(run, "a/../b", frames, VideoConfig(), "job1.r0", None)
+    first = run.video_path("a/../b").read_bytes()
+    assert not commit_video(run, "a/../b", frames + 50, VideoConfig(), "job2.r0", None)
+    assert run.video_path("a/../b").read_bytes() == first  # the first commit stands
+    assert [p.name for p in (tmp_path / "videos").iterdir()] == [run.video_path("a/../b").name]
+
+
+def test_stale_running_attempts_are_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _run(tmp_path, ["a"])
+    _attempt(run, "job7.r0", "running", [("a", "started")], at=1.0)
+    monkeypatch.setattr(attempts, "slurm_final_state", lambda job_id: "CANCELLED")
+    attempts.reconcile_stale_attempts(run, 0, set(), "job8.r0")
+    assert run.metrics_rows(0)[0]["exit_reason"] == "cancelled"
