@@ -212,5 +212,31 @@ def test_stale_running_attempts_are_closed(tmp_path: Path, monkeypatch: pytest.M
     run = _run(tmp_path, ["a"])
     _attempt(run, "job7.r0", "running", [("a", "started")], at=1.0)
     monkeypatch.setattr(attempts, "slurm_final_state", lambda job_id: "CANCELLED")
+    run.add_submission(
+        {"submitted_at": 0.0, "jobs": [{"shard": 0, "job_id": "job7.r0", "executor": "slurm"}]}
+    )
     attempts.reconcile_stale_attempts(run, 0, set(), "job8.r0")
     assert run.metrics_rows(0)[0]["exit_reason"] == "cancelled"
+
+
+def test_sbatch_template_jobs_requeue_themselves_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hvbatch.batch import supervisor
+    from hvbatch.config import load_config, save_config
+
+    run = _run(tmp_path, ["a"])
+    save_config(load_config(overrides=["model=tiny"]), run.root / "config.yaml")
+    _attempt(run, "job42.r0", "running", [("a", "started")], at=time.time())
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(supervisor.subprocess, "run", lambda argv, **kw: calls.append(argv))
+    log = tmp_path / "job.err"
+    log.write_text("srun: error: node: task 1: Segmentation fault\n")
+    monkeypatch.setattr(supervisor, "Path", lambda _: log)  # the job's stderr
+    assert supervisor.finish_slurm_attempt(str(run.root), 139, [0], 0) == {0: "retry"}
+    assert calls == [["scontrol", "requeue", "42"]]
+    assert run.metrics_rows(0)[0]["exit_detail"] == "killed by SIGSEGV"

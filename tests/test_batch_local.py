@@ -47,9 +47,19 @@ def test_submit_runs_every_prompt_once(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_cancel_then_retry_finishes_exactly_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    argv = ["submit", str(EXAMPLE_PROMPTS), "--config", str(EXAMPLE_CONFIG), "--executor", "local",
-            "--run-dir", str(run_dir), "sampling.num_inference_steps=20",
-            "parallel.ulysses=4", "parallel.ring=2"]  # fmt: skip  (one group of 8: videos one at a time)
+    argv = [
+        "submit",
+        str(EXAMPLE_PROMPTS),
+        "--config",
+        str(EXAMPLE_CONFIG),
+        "--executor",
+        "local",
+        "--run-dir",
+        str(run_dir),
+        "sampling.num_inference_steps=20",
+        "parallel.ulysses=4",
+        "parallel.ring=2",
+    ]  # fmt: skip  (one group of 8: videos one at a time)
     assert main(argv) == 0
     deadline = time.time() + 240
     while not list((run_dir / "videos").glob("[!.]*.mp4")) and time.time() < deadline:
@@ -64,3 +74,5 @@ def test_cancel_then_retry_finishes_exactly_once(tmp_path: Path, capsys: pytest.
     assert status["counts"]["pending"] == 6 - status["counts"]["done"]  # nothing is left running
     assert main(["retry", str(run_dir), "--wait"]) == 0
     assert_every_video_done_once(run_dir, capsys)
+    reasons = [row["exit_reason"] for row in RunDir(run_dir).metrics_rows()]
+    assert reasons.count("cancelled") == 1 and reasons.count("completed") == 2  # 2 shards, one cut short

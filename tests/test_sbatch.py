@@ -190,12 +190,13 @@ def test_shards_selection_and_completed_runs(tmp_path: Path, capsys: pytest.Capt
     run = make_run(tmp_path / "run")
     out = tmp_path / "job.sbatch"
     assert sbatch_lines(render_cli(run, "array", out, "--shards", "1"))["--array"] == "1%256"
-    assert (
-        render_cli(run, "node", out, "--shards", "1")
-        .splitlines()[-1]
-        .endswith("run-shard " + str(run.root) + " 1")
-    )
-    assert render_cli(run, "multinode", out, "--shards", "1,0").splitlines()[-1].endswith(" 1 0")
+    node = render_cli(run, "node", out, "--shards", "1")
+    srun = next(line for line in node.splitlines() if line.startswith("srun "))
+    assert srun.endswith("run-shard " + str(run.root) + " 1")
+    finish = next(line for line in node.splitlines() if " finish " in line)  # after srun: retry or give up
+    assert finish.endswith(' "$status" "$log_offset" 1')
+    multinode = render_cli(run, "multinode", out, "--shards", "1,0")
+    assert next(line for line in multinode.splitlines() if line.startswith("srun ")).endswith(" 1 0")
     for bad in ("2", "-1", "0,0"):
         assert main(["sbatch", str(run.root), "--template", "node", "--shards", bad]) == 2
         assert "give distinct shard indices in 0..1" in capsys.readouterr().err
@@ -204,7 +205,8 @@ def test_shards_selection_and_completed_runs(tmp_path: Path, capsys: pytest.Capt
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"shard": 0, "videos": 2, "done": 2, "failed": 0}))
     assert sbatch_lines(render_cli(run, "array", out))["--array"] == "1%256"
-    assert render_cli(run, "node", out).splitlines()[-1].endswith(" 1")
+    node = render_cli(run, "node", out).splitlines()
+    assert next(line for line in node if line.startswith("srun ")).endswith(" 1")
     # A shard whose marker counts failed videos is rendered again and its marker removed (as retry
     # does), else the job would skip it.
     run.done_marker(1).write_text(json.dumps({"shard": 1, "videos": 4, "done": 3, "failed": 1}))

@@ -335,15 +335,33 @@ def finish_attempt(
     return fates
 
 
+def slurm_job_ids(run: RunDir) -> set[str]:
+    return {
+        str(record["job_id"])
+        for submission in run.submissions()
+        for record in submission["jobs"]
+        if record.get("executor") == "slurm"
+    }
+
+
 def reconcile_stale_attempts(run: RunDir, shard: int, live_job_ids: set[str], current_key: str) -> None:
     """Attempts still `running` whose job is gone (node failure, scancel, SIGKILL of the script)."""
+    slurm_ids: set[str] | None = None
     for row in run.metrics_rows(shard):
         if row["exit_reason"] != RUNNING or row["attempt_key"] == current_key:
             continue
         job_id = row["job_id"] or ""
         if job_id in live_job_ids and not current_key.startswith(f"job{job_id}."):
             continue
-        state = slurm_final_state(job_id) if job_id and not job_id.startswith("pid") else None
+        slurm_ids = slurm_job_ids(run) if slurm_ids is None else slurm_ids
+        state = slurm_final_state(job_id) if job_id in slurm_ids else None
         errors = rank_errors(run, row["attempt_key"])
         reason, detail = classify_exit(None, errors, state)
         set_exit_reason(run, shard, row["attempt_key"], reason, detail)
+
+
+def mark_cancelled(run: RunDir, job_ids: set[str]) -> None:
+    """`hvbatch cancel`: the running attempts of these jobs end as `cancelled`."""
+    for row in run.metrics_rows():
+        if row["exit_reason"] == RUNNING and str(row["job_id"]) in job_ids:
+            set_exit_reason(run, int(row["shard"]), row["attempt_key"], "cancelled", "hvbatch cancel")

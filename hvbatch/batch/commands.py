@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hvbatch.batch.attempts import reconcile_stale_attempts
+from hvbatch.batch.attempts import mark_cancelled, reconcile_stale_attempts
 from hvbatch.batch.launcher import resolve_executor, submit_shards
 from hvbatch.batch.prompts import read_prompts
 from hvbatch.batch.rundir import RunDir, write_json_atomic, write_parquet_atomic
@@ -228,6 +228,8 @@ def run_cancel(args: argparse.Namespace) -> int:
     live = live_states(records)
     slurm = sorted({r["job_id"] for r in records if r["executor"] == "slurm" and r["job_id"] in live})
     local = sorted({r["job_id"] for r in records if r["executor"] == "local" and r["job_id"] in live})
+    # First, so that a job script finishing after its srun is killed sees why and does not retry.
+    mark_cancelled(run, set(slurm) | set(local))
     if slurm:
         subprocess.run(["scancel", *slurm], check=False, timeout=60)
     for pid in local:
