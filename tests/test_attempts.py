@@ -240,3 +240,23 @@ def test_sbatch_template_jobs_requeue_themselves_after_a_crash(
     assert supervisor.finish_slurm_attempt(str(run.root), 139, [0], 0) == {0: "retry"}
     assert calls == [["scontrol", "requeue", "42"]]
     assert run.metrics_rows(0)[0]["exit_detail"] == "killed by SIGSEGV"
+
+
+def test_a_rank_without_progress_is_ended_by_its_watchdog(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from hvbatch.batch.job_support import Watchdog\n"
+        "from hvbatch.batch.rundir import RunDir\n"
+        f"Watchdog(0.5, RunDir({str(tmp_path)!r}), 'job1.r0', 3).start()\n"
+        "time.sleep(30)\n"
+    )
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == attempts.EXIT_STALLED and time.time() - started < 20
+    assert "no progress" in result.stderr and "Thread" in result.stderr  # the stacks are dumped
+    (error,) = attempts.rank_errors(RunDir(tmp_path), "job1.r0")
+    assert error["kind"] == "stalled" and error["rank"] == 3
+    assert classify_exit(attempts.EXIT_STALLED, [error])[0] == "stalled"
