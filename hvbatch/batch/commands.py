@@ -101,18 +101,28 @@ def create_run(run: RunDir, config: Config, prompts: Path, shards: list[pa.Table
     )
 
 
-def wait_for_run(run: RunDir, poll_s: float = 5.0, timeout_s: float | None = None) -> bool:
-    """Poll until every shard is complete or no job is alive; True when all shards are complete."""
+def wait_for_run(
+    run: RunDir, poll_s: float = 5.0, timeout_s: float | None = None, exit_grace_s: float = 120.0
+) -> bool:
+    """Poll until every shard is complete and its jobs have exited, or no job is alive.
+
+    True when all shards are complete. Jobs get `exit_grace_s` after the last marker to finish
+    writing metrics and exit, so that a `retry` right after `--wait` does not find them alive.
+    """
     start = time.time()
+    complete_since: float | None = None
     while True:
-        if len(run.completed_shards()) == run.num_shards():
-            return True
-        records = list(latest_jobs(run).values())
-        if not live_states(records) and time.time() - start > poll_s:
+        complete = len(run.completed_shards()) == run.num_shards()
+        live = live_states(list(latest_jobs(run).values()))
+        if complete:
+            complete_since = complete_since or time.time()
+            if not live or time.time() - complete_since > exit_grace_s:
+                return True
+        elif not live and time.time() - start > poll_s:
             return len(run.completed_shards()) == run.num_shards()
         if timeout_s is not None and time.time() - start > timeout_s:
-            return False
-        time.sleep(poll_s)
+            return complete
+        time.sleep(min(poll_s, 1.0) if complete else poll_s)
 
 
 def dry_run(config: Config, prompts: str | Path) -> int:
@@ -184,7 +194,11 @@ def run_retry(args: argparse.Namespace) -> int:
     config = load_config(run.root / "config.yaml")
     jobs = latest_jobs(run)
     live = live_states(list(jobs.values()))
-    todo = [s for s in unfinished_shards(run) if jobs.get(s, {}).get("job_id") not in live]
+    unfinished = unfinished_shards(run)
+    todo = [s for s in unfinished if jobs.get(s, {}).get("job_id") not in live]
+    busy = sorted(set(unfinished) - set(todo))
+    if busy:
+        print(f"run {run.root}: shards {busy} still have a queued or running job; retry them once it ends")
     if not todo:
         print(f"run {run.root}: nothing to retry (every shard is complete or still queued)")
         return 0

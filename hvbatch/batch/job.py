@@ -183,8 +183,8 @@ def _run_video(
     result = _agree_on_failure(ctx, _generate_one(ctx, video, video_faults))
     ctx.watchdog.touch()
     progress.seconds.append(result["seconds"])
-    progress.first_step_at = progress.first_step_at or result.pop("first_step_at")
-    result.pop("first_step_at", None)
+    first_step_at = result.pop("first_step_at", None)
+    progress.first_step_at = progress.first_step_at or first_step_at
     history.attempts = attempt
     if result["status"] == "committed-elsewhere":
         history.done = True

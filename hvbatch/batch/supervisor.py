@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvbatch.batch.attempts import finish_attempt, set_exit_reason
+from hvbatch.batch.attempts import backoff_seconds, finish_attempt, set_exit_reason, shard_attempts
 from hvbatch.batch.job_support import ATTEMPT_KEY_VAR, PROCESS_START, interruption_reason
 from hvbatch.batch.rundir import RunDir, write_json_exclusive
 from hvbatch.config import load_config
@@ -73,8 +73,6 @@ class LocalShardJob:
             waiting = [s for s, fate in fates.items() if fate == "retry"]
             if not waiting:
                 return {"shards": shards, "fates": fates}
-            from hvbatch.batch.attempts import backoff_seconds, shard_attempts
-
             delay = max(backoff_seconds(retry, len(shard_attempts(run, s))) for s in waiting)
             logger.warning(
                 "attempt %s failed; retrying shards %s in %.0f s", self.attempt_key, waiting, delay
