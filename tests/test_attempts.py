@@ -260,3 +260,15 @@ def test_a_rank_without_progress_is_ended_by_its_watchdog(tmp_path: Path) -> Non
     (error,) = attempts.rank_errors(RunDir(tmp_path), "job1.r0")
     assert error["kind"] == "stalled" and error["rank"] == 3
     assert classify_exit(attempts.EXIT_STALLED, [error])[0] == "stalled"
+
+
+def test_a_retry_reopens_videos_that_had_failed_for_good(tmp_path: Path) -> None:
+    run = _run(tmp_path, ["a"])
+    row = {name: None for name in MANIFEST_SCHEMA.names} | {
+        "video_id": "a", "status": "failed", "final": True, "attempt_key": "k1", "finished_at": 10.0,
+    }  # fmt: skip
+    write_parquet_atomic(run.manifest_part(0, "k1", 0), pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA))
+    assert attempts.mark_done_if_complete(run, 0, "1")  # a final failure completes the shard
+    run.add_submission({"submitted_at": 100.0, "jobs": [{"shard": 0, "job_id": "2", "executor": "local"}]})
+    assert not attempts.mark_done_if_complete(run, 0, "2")  # after `hvbatch retry` it is tried again
+    assert not video_histories(run, 0, None)["a"].final

@@ -145,15 +145,19 @@ def slurm_final_state(job_id: str) -> str | None:
     return out[-1].split()[0] if out else None
 
 
-def manual_reset_time(run: RunDir, shard: int) -> float:
-    """When the shard was last submitted by hand (submit or retry); counting starts there."""
-    reset = 0.0
+def manual_reset_times(run: RunDir) -> dict[int, float]:
+    """Per shard, when it was last submitted by hand (submit or retry); counting starts there."""
+    resets: dict[int, float] = {}
     for submission in run.submissions():
-        if submission.get("kind", "manual") != "manual":
-            continue
-        if any(int(record["shard"]) == shard for record in submission["jobs"]):
-            reset = max(reset, float(submission["submitted_at"]))
-    return reset
+        if submission.get("kind", "manual") == "manual":
+            for record in submission["jobs"]:
+                shard = int(record["shard"])
+                resets[shard] = max(resets.get(shard, 0.0), float(submission["submitted_at"]))
+    return resets
+
+
+def manual_reset_time(run: RunDir, shard: int) -> float:
+    return manual_reset_times(run).get(shard, 0.0)
 
 
 def shard_attempts(run: RunDir, shard: int) -> list[dict[str, Any]]:
@@ -246,8 +250,9 @@ def mark_done_if_complete(run: RunDir, shard: int, job_id: str) -> bool:
     videos = run.read_shard(shard)["video_id"].to_pylist()
     rows = run.manifest_rows(shard)
     done = set(rows.filter(pc.equal(rows["status"], "done"))["video_id"].to_pylist())
-    failed = rows.filter(pc.and_(pc.equal(rows["status"], "failed"), pc.equal(rows["final"], True)))
-    final = set(failed["video_id"].to_pylist()) - done
+    final_failed = pc.and_(pc.equal(rows["status"], "failed"), pc.equal(rows["final"], True))
+    current = pc.greater_equal(rows["finished_at"], manual_reset_time(run, shard))  # not before a retry
+    final = set(rows.filter(pc.and_(final_failed, current))["video_id"].to_pylist()) - done
     if not set(videos) <= done | final:
         return False
     write_json_atomic(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from hvbatch.batch.attempts import METRICS_SCHEMA, manual_reset_times
 from hvbatch.batch.rundir import RunDir
 
 MAX_TABLE_ROWS = 40
@@ -78,16 +79,6 @@ class RunSnapshot:
     def take(cls, run: RunDir) -> RunSnapshot:
         jobs = latest_jobs(run)
         return cls(run.manifest_rows(), jobs, live_states(list(jobs.values())))
-
-
-def manual_reset_times(run: RunDir) -> dict[int, float]:
-    """Per shard, when it was last submitted by hand (`hvbatch retry` gives failed videos new tries)."""
-    resets: dict[int, float] = {}
-    for submission in run.submissions():
-        if submission.get("kind", "manual") == "manual":
-            for record in submission["jobs"]:
-                resets[int(record["shard"])] = float(submission["submitted_at"])
-    return resets
 
 
 def video_table(run: RunDir, snapshot: RunSnapshot | None = None) -> pa.Table:
@@ -159,8 +150,6 @@ VIDEO_TABLE_SCHEMA = pa.schema(
 def shard_attempt_summary(run: RunDir) -> dict[int, dict[str, Any]]:
     """Per shard: number of job attempts and how the latest one ended (from the metrics parts)."""
     import pyarrow.dataset as ds
-
-    from hvbatch.batch.attempts import METRICS_SCHEMA
 
     folder = run.root / "metrics"
     parts = sorted(str(p) for p in folder.glob("shard-*.parquet")) if folder.is_dir() else []
