@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from hvbatch.config_checks import check_config, check_overrides, preset_problem
+
 DEFAULT_MODEL_PRESET = "hunyuan-video-t2v-720p"
 
 
@@ -303,12 +305,11 @@ def available_presets() -> list[str]:
 
 
 def _preset_yaml(name: str) -> DictConfig:
-    path = _preset_dir() / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(
-            f"unknown model preset {name!r}; available presets: {', '.join(available_presets())}"
-        )
-    loaded = OmegaConf.load(path)
+    """The preset's YAML; only names listed by `available_presets` are read, never a path."""
+    problem = preset_problem(name, available_presets())
+    if problem is not None:
+        raise ValueError(problem)
+    loaded = OmegaConf.load(_preset_dir() / f"{name}.yaml")
     assert isinstance(loaded, DictConfig)
     return loaded
 
@@ -323,7 +324,7 @@ def transformer_preset(name: str) -> TransformerConfig:
 
 
 def _split_model_override(overrides: list[str]) -> tuple[str | None, list[str]]:
-    """`model=<preset>` picks a preset; every other override is applied as a dotlist."""
+    """`model=<preset>` (or `model.name=<preset>`) picks a preset; the rest are applied as a dotlist."""
     preset = None
     rest = []
     for item in overrides:
@@ -334,11 +335,17 @@ def _split_model_override(overrides: list[str]) -> tuple[str | None, list[str]]:
             preset = value.strip()
         else:
             rest.append(item)
+            if key.strip() == "model.name":
+                preset = value.strip()
     return preset, rest
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build the resolved config: defaults, then preset, then `config_file`, then `overrides`."""
+    """Build the resolved config: defaults, then preset, then `config_file`, then `overrides`.
+
+    The result is checked once (`hvbatch.config_checks`): one ValueError lists every problem.
+    """
+    check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
     layers: list[Any] = [OmegaConf.structured(Config)]
     file_cfg = OmegaConf.load(config_file) if config_file is not None else OmegaConf.create()
@@ -353,7 +360,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         raise ValueError(f"invalid config override or file: {err}") from err
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)
-    config.model.transformer.validate()
+    check_config(config, available_presets())
     return config
 
 
