@@ -25,6 +25,25 @@ def test_slurm_environment() -> None:
     assert dist_env_from(env) == DistEnv(9, 16, 1, 8, "gpu-a01", 20000 + 1234)
 
 
+@pytest.mark.parametrize(
+    ("extra", "node_id", "local_world"),
+    [
+        ({"SLURM_TASKS_PER_NODE": "8(x2)"}, "1", 8),  # --nodes=2 --ntasks=16, no --ntasks-per-node
+        ({"SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, "1", 4),  # the step's
+        ({"SLURM_TASKS_PER_NODE": "6,5(x2)"}, "2", 5),  # uneven: this node's own count
+        ({"SLURM_TASKS_PER_NODE": "garbled"}, "0", 16),
+        ({}, "0", 16),
+    ],
+)
+def test_slurm_ranks_per_node_without_ntasks_per_node(
+    extra: dict[str, str], node_id: str, local_world: int
+) -> None:
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": node_id,
+           "SLURM_JOB_ID": "5", "MASTER_ADDR": "gpu-a01", **extra}  # fmt: skip
+    dist_env = dist_env_from(env)
+    assert dist_env is not None and dist_env.local_world_size == local_world
+
+
 def test_incomplete_environment_is_explained() -> None:
     with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT"):
         dist_env_from({"RANK": "0", "WORLD_SIZE": "2"})
