@@ -52,6 +52,22 @@ CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
 ENCODERS_HINT = "the text encoders need transformers: pip install 'hvbatch[encoders]'"
 
 
+# `from_pretrained(dtype=...)` exists since transformers 4.56, which deprecated `torch_dtype=`; older
+# versions (the extras allow >= 4.45) do not know `dtype=` and would load the weights in float32.
+DTYPE_KEYWORD_SINCE = "4.56"
+
+
+def dtype_keyword(transformers_version: str) -> str:
+    """The `from_pretrained` keyword that sets the weights' dtype on this transformers version."""
+    from packaging.version import Version
+
+    return (
+        "dtype"
+        if Version(transformers_version).release >= Version(DTYPE_KEYWORD_SINCE).release
+        else "torch_dtype"
+    )
+
+
 def _transformers() -> Any:
     try:
         import transformers
@@ -234,9 +250,10 @@ def load_text_encoder(
     )
     llm_dir = _require_folder(Path(llm_dir), "LLM text encoder", hint)
     clip_dir = _require_folder(Path(clip_dir), "CLIP text encoder", hint)
-    load = dict(local_files_only=True)
-    llm = transformers.AutoModel.from_pretrained(llm_dir, dtype=dtype, **load).to(device)
-    clip = transformers.CLIPTextModel.from_pretrained(clip_dir, dtype=dtype, **load).to(device)
+    load: dict[str, Any] = dict(local_files_only=True)
+    weights = {**load, dtype_keyword(transformers.__version__): dtype}
+    llm = transformers.AutoModel.from_pretrained(llm_dir, **weights).to(device)
+    clip = transformers.CLIPTextModel.from_pretrained(clip_dir, **weights).to(device)
     llm_tokenizer = transformers.AutoTokenizer.from_pretrained(llm_tokenizer_dir or llm_dir, **load)
     clip_tokenizer = transformers.AutoTokenizer.from_pretrained(clip_tokenizer_dir or clip_dir, **load)
     return HunyuanTextEncoder(llm, llm_tokenizer, clip, clip_tokenizer, settings or TextEncoderConfig())

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from hvbatch.config import TextEncoderConfig
-from hvbatch.text_encoders import IMAGE_TEMPLATE, VIDEO_TEMPLATE, load_text_encoder, tiny_text_encoder
+from hvbatch.text_encoders import (
+    IMAGE_TEMPLATE,
+    VIDEO_TEMPLATE,
+    dtype_keyword,
+    load_text_encoder,
+    tiny_text_encoder,
+)
 
 PROMPTS = ["a red fox jumps over a frozen creek at dawn", "rain"]
 
@@ -40,7 +46,9 @@ def _reference(root: Path, prompts: list[str], template: str, crop: int) -> tupl
         return_tensors="pt",
     )
     with torch.no_grad():
-        hidden = llm(**tokens, output_hidden_states=True).hidden_states[-3]
+        # Only ids and mask: older transformers' tokenizers also return token_type_ids, which Llama refuses.
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        hidden = llm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-3]
         clip_tokenizer = AutoTokenizer.from_pretrained(root / "text_encoder_2")
         clip = CLIPTextModel.from_pretrained(root / "text_encoder_2").eval()
         clip_tokens = clip_tokenizer(
@@ -118,3 +126,35 @@ def test_errors(tmp_path: Path) -> None:
         encoder.encode(["ok", "   "], num_frames=5)
     with pytest.raises(ValueError, match=r"LLM text encoder not found.*ckpts/text_encoder"):
         load_text_encoder(tmp_path / "nope", tmp_path / "nope2")
+
+
+@pytest.mark.parametrize(
+    ("version", "keyword"),
+    [
+        ("4.45.0", "torch_dtype"),  # the extras' lower bound
+        ("4.55.4", "torch_dtype"),
+        ("4.56.0.dev0", "dtype"),
+        ("4.56.0", "dtype"),
+        ("4.57.6", "dtype"),
+        ("5.0.0rc1", "dtype"),
+        ("5.24.0", "dtype"),
+    ],
+)
+def test_dtype_keyword_by_transformers_version(version: str, keyword: str) -> None:
+    assert dtype_keyword(version) == keyword
+
+
+@pytest.mark.parametrize("pretend_version", [None, "4.45.2"])
+def test_encoders_load_in_the_requested_dtype(
+    official_folders: Path, monkeypatch: pytest.MonkeyPatch, pretend_version: str | None
+) -> None:
+    """float16 weights with the installed version's keyword, and with the one older versions take."""
+    import transformers
+
+    if pretend_version is not None:
+        monkeypatch.setattr(transformers, "__version__", pretend_version)
+    encoder = load_text_encoder(
+        official_folders / "text_encoder", official_folders / "text_encoder_2", dtype=torch.float16
+    )
+    for module in (encoder.llm, encoder.clip):
+        assert {p.dtype for p in module.parameters()} == {torch.float16}
