@@ -127,6 +127,16 @@ class ModelConfig:
     """Dtype of both text encoders (the reference runs them in float16)."""
     vae_dtype: str = "float16"
     """Dtype of the VAE decoder (the reference decodes in float16)."""
+    attention: str = "auto"
+    """Attention kernel: auto (by GPU: FA3/FA4 when installed, else cuDNN on Hopper/Blackwell; flash on
+    Ampere/Ada; the default on CPU), default, cudnn, flash, efficient, math, fa3, fa4 or sage (FP8
+    attention, lossy). A kernel that cannot serve the device, dtype or shape falls back."""
+    compile: bool = False
+    """torch.compile each double and single block (regional). Off by default: turn it on on CUDA once
+    benchmarks/gpu_check.py shows it pays there; the first step of a run pays the compile time."""
+    quantize: str = "none"
+    """none, or fp8: quantize a bf16 checkpoint's block linears to float8_e4m3fn at load (per-row
+    scales) and run them as FP8 GEMMs; an official *_fp8.pt checkpoint runs as FP8 GEMMs either way."""
 
 
 @dataclass

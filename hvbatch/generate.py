@@ -103,6 +103,8 @@ def generate_on_this_rank(request: GenerateRequest) -> None:
         leader = env is None or env.rank == 0
         timings = Timings()
         pipeline = Pipeline.load(config, timings, device=device)
+        if leader:
+            print(f"attention: {pipeline.attention_backend}")
         if distributed:
             assert env is not None
             dims = generate_layout(config, env.world_size, env.local_world_size)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from hvbatch.config import Config, ModelConfig, SamplingConfig, torch_dtype
-from hvbatch.models import load_transformer, random_transformer
+from hvbatch.models import HunyuanVideoTransformer, load_transformer, random_transformer
+from hvbatch.models.runtime import configure_transformer
 from hvbatch.models.vae import AutoencoderKLCausal3D, VaeConfig
 from hvbatch.models.vae_loading import load_vae
 from hvbatch.models.vae_tiling import VaeTilingConfig
@@ -144,6 +145,8 @@ class Pipeline:
     ) -> None:
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.config, self.device = config, device
+        self.attention_backend = ""
+        """The attention kernel the transformer runs, in words (e.g. `cudnn (auto)`); set by `load`."""
 
     @classmethod
     def load(
@@ -153,7 +156,10 @@ class Pipeline:
         timings = timings or Timings()
         with timings.measure("load", device):
             transformer, vae, text_encoder = _load_components(config.model, device)
-        return cls(transformer, vae, text_encoder, config, device)
+            backend = configure_transformer(transformer, config.model, device)
+        pipeline = cls(transformer, vae, text_encoder, config, device)
+        pipeline.attention_backend = backend
+        return pipeline
 
     def encode(self, prompts: list[str], num_frames: int) -> EncodedPrompts:
         return self.text_encoder.encode(prompts, num_frames)
@@ -210,7 +216,7 @@ class Pipeline:
 
 def _load_components(
     model: ModelConfig, device: torch.device
-) -> tuple[torch.nn.Module, AutoencoderKLCausal3D, HunyuanTextEncoder]:
+) -> tuple[HunyuanVideoTransformer, AutoencoderKLCausal3D, HunyuanTextEncoder]:
     dtype = torch_dtype(model.dtype)
     if model.random_weights:
         seed = model.random_seed

@@ -5,17 +5,20 @@ Shapes: B batch, L tokens, H heads, D head dim. q, k, v and the output are `[B, 
 `AttentionFn` is the one seam through which sequence parallelism is applied from outside:
 the model calls `self.attention_fn(q, k, v, num_text_tokens=...)` and a parallel runner
 swaps that attribute for a Ulysses/Ring implementation. The model itself never masks:
-padded text tokens are dropped before attention (see `joint_attention`), so the default
-implementation is a single fused `scaled_dot_product_attention` call with no mask, which
-lets flash / cuDNN / memory-efficient kernels run on GPU.
+padded text tokens are dropped before attention (see `joint_attention`), so the single-device
+implementation is one fused call with no mask, run by the kernel `model.attention` selects
+(`hvbatch.models.attention_backends`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+
+from hvbatch.config import ModelConfig
+from hvbatch.models.attention_backends import AttentionBackend, choose_backend, device_info
 
 
 class AttentionFn(Protocol):
@@ -30,15 +33,35 @@ class AttentionFn(Protocol):
         ...
 
 
-def sdpa_attention(
-    q_BLHD: torch.Tensor, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor, *, num_text_tokens: int = 0
-) -> torch.Tensor:
-    """Single-device attention: one fused SDPA call, no mask, scale 1/sqrt(D)."""
-    del num_text_tokens
-    out_BHLD = F.scaled_dot_product_attention(
-        q_BLHD.transpose(1, 2), k_BLHD.transpose(1, 2), v_BLHD.transpose(1, 2)
+class LocalAttention:
+    """Single-device attention: one fused call of `backend`, no mask, scale 1/sqrt(D)."""
+
+    def __init__(self, backend: AttentionBackend) -> None:
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return f"LocalAttention({self.backend.name!r})"
+
+    def __call__(
+        self, q_BLHD: torch.Tensor, k_BLHD: torch.Tensor, v_BLHD: torch.Tensor, *, num_text_tokens: int = 0
+    ) -> torch.Tensor:
+        del num_text_tokens
+        out_BHLD = self.backend.attention(
+            q_BLHD.transpose(1, 2), k_BLHD.transpose(1, 2), v_BLHD.transpose(1, 2)
+        )
+        return out_BHLD.transpose(1, 2)
+
+
+sdpa_attention = LocalAttention(AttentionBackend("default"))
+"""torch's own SDPA dispatch: the model's attention until a backend is chosen."""
+
+
+def resolved_backend_name(model_config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The attention backend `model.attention` runs on `device` in `dtype`, e.g. `cudnn (auto)`."""
+    choice = choose_backend(
+        model_config.attention, device_info(device), dtype, model_config.transformer.head_dim
     )
-    return out_BHLD.transpose(1, 2)
+    return choice.describe()
 
 
 def joint_attention(
@@ -48,18 +71,18 @@ def joint_attention(
     v_BLHD: torch.Tensor,
     *,
     num_image_tokens: int,
-    text_lens: list[int],
+    text_lens: Sequence[int] | None,
 ) -> torch.Tensor:
     """Attention over `[image tokens ; text tokens]` where sample b has `text_lens[b]` valid text tokens.
 
     The text part of the sequence is `max(text_lens)` long (columns padded for every sample are
-    already dropped). When all samples have the same length there is no padding left and one
-    call covers the batch. Otherwise each sample attends over exactly its own valid tokens in a
-    call of its own; outputs at its padded text positions are zero and are never read by a
-    valid token.
+    already dropped). `text_lens=None` says every sample has them all valid: no padding is left
+    and one call covers the batch. Otherwise each sample attends over exactly its own valid
+    tokens in a call of its own; outputs at its padded text positions are zero and are never
+    read by a valid token.
     """
     num_text = q_BLHD.shape[1] - num_image_tokens
-    if all(n == num_text for n in text_lens):
+    if text_lens is None or all(n == num_text for n in text_lens):
         return attention_fn(q_BLHD, k_BLHD, v_BLHD, num_text_tokens=num_text)
     out_BLHD = torch.zeros_like(q_BLHD)
     for b, text_len in enumerate(text_lens):

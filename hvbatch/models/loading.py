@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from hvbatch.config import DEFAULT_MODEL_PRESET, TransformerConfig, transformer_preset
 from hvbatch.models.convert import config_from_diffusers, source_rule
-from hvbatch.models.fp8 import FP8_DTYPE, FP8Linear, swap_in_fp8_linears
+from hvbatch.models.fp8 import FP8_DTYPE, FP8Linear, enable_fp8_gemm, swap_in_fp8_linears
 from hvbatch.models.state_dict_check import report_mismatch
 from hvbatch.models.transformer import HunyuanVideoTransformer
 
@@ -358,6 +358,7 @@ def load_transformer(
     model.load_state_dict(state, strict=True, assign=True)
     del state
     _set_fp8_scales(model, source)
+    enable_fp8_gemm(model)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"tensors left unloaded: {leftover[:5]}"
     model.checkpoint_format = source.format_name

@@ -6,6 +6,8 @@ Shapes: B batch, L text tokens, H heads, D head dim; `text_lens[b]` valid tokens
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -25,7 +27,7 @@ class IndividualTokenRefinerBlock(nn.Module):
         self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio), activation="silu")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor, text_lens: list[int]) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor, text_lens: Sequence[int]) -> torch.Tensor:
         gate_msa, gate_mlp = self.adaLN_modulation(c_BD).chunk(2, dim=-1)
         qkv = self.self_attn_qkv(self.norm1(x_BLD))
         q, k, v = rearrange(qkv, "B L (K H D) -> K B L H D", K=3, H=self.num_heads)
@@ -42,7 +44,7 @@ class IndividualTokenRefiner(nn.Module):
             [IndividualTokenRefinerBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
         )
 
-    def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor, text_lens: list[int]) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, c_BD: torch.Tensor, text_lens: Sequence[int]) -> torch.Tensor:
         for block in self.blocks:
             x_BLD = block(x_BLD, c_BD, text_lens)
         return x_BLD
@@ -58,13 +60,9 @@ class SingleTokenRefiner(nn.Module):
         self.c_embedder = TextProjection(text_dim, hidden_size)
         self.individual_token_refiner = IndividualTokenRefiner(hidden_size, num_heads, mlp_ratio, depth)
 
-    def forward(self, text_BLC: torch.Tensor, t_B: torch.Tensor, text_lens: list[int]) -> torch.Tensor:
-        valid_BL = (
-            torch.arange(text_BLC.shape[1], device=text_BLC.device)[None]
-            < torch.tensor(text_lens, device=text_BLC.device)[:, None]
-        )
-        valid_BL1 = valid_BL[..., None].float()
-        pooled_BC = (text_BLC.float() * valid_BL1).sum(dim=1) / valid_BL1.sum(dim=1)
+    def forward(self, text_BLC: torch.Tensor, t_B: torch.Tensor, text_lens: Sequence[int]) -> torch.Tensor:
+        # Host-side lengths slice each sample: no length tensor is copied to the device.
+        pooled_BC = torch.stack([text_BLC[b, :n].float().mean(dim=0) for b, n in enumerate(text_lens)])
         c_BD = self.t_embedder(t_B) + self.c_embedder(pooled_BC.to(text_BLC.dtype))
         x_BLD = self.input_embedder(text_BLC)
         return self.individual_token_refiner(x_BLD, c_BD, text_lens)

@@ -11,6 +11,9 @@ between the stages without changing this file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -32,6 +35,7 @@ from hvbatch.models.layers import (
 from hvbatch.models.refiner import SingleTokenRefiner
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
+ROPE_CACHE_SIZE = 4
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,7 +80,7 @@ class MMDoubleStreamBlock(nn.Module):
         txt_BLD: torch.Tensor,
         vec_BD: torch.Tensor,
         rope: RopeTables,
-        text_lens: list[int],
+        text_lens: Sequence[int] | None,
         attention_fn: AttentionFn,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         img_mods = self.img_mod(vec_BD).chunk(6, dim=-1)
@@ -119,7 +123,7 @@ class MMSingleStreamBlock(nn.Module):
         vec_BD: torch.Tensor,
         num_image_tokens: int,
         rope: RopeTables,
-        text_lens: list[int],
+        text_lens: Sequence[int] | None,
         attention_fn: AttentionFn,
     ) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec_BD).chunk(3, dim=-1)
@@ -159,6 +163,28 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x_BLD), shift, scale))
 
 
+@dataclass(frozen=True)
+class TextLengths:
+    """Valid text tokens per sample, held on the host: read from the mask once per video.
+
+    Passing this instead of the mask tensor as `text_mask` keeps the forward free of host syncs.
+    """
+
+    lengths: tuple[int, ...]
+    padded_length: int
+    """Text tokens per sample in `text_states` (valid ones first, then padding)."""
+
+    @classmethod
+    def from_mask(cls, text_mask_BL: torch.Tensor | None, batch: int, length: int) -> TextLengths:
+        """Check the mask (right-padded, no empty sample) and count; this reads the mask on the host."""
+        return cls(tuple(valid_text_lengths(text_mask_BL, batch, length)), length)
+
+    @property
+    def uniform(self) -> Sequence[int] | None:
+        """`None` when every sample has the same length (one attention call serves the batch)."""
+        return None if len(set(self.lengths)) == 1 else self.lengths
+
+
 def valid_text_lengths(text_mask_BL: torch.Tensor | None, batch: int, length: int) -> list[int]:
     """Per-sample count of valid text tokens; the mask must be right-padded (ones, then zeros)."""
     if text_mask_BL is None:
@@ -181,6 +207,18 @@ def valid_text_lengths(text_mask_BL: torch.Tensor | None, batch: int, length: in
     return lens_list
 
 
+def text_lengths(text_mask: torch.Tensor | TextLengths | None, batch: int, length: int) -> TextLengths:
+    """`TextLengths` as is (checked against the batch), or read from a mask tensor (a host sync)."""
+    if not isinstance(text_mask, TextLengths):
+        return TextLengths.from_mask(text_mask, batch, length)
+    if len(text_mask.lengths) != batch or text_mask.padded_length != length:
+        raise ValueError(
+            f"text lengths were computed for batch {len(text_mask.lengths)} x {text_mask.padded_length} "
+            f"tokens, but text_states is {batch} x {length}: recompute them with TextLengths.from_mask"
+        )
+    return text_mask
+
+
 class HunyuanVideoTransformer(nn.Module):
     """`model(x, t, text_states, text_mask, text_states_2, guidance) -> velocity`, x `[B, C, T, H, W]`."""
 
@@ -189,6 +227,9 @@ class HunyuanVideoTransformer(nn.Module):
         config.validate()
         self.config = config
         self.attention_fn: AttentionFn = sdpa_attention
+        self._rope_cache: dict[tuple[tuple[int, int, int], torch.device], RopeTables] = {}
+        self.compiled_blocks = False
+        """Set by `hvbatch.models.compile.compile_blocks`."""
         hidden, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
         self.patch = (config.patch_size_t, config.patch_size, config.patch_size)
         self.img_in = PatchEmbed(self.patch, config.in_channels, hidden)
@@ -222,8 +263,16 @@ class HunyuanVideoTransformer(nn.Module):
             raise ValueError(f"latent sizes not divisible by the patch size: {', '.join(bad)}")
         return (sizes[0] // self.patch[0], sizes[1] // self.patch[1], sizes[2] // self.patch[2])
 
-    def rope(self, grid: tuple[int, int, int], device: torch.device) -> RopeTables:
-        return rope_frequencies(grid, list(self.config.rope_axes_dim), self.config.rope_theta, device)
+    def rope(self, grid: tuple[int, int, int], device: torch.device | str) -> RopeTables:
+        """RoPE tables of a token grid, built once per grid and device (every step of a video reuses them)."""
+        key = (grid, torch.device(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= ROPE_CACHE_SIZE:
+                self._rope_cache.pop(next(iter(self._rope_cache)))
+            self._rope_cache[key] = rope_frequencies(
+                grid, list(self.config.rope_axes_dim), self.config.rope_theta, device
+            )
+        return self._rope_cache[key]
 
     def embed_image(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
         return self.img_in(x_BCTHW.to(self.compute_dtype))
@@ -257,24 +306,32 @@ class HunyuanVideoTransformer(nn.Module):
         rope: RopeTables,
         t: torch.Tensor,
         text_states: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        text_mask: torch.Tensor | TextLengths | None,
         text_states_2: torch.Tensor,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Image tokens (all of them, or this rank's shard) -> final-layer outputs for those tokens."""
+        """Image tokens (all of them, or this rank's shard) -> final-layer outputs for those tokens.
+
+        With `text_mask` given as `TextLengths` (the sampler does), nothing here waits for the device.
+        """
         batch, text_len = text_states.shape[:2]
-        text_lens = valid_text_lengths(text_mask, batch, text_len)
+        lengths = text_lengths(text_mask, batch, text_len)
         t_B = t.float().reshape(-1).expand(batch)
         guidance_B = None if guidance is None else guidance.reshape(-1).expand(batch)
         vec_BD = self.conditioning(t_B, text_states_2, guidance_B)
         # Text columns padded in every sample carry nothing a valid token may see: drop them.
-        txt = text_states[:, : max(text_lens)].to(self.compute_dtype)
-        txt_BLD = self.txt_in(txt, t_B, text_lens)
+        txt = text_states[:, : max(lengths.lengths)].to(self.compute_dtype)
+        txt_BLD = self.txt_in(txt, t_B, lengths.lengths)
+        if self.compiled_blocks:  # one compiled graph for every prompt length
+            torch._dynamo.maybe_mark_dynamic(txt_BLD, 1)
         rope = (rope[0].to(img_BLD.device), rope[1].to(img_BLD.device))
+        text_lens = lengths.uniform
         for block in self.double_blocks:
             img_BLD, txt_BLD = block(img_BLD, txt_BLD, vec_BD, rope, text_lens, self.attention_fn)
         num_image_tokens = img_BLD.shape[1]
         x_BLD = torch.cat([img_BLD, txt_BLD], dim=1)
+        if self.compiled_blocks:
+            torch._dynamo.maybe_mark_dynamic(x_BLD, 1)
         for block in self.single_blocks:
             x_BLD = block(x_BLD, vec_BD, num_image_tokens, rope, text_lens, self.attention_fn)
         return self.final_layer(x_BLD[:, :num_image_tokens], vec_BD)
@@ -284,7 +341,7 @@ class HunyuanVideoTransformer(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         text_states: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        text_mask: torch.Tensor | TextLengths | None,
         text_states_2: torch.Tensor,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -17,6 +17,10 @@ of the padded sequence) followed by the valid text tokens, which every rank hold
    valid output, and no mask is built.
 3. The image output goes back with the reverse all-to-all; the text output (the same on every
    ring rank, because its block results are merged in a fixed order) is all-gathered over heads.
+
+With ring degree 1 there is one image block: the text keys join the valid image keys in a single
+plain attention call (no log-sum-exp, no merge). The kernel is the model's: `backend` (default:
+what `model.attention=auto` picks for the device and dtype of the first call).
 """
 
 from __future__ import annotations
@@ -27,31 +31,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hvbatch.models.attention_backends import AttentionBackend, backend_for
 from hvbatch.parallel.dims import ParallelGroups
+
+DEFAULT_BACKEND = AttentionBackend("default")
 
 
 def attention_with_lse(
-    q_BHLD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor
+    q_BHLD: torch.Tensor,
+    k_BHLD: torch.Tensor,
+    v_BHLD: torch.Tensor,
+    backend: AttentionBackend = DEFAULT_BACKEND,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention returning `(out [B, H, L, D], logsumexp [B, H, L] float32)`."""
-    if q_BHLD.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_BHLD, k_BHLD, v_BHLD, 0.0, False
-        )[:2]
-        return out, lse.float()
-    if q_BHLD.device.type == "cuda":
-        if q_BHLD.dtype in (torch.float16, torch.bfloat16):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q_BHLD, k_BHLD, v_BHLD, 0.0, False)[
-                :2
-            ]
-        else:
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q_BHLD, k_BHLD, v_BHLD, None, True
-            )[:2]
-        return out, lse[..., : q_BHLD.shape[2]].float()
-    scores = (q_BHLD.float() @ k_BHLD.float().transpose(-1, -2)) * q_BHLD.shape[-1] ** -0.5
-    lse = torch.logsumexp(scores, dim=-1)
-    return (torch.softmax(scores, dim=-1) @ v_BHLD.float()).to(q_BHLD.dtype), lse
+    """Fused attention returning `(out [B, H, L, D], logsumexp [B, H, L] float32)` via `backend`."""
+    return backend.attention_with_lse(q_BHLD, k_BHLD, v_BHLD)
 
 
 def merge_blocks(
@@ -85,11 +78,17 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class USPAttention:
     """The sequence-parallel `AttentionFn`; `set_sequence` tells it the current token layout."""
 
-    def __init__(self, groups: ParallelGroups) -> None:
+    def __init__(self, groups: ParallelGroups, backend: AttentionBackend | None = None) -> None:
         self.groups = groups
+        self.backend = backend
         self.stats = CommStats()
         self.num_image_tokens = 0
         self.shard_len = 0
+
+    def _backend(self, q: torch.Tensor) -> AttentionBackend:
+        if self.backend is None:
+            self.backend = backend_for("auto", q.device, q.dtype, q.shape[-1])
+        return self.backend
 
     def set_sequence(self, num_image_tokens: int, shard_len: int) -> None:
         """Valid image tokens of the whole video, and image tokens per rank (padded)."""
@@ -134,7 +133,7 @@ class USPAttention:
         r, my_index = self.groups.dims.ring, self.groups.ring_ranks.index(self.groups.rank)
         parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         if text_kv is not None:
-            out_t, lse_t = attention_with_lse(q_BHLD, *text_kv)
+            out_t, lse_t = attention_with_lse(q_BHLD, *text_kv, self._backend(q_BHLD))
             parts.append((-1, out_t, lse_t))  # the text block sorts first
         current = kv_2BHLD.contiguous()
         for step in range(r):
@@ -153,7 +152,8 @@ class USPAttention:
             owner = (my_index - step) % r
             valid = self._valid_in_block(owner)
             if valid > 0:
-                out_b, lse_b = attention_with_lse(q_BHLD, current[0][:, :, :valid], current[1][:, :, :valid])
+                k_b, v_b = current[0][:, :, :valid], current[1][:, :, :valid]
+                out_b, lse_b = attention_with_lse(q_BHLD, k_b, v_b, self._backend(q_BHLD))
                 parts.append((owner, out_b, lse_b))
             if pending is not None:
                 for request in pending:
@@ -176,8 +176,10 @@ class USPAttention:
         text_kv = None
         if num_text_tokens:
             text_kv = (k[:, shard:, head_slice].transpose(1, 2), v[:, shard:, head_slice].transpose(1, 2))
-        parts = self._ring(q_all, kv_img, text_kv)
         img_len = u * shard
+        if dims.ring == 1:
+            return self._joint_call(q_all, kv_img, text_kv, img_len, q.dtype)
+        parts = self._ring(q_all, kv_img, text_kv)
         out, lse = None, None
         for _, out_b, lse_b in parts:  # image queries: any order
             out, lse = merge_blocks(out, lse, out_b[:, :, :img_len], lse_b[:, :, :img_len])
@@ -190,6 +192,26 @@ class USPAttention:
             txt, txt_lse = merge_blocks(txt, txt_lse, out_b[:, :, img_len:], lse_b[:, :, img_len:])
         assert txt is not None
         return torch.cat([img_out, self._gather_heads(txt.to(q.dtype).transpose(1, 2))], dim=1)
+
+    def _joint_call(
+        self,
+        q_BHLD: torch.Tensor,
+        kv_2BHLD: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        img_len: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Ring degree 1: valid image keys and text keys in one call, no log-sum-exp merge."""
+        valid = self._valid_in_block(0)
+        k_BHSD, v_BHSD = kv_2BHLD[0][:, :, :valid], kv_2BHLD[1][:, :, :valid]
+        if text_kv is not None:
+            k_BHSD = torch.cat([k_BHSD, text_kv[0]], dim=2)
+            v_BHSD = torch.cat([v_BHSD, text_kv[1]], dim=2)
+        out_BLHD = self._backend(q_BHLD).attention(q_BHLD, k_BHSD, v_BHSD).to(dtype).transpose(1, 2)
+        img_out = self._heads_to_seq(out_BLHD[:, :img_len])
+        if text_kv is None:
+            return img_out
+        return torch.cat([img_out, self._gather_heads(out_BLHD[:, img_len:])], dim=1)
 
     def _gather_heads(self, txt_BTHD: torch.Tensor) -> torch.Tensor:
         """`[B, T, H/u, D]` from each Ulysses rank -> `[B, T, H, D]` on all of them."""

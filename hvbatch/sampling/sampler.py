@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hvbatch.config import SamplingConfig
+from hvbatch.models.transformer import TextLengths
 from hvbatch.sampling.scheduler import euler_step, flow_match_schedule
 
 VAE_TEMPORAL_RATIO = 4
@@ -31,7 +32,7 @@ class VelocityModel(Protocol):
         x: torch.Tensor,
         t: torch.Tensor,
         text_states: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        text_mask: torch.Tensor | TextLengths | None,
         text_states_2: torch.Tensor,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
@@ -131,30 +132,36 @@ def denoise(
     negative: TextConditioning | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Run the Euler loop from `noise` `[B, C, T, Hh, Ww]` (sigma 1) to clean latents (sigma 0), float32."""
+    """Run the Euler loop from `noise` `[B, C, T, Hh, Ww]` (sigma 1) to clean latents (sigma 0), float32.
+
+    Everything the steps share is prepared once here (text lengths read from the mask, sigmas as
+    Python floats, timesteps and guidance on the device), so a step never waits for the device.
+    """
     use_cfg = sampling.cfg_scale > 1.0
     if use_cfg and negative is None:
         raise ValueError(f"cfg_scale={sampling.cfg_scale} > 1 needs a negative-prompt conditioning")
     schedule = flow_match_schedule(sampling.num_inference_steps, sampling.flow_shift)
     model_cond = stack_conditionings(negative, cond) if use_cfg and negative is not None else cond
-    batch = model_cond.text_states.shape[0]
+    batch, text_len = model_cond.text_states.shape[:2]
+    lengths = TextLengths.from_mask(model_cond.text_mask, batch, text_len)
     guidance = embedded_guidance(sampling.guidance_scale, batch, model.compute_dtype, noise.device)
+    sigmas = [float(s) for s in schedule.sigmas.tolist()]
+    timesteps_N = schedule.timesteps.to(noise.device)
     latents = noise.float()
     for i in range(schedule.num_steps):
         x = torch.cat([latents, latents]) if use_cfg else latents
-        t = schedule.timesteps[i].expand(batch).to(noise.device)
         velocity = model(
             x.to(model.compute_dtype),
-            t,
+            timesteps_N[i].expand(batch),
             model_cond.text_states,
-            model_cond.text_mask,
+            lengths,
             model_cond.text_states_2,
             guidance=guidance,
         ).float()
         if use_cfg:
             uncond, conditional = velocity.chunk(2)
             velocity = uncond + sampling.cfg_scale * (conditional - uncond)
-        latents = euler_step(latents, velocity, schedule.sigmas[i].item(), schedule.sigmas[i + 1].item())
+        latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
         if on_step is not None:
             on_step(i + 1, schedule.num_steps)
     return latents
