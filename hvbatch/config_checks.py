@@ -162,8 +162,8 @@ def one_line_problems(key: str, value: Any, reason: str = SCRIPT_REASON) -> list
         if match is None:
             return []
         return [
-            f"{key}={value!r} contains the control character {match.group()!r} (line breaks, tabs and "
-            f"other characters below 32 or in 127..159 are refused: {reason})"
+            f"{key}={value!r} contains a line break or control character ({match.group()!r}; every "
+            f"character below 32 or in 127..159 is refused): {reason}"
         ]
     if isinstance(value, list):
         return [p for i, item in enumerate(value) for p in one_line_problems(f"{key}[{i}]", item, reason)]
@@ -182,7 +182,7 @@ def name_problems(config: Any) -> list[str]:
     for name in config.slurm.additional_parameters or {}:
         if not SBATCH_OPTION.match(str(name)):
             problems.append(
-                f"slurm.additional_parameters key {str(name)!r} is not an sbatch option name: use "
+                f"slurm.additional_parameters key {str(name)!r} is not a valid sbatch option name: use "
                 "letters, digits, '-' and '_', starting with a letter (e.g. reservation, mail_user)"
             )
     for name in config.parallel.nccl_env or {}:
@@ -222,6 +222,12 @@ def cross_field_problems(config: Any) -> list[str]:
     if retry.max_backoff_s < retry.backoff_s:
         problems.append(
             f"retry.max_backoff_s={retry.max_backoff_s!r} must be >= retry.backoff_s={retry.backoff_s!r}"
+        )
+    interval, peer = getattr(retry, "heartbeat_interval_s", None), getattr(retry, "peer_timeout_s", None)
+    if interval is not None and peer is not None and 0 < peer <= interval:
+        problems.append(
+            f"retry.peer_timeout_s={peer!r} must be > retry.heartbeat_interval_s={interval!r} "
+            "(else a live peer looks dead)"
         )
     vae = config.vae
     for tile_key, overlap_key in (

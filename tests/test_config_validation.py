@@ -33,10 +33,10 @@ def test_every_shipped_yaml_loads() -> None:
 
 def test_newline_in_partition_is_refused_from_a_file_and_an_override(tmp_path: Path) -> None:
     path = _yaml(tmp_path, 'slurm:\n  partition: "gpu\\nrm -rf /"\n')
-    with pytest.raises(ValueError, match=r"slurm\.partition='gpu\\nrm -rf /' contains the control"):
+    with pytest.raises(ValueError, match=r"slurm\.partition='gpu\\nrm -rf /' contains a line break"):
         load_config(path)
     # On the command line the YAML parser would fold the line break into a space: refused before.
-    with pytest.raises(ValueError, match=r"override slurm\.partition='gpu\\nrm -rf /' contains the control"):
+    with pytest.raises(ValueError, match=r"override slurm\.partition='gpu\\nrm -rf /' contains a line"):
         load_config(overrides=["model=tiny", "slurm.partition=gpu\nrm -rf /"])
 
 
@@ -59,12 +59,12 @@ def test_submit_refuses_newline_in_partition_and_writes_nothing(
             'slurm:\n  setup: ["module load cuda", "echo a\\necho b"]\n',
             r"slurm\.setup\[1\]='echo a\\necho b'",
         ),
-        ('slurm:\n  setup: ["echo \\e[31m"]\n', r"slurm\.setup\[0\]=.*control character '\\x1b'"),
-        ('slurm:\n  setup: ["echo \\x85"]\n', r"slurm\.setup\[0\]=.*control character '\\x85'"),
-        ('slurm:\n  setup: ["echo\\tx"]\n', r"slurm\.setup\[0\]=.*control character '\\t'"),
+        ('slurm:\n  setup: ["echo \\e[31m"]\n', r"slurm\.setup\[0\]=.*control character \('\\x1b'"),
+        ('slurm:\n  setup: ["echo \\x85"]\n', r"slurm\.setup\[0\]=.*control character \('\\x85'"),
+        ('slurm:\n  setup: ["echo\\tx"]\n', r"slurm\.setup\[0\]=.*control character \('\\t'"),
         ('slurm:\n  additional_parameters: {"mail\\nuser": x}\n', r"slurm\.additional_parameters key="),
-        ("slurm:\n  additional_parameters: {mail user: x}\n", r"key 'mail user' is not an sbatch option"),
-        ("slurm:\n  additional_parameters: {--begin: now}\n", r"key '--begin' is not an sbatch option"),
+        ("slurm:\n  additional_parameters: {mail user: x}\n", r"key 'mail user' is not a valid sbatch"),
+        ("slurm:\n  additional_parameters: {--begin: now}\n", r"key '--begin' is not a valid sbatch option"),
         ('slurm:\n  additional_parameters: {begin: "now\\r"}\n', r"slurm\.additional_parameters\.begin="),
         ('slurm:\n  account: "a\\x00b"\n', r"slurm\.account='a\\x00b' contains"),
         ('slurm:\n  constraint: "h100\\x7f"\n', r"slurm\.constraint=.*'\\x7f'"),
@@ -98,7 +98,6 @@ def test_safe_slurm_settings_load(tmp_path: Path) -> None:
         ("retry.max_backoff_s=5", "retry.max_backoff_s=5.0 must be >= retry.backoff_s=60.0"),
         ("retry.signal_delay_s=-5", "retry.signal_delay_s=-5 must be >= 0"),
         ("retry.max_walltime_requeues=-1", "retry.max_walltime_requeues=-1 must be >= 0"),
-        ("retry.resync_timeout_s=0", "retry.resync_timeout_s=0.0 must be > 0"),
         ("retry.stall_timeout_s=-3", "retry.stall_timeout_s=-3.0 must be > 0"),
         ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
         ("parallel.gpu_memory_gib=0", "parallel.gpu_memory_gib=0.0 must be > 0"),
@@ -177,15 +176,28 @@ def test_fields_added_later_are_checked_by_their_name() -> None:
     assert bound_for("batch.some_new_timeout_s") == POSITIVE
     extended = dataclasses.make_dataclass(
         "ExtendedRetry",
-        [("peer_timeout_s", float, 0.0), ("heartbeat_interval_s", float, -1.0), ("grace_s", float, -2.0)],
+        [("probe_timeout_s", float, 0.0), ("probe_interval_s", float, -1.0), ("probe_grace_s", float, -2.0)],
         bases=(RetryConfig,),
     )
     config = load_config(overrides=["model=tiny"])
     config.retry = extended()
     assert config_problems(config, available_presets()) == [
-        "retry.peer_timeout_s=0.0 must be > 0",
-        "retry.heartbeat_interval_s=-1.0 must be > 0",
-        "retry.grace_s=-2.0 must be >= 0",
+        "retry.probe_timeout_s=0.0 must be > 0",
+        "retry.probe_interval_s=-1.0 must be > 0",
+        "retry.probe_grace_s=-2.0 must be >= 0",
+    ]
+
+
+def test_peer_timeout_must_exceed_the_heartbeat_interval() -> None:
+    heartbeats = dataclasses.make_dataclass(
+        "HeartbeatRetry",
+        [("heartbeat_interval_s", float, 10.0), ("peer_timeout_s", float, 5.0)],
+        bases=(RetryConfig,),
+    )
+    config = load_config(overrides=["model=tiny"])
+    config.retry = heartbeats()
+    assert config_problems(config, available_presets()) == [
+        "retry.peer_timeout_s=5.0 must be > retry.heartbeat_interval_s=10.0 (else a live peer looks dead)"
     ]
 
 
