@@ -109,6 +109,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.text_encoder_dtype": DTYPES,
     "model.vae_dtype": DTYPES,
     "video.preset": tuple(X264_PRESETS.split()),
+    # As hvbatch.models.attention_backends.BACKEND_CHOICES (a test keeps the two equal).
+    "model.attention": ("auto", "default", "cudnn", "flash", "efficient", "math", "fa3", "fa4", "sage"),
+    "model.quantize": ("none", "fp8"),
 }
 PARALLEL_MODES = ("throughput", "latency")
 # Sections whose strings go into job scripts or the job's environment.

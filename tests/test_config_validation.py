@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hvbatch.config import RetryConfig, available_presets, load_config
-from hvbatch.config_checks import POSITIVE, bound_for, config_problems
+from hvbatch.config_checks import CHOICES, POSITIVE, bound_for, config_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BATCH = ROOT / "configs" / "examples" / "tiny-batch.yaml"
@@ -134,12 +134,20 @@ def test_safe_slurm_settings_load(tmp_path: Path) -> None:
         ("vae.tile_latent_overlap=20", "vae.tile_latent_overlap=20 must be in 0..vae.tile_latent_size / 2"),
         ("model.dtype=float8", "model.dtype='float8' is not one of bfloat16, float16, float32"),
         ("device=gpu", "device='gpu' is not one of auto, cpu, cuda, cuda:N"),
+        ("model.attention=flash2", "model.attention='flash2' is not one of auto, default, cudnn"),
+        ("model.quantize=int8", "model.quantize='int8' is not one of none, fp8"),
     ],
 )
 def test_out_of_range_values_are_named(override: str, message: str) -> None:
     with pytest.raises(ValueError, match="invalid config") as err:
         load_config(overrides=["model=tiny", override])
     assert message in str(err.value)
+
+
+def test_attention_choices_match_the_backends() -> None:
+    from hvbatch.models.attention_backends import BACKEND_CHOICES
+
+    assert CHOICES["model.attention"] == BACKEND_CHOICES
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:3"])
