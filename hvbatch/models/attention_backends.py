@@ -28,6 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKEND_CHOICES = ("auto", "default", "cudnn", "flash", "efficient", "math", "fa3", "fa4", "sage")
 EXTERNAL_MODULES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute", "sage": "sageattention"}
+INSTALL_HINTS = {
+    "fa3": "build FlashAttention-3 from flash-attention/hopper (no PyPI wheel)",
+    "fa4": "pip install 'hvbatch[fa4]'",
+    "sage": "pip install 'hvbatch[sage]'",
+}
 _SDPA_KINDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -74,7 +79,7 @@ def cannot_serve(name: str, info: DeviceInfo, dtype: torch.dtype, head_dim: int)
         return None if name in ("flash", "math") else f"{name} needs a CUDA GPU"
     cap = info.capability or (0, 0)
     if name in EXTERNAL_MODULES and name not in info.installed:
-        return f"{name} is not installed (pip install 'hvbatch[{name}]')"
+        return f"{name} is not installed ({INSTALL_HINTS[name]})"
     if name in ("cudnn", "flash", "fa3", "fa4", "sage") and dtype not in _HALF:
         return f"{name} needs float16 or bfloat16, not {dtype}"
     needs = {"cudnn": (8, 0), "flash": (8, 0), "fa3": (9, 0), "fa4": (9, 0), "sage": (8, 0)}
