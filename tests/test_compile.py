@@ -6,17 +6,22 @@ once per module, shared by the compile tests.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 from hvbatch.config import SamplingConfig, transformer_preset
 from hvbatch.models import HunyuanVideoTransformer, random_transformer
 from hvbatch.models.runtime import compile_blocks
 from hvbatch.models.transformer import TextLengths
+from hvbatch.parallel.dims import ParallelDims, build_groups
+from hvbatch.parallel.runner import SequenceParallelTransformer
 from hvbatch.sampling import denoise
 from tests.helpers import rel_err
 from tests.parallel_worker import LATENT_SHAPE, conditioning, initial_noise
@@ -125,3 +130,28 @@ def test_no_graph_breaks_and_no_recompiles(
     # at most one recompile is allowed across prompts; none happens.
     assert backend.graphs <= 2 + 1, backend.graphs
     assert backend.graphs == 2
+
+
+def test_compiled_blocks_under_sequence_parallelism() -> None:
+    """The USP attention runs eagerly inside compiled blocks; the output equals the eager model's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=60)
+    )
+    try:
+        eager = random_transformer(transformer_preset("tiny"), seed=0)
+        model = random_transformer(transformer_preset("tiny"), seed=0)
+        compile_blocks(model, backend="aot_eager")
+        groups = build_groups(ParallelDims(dp=1, ulysses=1, ring=1, world_size=1), 0)
+        runner = SequenceParallelTransformer(model, groups)
+        cond = conditioning(1, 9)
+        lengths = TextLengths.from_mask(cond.text_mask, 1, cond.text_states.shape[1])
+        args = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), cond.text_states, lengths)
+        with torch.no_grad():
+            got = runner(*args, cond.text_states_2, guidance=torch.tensor([6016.0]))  # type: ignore[arg-type]
+            expected = eager(*args, cond.text_states_2, guidance=torch.tensor([6016.0]))
+    finally:
+        dist.destroy_process_group()
+    assert rel_err(got, expected) < 1e-5

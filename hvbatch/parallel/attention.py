@@ -161,6 +161,8 @@ class USPAttention:
                 current = incoming
         return parts
 
+    # Inside compiled blocks (model.compile) the collectives run eagerly: dynamo stops here.
+    @torch.compiler.disable
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text_tokens: int = 0
     ) -> torch.Tensor:
