@@ -1,10 +1,12 @@
 """Forward time of hvbatch's transformer vs diffusers' on the same weights, mid-size config, CPU.
 
-    python benchmarks/transformer_cpu.py [--repeats 5]
+    python benchmarks/transformer_cpu.py [--repeats 5] [--compiled] [--fp8]
 
 Prints ms per forward for each and the ratio diffusers/ours (> 1 means ours is faster), for
 batch 1 (padded text, as every real prompt is) and batch 2 with different text lengths
-(true CFG: negative and positive prompt in one batch).
+(true CFG: negative and positive prompt in one batch). Ours gets the text lengths once, as the
+sampler passes them (`TextLengths`). `--compiled` also times ours with compiled blocks
+(inductor; the compile itself is in the warm-up), `--fp8` with FP8 block linears (`_scaled_mm`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from hvbatch.models import load_transformer
+from hvbatch.models import HunyuanVideoTransformer, load_transformer
+from hvbatch.models.fp8 import quantize_model_fp8
+from hvbatch.models.runtime import compile_blocks
+from hvbatch.models.transformer import TextLengths
 
 MID_SIZE = {
     "num_attention_heads": 8,
@@ -32,7 +38,7 @@ MID_SIZE = {
 }
 
 
-def _time_ms(fn, repeats: int) -> float:
+def _time_ms(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -57,23 +63,34 @@ def _inputs(batch: int, text_lens: list[int]) -> dict[str, torch.Tensor]:
     }
 
 
+def _ours(model: HunyuanVideoTransformer, x: dict[str, torch.Tensor]) -> Callable[[], object]:
+    lengths = TextLengths.from_mask(x["mask"], *x["mask"].shape)
+    return lambda: model(x["x"], x["t"], x["text"], lengths, x["pooled"], guidance=x["guidance"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compiled", action="store_true", help="also time ours with compiled blocks")
+    parser.add_argument("--fp8", action="store_true", help="also time ours with FP8 block linears")
     args = parser.parse_args()
     torch.manual_seed(0)
     reference = HunyuanVideoTransformer3DModel(**MID_SIZE).eval()
+    variants: dict[str, HunyuanVideoTransformer] = {}
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(Path(tmp) / "transformer")
         ours = load_transformer(Path(tmp) / "transformer", dtype=torch.float32)
+        if args.compiled:
+            variants["compiled"] = load_transformer(Path(tmp) / "transformer", dtype=torch.float32)
+            compile_blocks(variants["compiled"])
+        if args.fp8:
+            variants["fp8"] = load_transformer(Path(tmp) / "transformer", dtype=torch.float32)
+            quantize_model_fp8(variants["fp8"])
     print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
     for label, batch, lens in (("batch 1, 90/256 text tokens", 1, [90]), ("batch 2, 40 and 90", 2, [40, 90])):
         x = _inputs(batch, lens)
         with torch.no_grad():
-            ms_ours = _time_ms(
-                lambda x=x: ours(x["x"], x["t"], x["text"], x["mask"], x["pooled"], guidance=x["guidance"]),
-                args.repeats,
-            )
+            ms_ours = _time_ms(_ours(ours, x), args.repeats)
             ms_ref = _time_ms(
                 lambda x=x: reference(
                     hidden_states=x["x"],
@@ -85,9 +102,13 @@ def main() -> None:
                 ),
                 args.repeats,
             )
+            extra = {name: _time_ms(_ours(model, x), args.repeats) for name, model in variants.items()}
         print(
             f"{label}: hvbatch {ms_ours:.1f} ms, diffusers {ms_ref:.1f} ms, "
             f"diffusers/hvbatch = {ms_ref / ms_ours:.2f}x"
+            + "".join(
+                f"; hvbatch {name} {ms:.1f} ms ({ms_ours / ms:.2f}x eager)" for name, ms in extra.items()
+            )
         )
 
 

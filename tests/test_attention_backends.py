@@ -60,6 +60,8 @@ CASES = [
     (H100_ALL, BF16, 128, "sage", "sage", False),
     (H100_ALL, BF16, 128, "fa4", "fa4", False),
     (H100_ALL, torch.float16, 128, "efficient", "efficient", False),
+    (A100, torch.float16, 128, "auto", "flash", False),
+    (A100, torch.float16, 256, "cudnn", "flash", True),
     (B200, BF16, 128, "auto", "cudnn", False),
     (B200_FA, BF16, 128, "auto", "fa4", False),
     (B200_FA, BF16, 128, "fa3", "fa4", True),
@@ -73,6 +75,25 @@ def test_backend_choice(
     choice = choose_backend(requested, info, dtype, head_dim)
     assert choice.name == expected
     assert bool(choice.reason) == falls_back, choice.reason
+
+
+@pytest.mark.parametrize(
+    ("info", "dtype", "head_dim", "expected"),
+    [
+        (H100, BF16, 128, "cudnn"),
+        (H100_ALL, BF16, 128, "cudnn"),  # fa3 is preferred but gives the LSE itself; sage has none
+        (B200_FA, BF16, 128, "cudnn"),
+        (A100, BF16, 128, "flash"),
+        (A100, torch.float16, 256, "flash"),
+        (V100, BF16, 128, "efficient"),
+        (H100, FP32, 128, "efficient"),
+        (H100, BF16, 12, "math"),
+    ],
+)
+def test_lse_kernel_for_backends_without_lse(
+    info: DeviceInfo, dtype: torch.dtype, head_dim: int, expected: str
+) -> None:
+    assert ab.sdpa_lse_kernel(info, dtype, head_dim) == expected
 
 
 def test_unknown_backend_names_the_choices() -> None:

@@ -204,24 +204,26 @@ class AttentionBackend:
                 q_BHLD, k_BHSD, v_BHSD, 0.0, False
             )[:2]
             return out, _lse_BHL(lse, length)
-        name = self.name if self.serves(q_BHLD) and self.name != "sage" else "default"
+        name = self.name if self.serves(q_BHLD) else "default"
         if name in ("fa3", "fa4"):
-            out, lse = self._flash_external(q_BHLD, k_BHSD, v_BHSD)
+            out, lse = self._flash_external(q_BHLD, k_BHSD, v_BHSD, with_lse=True)
             if lse is not None:
                 return out, _lse_BHL(lse, length)
-            name = "default"
-        if name == "default":
-            name = "flash" if q_BHLD.dtype in _HALF and q_BHLD.shape[-1] % 8 == 0 else "efficient"
+        if name not in _SDPA_KINDS:  # default, sage, or an external kernel that gave no LSE
+            info = self.info if self.info.type == "cuda" else DeviceInfo("cuda")
+            name = sdpa_lse_kernel(info, q_BHLD.dtype, q_BHLD.shape[-1])
         return _cuda_sdpa_with_lse(name, q_BHLD, k_BHSD, v_BHSD)
 
     def _flash_external(
-        self, q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor
+        self, q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, with_lse: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """FlashAttention-3/4 take `[B, L, H, D]` and give the LSE as `[B, H, L]` (when they give it)."""
         assert self._external is not None
-        result = self._external(
-            q_BHLD.transpose(1, 2), k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2), causal=False
-        )
+        q_BLHD, k_BSHD, v_BSHD = q_BHLD.transpose(1, 2), k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2)
+        try:  # FlashAttention-3 releases differ: newer ones return the LSE only when asked
+            result = self._external(q_BLHD, k_BSHD, v_BSHD, causal=False, return_attn_probs=with_lse)
+        except TypeError:
+            result = self._external(q_BLHD, k_BSHD, v_BSHD, causal=False)
         out_BLHD, lse = (result[0], result[1]) if isinstance(result, tuple) else (result, None)
         return out_BLHD.transpose(1, 2), lse
 
@@ -232,6 +234,13 @@ def backend_for(
     """The backend `model.attention=requested` resolves to on `device`."""
     info = device_info(device)
     return AttentionBackend(choose_backend(requested, info, dtype, head_dim).name, info)
+
+
+def sdpa_lse_kernel(info: DeviceInfo, dtype: torch.dtype, head_dim: int) -> str:
+    """The SDPA kernel that gives the LSE on a GPU for a backend without one (default, sage)."""
+    usable = [name for name in _SDPA_KINDS if cannot_serve(name, info, dtype, head_dim) is None]
+    preferred = auto_choice(info, dtype, head_dim)
+    return preferred if preferred in usable else usable[0]
 
 
 def _cuda_sdpa_with_lse(
