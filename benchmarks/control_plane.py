@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hvbatch.batch.prompts import read_prompts
-from hvbatch.batch.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
+from hvbatch.batch.control.prompts import read_prompts
+from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
 from hvbatch.config import SamplingConfig
 
 WORDS = ("a", "red", "fox", "cat", "dog", "walks", "runs", "in", "the", "snow", "rain", "city")

@@ -8,8 +8,7 @@ import sys
 from omegaconf import OmegaConf
 
 from hvbatch import __version__
-from hvbatch.batch.commands import add_batch_parsers
-from hvbatch.batch.sbatch import add_sbatch_parsers
+from hvbatch.batch.control.commands import add_batch_parsers
 from hvbatch.config import available_presets, load_config
 from hvbatch.generate import add_generate_parser
 from hvbatch.plan_cli import add_plan_parser
@@ -36,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     add_plan_parser(commands)
     add_batch_parsers(commands)
-    add_sbatch_parsers(commands)
     return parser
 
 

@@ -200,8 +200,10 @@ class ParallelConfig:
     """Usable memory per GPU for the planner's memory model."""
     backend: str = "auto"
     """torch.distributed backend: `auto` (nccl on CUDA, gloo on CPU), `nccl` or `gloo`."""
-    timeout_s: float = 600.0
-    """Collective timeout passed to init_process_group."""
+    timeout_s: float = 300.0
+    """Timeout of every collective and of the job's rendezvous. Collectives only run while the
+    ranks of a group are in lock step (denoising steps), so this bounds a real hang, not a busy
+    peer: waits for busy peers go through heartbeats (`retry.peer_timeout_s`)."""
     nccl_env: dict[str, str] = field(
         default_factory=lambda: {
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
@@ -274,11 +276,16 @@ class RetryConfig:
     max_walltime_requeues: int = 10
     """Requeues after walltime warnings per job (preemption does not count), so that a video
     longer than the walltime cannot requeue forever."""
-    resync_timeout_s: float = 60.0
-    """How long the ranks of a group wait for each other after a video that failed on some rank;
-    past it the attempt ends (and is retried) instead of hanging."""
+    heartbeat_interval_s: float = 10.0
+    """How often each rank tells its peers it is alive (a counter in the job's rendezvous store)."""
+    peer_timeout_s: float = 300.0
+    """A peer whose heartbeat has not moved for this long is dead: whoever waits for it ends the
+    attempt. Waiting for a live peer (a dp replica still on its last video, a leader decoding and
+    writing) has no deadline."""
     stall_timeout_s: float = 1800.0
-    """A rank that makes no progress (no denoising step) for this long ends its attempt."""
+    """A rank that makes no progress (no denoising step, no video finished, no live peer waited
+    for) for this long dumps its stacks and ends its attempt; it bounds a hang outside collectives,
+    so it must exceed the longest decode and write of one video."""
 
 
 @dataclass

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from hvbatch.config import Config, load_config, save_config
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.launch import dist_env_from, setup_rank, spawn_local, teardown_rank
+from hvbatch.parallel.plan import parse_degree
 from hvbatch.parallel.planner import auto_ulysses
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from hvbatch.pipeline import GeneratedVideo, Pipeline, Timings
-from hvbatch.plan_cli import parse_degree
 from hvbatch.sampling import latent_shape
 from hvbatch.video import write_mp4
 

@@ -1,109 +1,13 @@
-"""`hvbatch plan`: print the parallel layout and per-GPU memory estimate the config leads to.
-
-Nothing is loaded: the plan comes from the config tree alone (`parallel.*`, `sampling.*`,
-`model=`, `model.dtype`, and whether `model.transformer_path` is an `_fp8.pt` checkpoint).
-"""
+"""`hvbatch plan`: print the parallel layout and per-GPU memory estimate the config leads to."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
-from hvbatch.config import Config, SamplingConfig, load_config
-from hvbatch.parallel.memory import NO_COMPONENTS, ComponentMemory, ModelSize
-from hvbatch.parallel.planner import ParallelPlan, format_plan, image_tokens, plan_parallel
-
-FP8_SUFFIX = "_fp8.pt"
-
-
-def parse_degree(value: object, key: str) -> int | None:
-    """A `parallel.ulysses` / `parallel.ring` value: `auto` -> None, else a positive integer."""
-    text = str(value).strip()
-    if text.lower() == "auto":
-        return None
-    try:
-        degree = int(text)
-    except ValueError:
-        degree = 0
-    if degree < 1:
-        raise ValueError(f"{key}={text!r} must be 'auto' or a positive integer (e.g. {key}=8)")
-    return degree
-
-
-def plan_mode(config: Config) -> str:
-    """`parallel.mode`, with `auto` meaning throughput (the batch default)."""
-    mode = config.parallel.mode
-    return "throughput" if mode == "auto" else mode
-
-
-def uses_fp8(config: Config) -> bool:
-    """Whether the transformer checkpoint keeps its block linears in float8 (`*_fp8.pt`)."""
-    return str(config.model.transformer_path or "").endswith(FP8_SUFFIX)
-
-
-def video_tokens(config: Config, sampling: SamplingConfig) -> int:
-    """Image tokens of the video `sampling` describes, with the model's patch size."""
-    t = config.model.transformer
-    return image_tokens(
-        sampling.height, sampling.width, sampling.num_frames, (t.patch_size_t, t.patch_size, t.patch_size)
-    )
-
-
-def plan_for_config(config: Config, sampling: SamplingConfig | None = None) -> ParallelPlan:
-    """The plan for one video of size `sampling` (default `config.sampling`) under `config.parallel`."""
-    sampling = config.sampling if sampling is None else sampling
-    p = config.parallel
-    ulysses = parse_degree(p.ulysses, "parallel.ulysses")
-    ring = parse_degree(p.ring, "parallel.ring")
-    model = ModelSize.from_config(config.model.transformer, config.model.dtype, fp8=uses_fp8(config))
-    if config.model.random_weights:
-        components = NO_COMPONENTS
-    else:
-        components = ComponentMemory.hunyuan(config.model.text_encoder_dtype, config.model.vae_dtype)
-    plan = plan_parallel(
-        model,
-        image_tokens=video_tokens(config, sampling),
-        text_tokens=config.model.text_encoder.max_text_tokens,
-        gpus_per_node=p.gpus_per_node,
-        num_nodes=p.num_nodes,
-        gpu_memory_gib=p.gpu_memory_gib,
-        mode=plan_mode(config),
-        ulysses=ulysses,
-        ring=ring,
-        batch=2 if sampling.cfg_scale > 1 else 1,
-        components=components,
-    )
-    if not config.vae.tiling:
-        note = (
-            "warning: vae.tiling=false: untiled decoding needs far more memory than the tiled peak "
-            "counted here"
-        )
-        plan = dataclasses.replace(plan, reasons=(note, *plan.reasons))
-    return plan
-
-
-def _header(config: Config, sampling: SamplingConfig) -> str:
-    weights = "fp8 block weights" if uses_fp8(config) else config.model.dtype
-    cfg = ", true CFG (batch 2)" if sampling.cfg_scale > 1 else ""
-    return (
-        f"video: {sampling.height}x{sampling.width}x{sampling.num_frames} -> "
-        f"{video_tokens(config, sampling):,} image tokens + {config.model.text_encoder.max_text_tokens} text "
-        f"tokens{cfg}; model {config.model.name} ({weights})"
-    )
-
-
-def plan_to_dict(plan: ParallelPlan) -> dict[str, object]:
-    """The plan as JSON-ready data (adds `sp`, `world_size`, `memory.total_gib` and `memory.fits`)."""
-    data: dict[str, object] = dataclasses.asdict(plan)
-    data["reasons"] = list(plan.reasons)
-    data["sp"] = plan.sp
-    data["world_size"] = plan.world_size
-    memory = dataclasses.asdict(plan.memory)
-    memory["total_gib"] = plan.memory.total_gib
-    memory["fits"] = plan.memory.fits(plan.gpu_memory_gib)
-    data["memory"] = memory
-    return data
+from hvbatch.config import load_config
+from hvbatch.parallel.plan import plan_for_config, plan_header, plan_to_dict, video_tokens
+from hvbatch.parallel.planner import format_plan
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -111,7 +15,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if len(files) > 1:
         raise ValueError(f"hvbatch plan takes at most one prompts file, got {files}")
     if files:  # `hvbatch plan PROMPTS.parquet` is `hvbatch submit PROMPTS.parquet --dry-run`
-        from hvbatch.batch.commands import dry_run
+        from hvbatch.batch.control.commands import dry_run
 
         overrides = [item for item in args.overrides if "=" in item]
         return dry_run(load_config(args.config, overrides), files[0])
@@ -129,7 +33,7 @@ def run_plan(args: argparse.Namespace) -> int:
         }
         print(json.dumps(data, indent=2))
     else:
-        print(_header(config, config.sampling))
+        print(plan_header(config, config.sampling))
         print(format_plan(plan))
     return 0
 

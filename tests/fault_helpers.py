@@ -24,7 +24,8 @@ FAULT_PROMPTS = [
 SMALL = {"height": 48, "width": 64, "num_frames": 5}
 # Few, small ranks keep the matrix quick on a 2-core CI machine.
 FAST = ["sampling.num_inference_steps=3", "slurm.tasks_per_node=2", "batch.min_shards=2",
-        "retry.backoff_s=1", "parallel.timeout_s=6", "retry.resync_timeout_s=6"]  # fmt: skip
+        "retry.backoff_s=1", "parallel.timeout_s=6", "retry.heartbeat_interval_s=0.5",
+        "retry.peer_timeout_s=6"]  # fmt: skip
 
 
 def write_prompts(path: Path, prompts: list[dict[str, Any]] | None = None) -> Path:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hvbatch.batch.commands import wait_for_run
-from hvbatch.batch.launcher import submit_shards
+from hvbatch.batch.control.commands import wait_for_run
+from hvbatch.batch.executors.base import JobRecord
+from hvbatch.batch.executors.local import LocalExecutor
+from hvbatch.batch.executors.registry import live_states
 from hvbatch.batch.rundir import RunDir
-from hvbatch.batch.status import latest_jobs, live_states
 from hvbatch.cli import main
 from hvbatch.config import load_config
 from tests.fault_helpers import (
@@ -114,12 +115,14 @@ def test_overlapping_attempts_commit_each_video_once(tmp_path: Path) -> None:
     assert main(submit_argv(prompts, run_dir, "local", "batch.min_shards=1")) == 0
     run = RunDir(run_dir)
     # A straggler: a second job for the same shard, racing the first on every video.
-    submit_shards(run, load_config(run.root / "config.yaml"), [0], "local", manual=False)
+    LocalExecutor(run, load_config(run.root / "config.yaml")).submit([0], manual=False)
     assert wait_for_run(run, poll_s=1.0, timeout_s=300)
+    records = [JobRecord.from_dict(r) for s in run.submissions() for r in s["jobs"]]
     deadline = time.time() + 120
-    while (
-        live_states(list(latest_jobs(run).values()) + run.submissions()[0]["jobs"]) and time.time() < deadline
-    ):
+    while live_states(run, records) and time.time() < deadline:
         time.sleep(1)
     assert_exactly_once(run_dir, FAULT_PROMPTS, {})
     assert not [p for p in (run_dir / "videos").iterdir() if p.name.startswith(".")]  # no temp left
+    # Each job found the other alive when it started: neither marked the other's attempt lost.
+    reasons = [row["exit_reason"] for row in RunDir(run_dir).metrics_rows()]
+    assert reasons == ["completed", "completed"], reasons

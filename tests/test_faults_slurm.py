@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hvbatch.batch.commands import wait_for_run
+from hvbatch.batch.control.commands import wait_for_run
 from hvbatch.batch.rundir import RunDir
 from hvbatch.cli import main
 from tests.fault_helpers import FAULT_PROMPTS, assert_exactly_once, metrics, submit_argv, write_prompts

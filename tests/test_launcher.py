@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from hvbatch.batch import launcher
+from hvbatch.batch.executors import slurm
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import load_config
 
@@ -29,14 +29,14 @@ class _FakeExecutor:
 
 def test_arrays_are_split_at_max_array_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeExecutor()
-    monkeypatch.setattr(launcher, "make_executor", lambda run, config, kind, delay_s=0.0: fake)
-    monkeypatch.setattr(launcher, "cluster_max_array_size", lambda: 4)
+    monkeypatch.setattr(slurm.SlurmExecutor, "make_submitit", lambda self, delay_s=0.0: fake)
+    monkeypatch.setattr(slurm, "cluster_max_array_size", lambda: 4)
     run = RunDir(tmp_path)
-    records = launcher.submit_shards(run, load_config(overrides=["model=tiny"]), list(range(10)), "slurm")
+    records = slurm.SlurmExecutor(run, load_config(overrides=["model=tiny"])).submit(list(range(10)))
     assert [len(a) for a in fake.arrays] == [4, 4, 2]
-    assert [r["shard"] for r in records] == list(range(10))
-    assert [r["job_id"] for r in records][:5] == ["101_0", "101_1", "101_2", "101_3", "102_0"]
-    assert run.submissions()[0]["jobs"] == records
+    assert [r.shard for r in records] == list(range(10))
+    assert [r.job_id for r in records][:5] == ["101_0", "101_1", "101_2", "101_3", "102_0"]
+    assert run.submissions()[0]["jobs"] == [r.to_dict() for r in records]
 
 
 def test_executor_parameters_come_from_the_config(tmp_path: Path) -> None:
@@ -45,11 +45,11 @@ def test_executor_parameters_come_from_the_config(tmp_path: Path) -> None:
         "slurm.mem_gb=900", "slurm.time_min=90", "slurm.array_parallelism=3",
         "slurm.additional_parameters.reservation=big",
     ])  # fmt: skip
-    executor = launcher.make_executor(RunDir(tmp_path), config, "slurm")
+    executor = slurm.SlurmExecutor(RunDir(tmp_path), config).make_submitit()
     params = executor._executor.parameters  # the sbatch options submitit will write
     assert params["partition"] == "gpu" and params["account"] == "proj" and params["qos"] == "high"
     assert params["constraint"] == "h100" and params["mem"] == "900GB" and params["time"] == 90
     assert params["gpus_per_node"] == 8 and params["ntasks_per_node"] == 8 and params["nodes"] == 1
     assert params["array_parallelism"] == 3 and params["srun_args"] == ["--kill-on-bad-exit=1"]
     assert params["additional_parameters"] == {"reservation": "big", "requeue": True}
-    assert params["signal_delay_s"] == 120 and "hvbatch.batch.supervisor finish" in params["teardown"][0]
+    assert params["signal_delay_s"] == 120 and "hvbatch.batch.executors.slurm finish" in params["teardown"][0]

@@ -24,3 +24,69 @@ def test_models_never_import_torch_distributed() -> None:
             offenders += [f"{path.name}: imports {n}" for n in names if "distributed" in n]
     assert len(list(MODELS_DIR.rglob("*.py"))) >= 5
     assert not offenders, offenders
+
+
+PACKAGE_DIR = MODELS_DIR.parent
+CLI_MODULES = {"hvbatch.cli", "hvbatch.plan_cli", "hvbatch.generate", "hvbatch.__main__"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """hvbatch module -> the hvbatch modules it imports, at the top or inside functions."""
+    modules = {_module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _import_graph()
+    assert len(graph) > 40
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for child in sorted(graph[node]):
+            if state.get(child) == 1:
+                cycles.append([*stack[stack.index(child) :], child])
+            elif child not in state:
+                visit(child, [*stack, child])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_library_code_never_imports_a_cli_module() -> None:
+    graph = _import_graph()
+    offenders = {
+        name: sorted(targets & CLI_MODULES)
+        for name, targets in graph.items()
+        if name not in CLI_MODULES and name != "hvbatch.batch.control.commands" and targets & CLI_MODULES
+    }
+    assert not offenders, offenders
+
+
+def test_batch_folders_say_where_code_runs() -> None:
+    """control/ runs on the login node and never imports the runtime (which runs inside a job)."""
+    graph = _import_graph()
+    control = [name for name in graph if name.startswith("hvbatch.batch.control")]
+    runtime = {name for name in graph if name.startswith("hvbatch.batch.runtime")}
+    assert control and runtime
+    offenders = {name: sorted(graph[name] & runtime) for name in control}
+    assert not any(offenders.values()), offenders

@@ -23,8 +23,9 @@ from hvbatch.parallel.memory import (
     estimate_memory,
     transformer_param_counts,
 )
+from hvbatch.parallel.plan import parse_degree, plan_for_config
 from hvbatch.parallel.planner import ParallelPlan, auto_ulysses, format_plan, image_tokens, plan_parallel
-from hvbatch.plan_cli import add_plan_parser, parse_degree, plan_for_config
+from hvbatch.plan_cli import add_plan_parser
 
 FULL = transformer_preset("hunyuan-video-t2v-720p")
 BF16 = ModelSize.from_config(FULL, "bfloat16")

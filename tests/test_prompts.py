@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hvbatch.batch import prompts, shards
-from hvbatch.batch.prompts import VIDEO_SCHEMA, PromptFileError, read_prompts
-from hvbatch.batch.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
+from hvbatch.batch.control import prompts, shards
+from hvbatch.batch.control.prompts import VIDEO_SCHEMA, PromptFileError, read_prompts
+from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
 from hvbatch.config import SamplingConfig
 from hvbatch.parallel.planner import image_tokens
 from hvbatch.sampling import latent_shape

@@ -42,5 +42,5 @@ def test_manifest_cache_follows_rewritten_parts(tmp_path: Path) -> None:
     write_parquet_atomic(run.manifest_part(0, "b", 0), pa.Table.from_pylist(rows, MANIFEST_SCHEMA))
     write_parquet_atomic(run.manifest_part(1, "c", 0), pa.Table.from_pylist([_row("c1")], MANIFEST_SCHEMA))
     assert sorted(run.manifest_rows()["video_id"].to_pylist()) == ["a1", "b1", "b2", "c1"]
-    assert sorted(run.manifest_rows(shard=0)["video_id"].to_pylist()) == ["a1", "b1", "b2"]
+    assert sorted(run.manifest_rows(0)["video_id"].to_pylist()) == ["a1", "b1", "b2"]
     assert not [p for p in os.listdir(tmp_path / "manifest") if p.startswith(".")]  # no temporaries left

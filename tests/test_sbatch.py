@@ -14,11 +14,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hvbatch.batch.commands import create_run, job_plan
-from hvbatch.batch.prompts import read_prompts
+from hvbatch.batch.control.commands import create_run, job_plan
+from hvbatch.batch.control.prompts import read_prompts
+from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_videos
+from hvbatch.batch.executors.sbatch import render
 from hvbatch.batch.rundir import RunDir
-from hvbatch.batch.sbatch import render
-from hvbatch.batch.shards import max_shard_cost_for_walltime, shard_videos
 from hvbatch.cli import main
 from hvbatch.config import load_config
 from tests.batch_helpers import EXAMPLE_CONFIG, EXAMPLE_PROMPTS, assert_every_video_done_once
@@ -207,11 +207,13 @@ def test_shards_selection_and_completed_runs(tmp_path: Path, capsys: pytest.Capt
     assert sbatch_lines(render_cli(run, "array", out))["--array"] == "1%256"
     node = render_cli(run, "node", out).splitlines()
     assert next(line for line in node if line.startswith("srun ")).endswith(" 1")
-    # A shard whose marker counts failed videos is rendered again and its marker removed (as retry
-    # does), else the job would skip it.
+    # A shard whose marker counts failed videos is rendered again; rendering changes nothing (the
+    # job reopens it when it starts, as retry does: see test_control_plane).
     run.done_marker(1).write_text(json.dumps({"shard": 1, "videos": 4, "done": 3, "failed": 1}))
     assert sbatch_lines(render_cli(run, "array", out))["--array"] == "1%256"
-    assert not run.done_marker(1).exists() and marker.exists()
+    assert run.done_marker(1).exists() and marker.exists()
+    register = next(line for line in node if " register " in line)  # before srun: record the job
+    assert register.endswith(f"register {run.root} 1")
     # Every shard complete: a clear error for every template (an empty --array=%256 means index 0).
     run.done_marker(1).write_text(json.dumps({"shard": 1, "videos": 4, "done": 4, "failed": 0}))
     capsys.readouterr()
@@ -264,6 +266,9 @@ def test_array_script_runs_every_video_once(
         assert row["world_size"] == 8 and row["dp"] * row["ulysses"] * row["ring"] == 8
         assert row["exit_reason"] == "completed" and len(row["peak_memory_bytes"]) == 8
     assert not (workdir / "pwned").exists() and not (run.root / "pwned").exists()
+    # Each element recorded itself like a submitted job: status knows the run's jobs.
+    recorded = [(r["job_id"], r["executor"]) for s in run.submissions() for r in s["jobs"]]
+    assert sorted(recorded) == [(e, "sbatch") for e in elements]
 
 
 def test_sbatch_accepts_node_and_multinode_scripts(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:

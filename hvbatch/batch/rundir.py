@@ -8,10 +8,13 @@
       jobs/submission-0001.json    job ids of each submission (submit, retry)
       submitit/                    submitit's pickles and logs (one folder per job)
       videos/<name>.mp4            outputs; <name> is a filesystem-safe form of the video id
-      manifest/*.parquet           one part per job attempt and dp group: a row per video tried
+      manifest/*.parquet           per job attempt and dp group, segments of up to 64 rows: a row
+                                   per video tried
       metrics/*.parquet            one row per shard and job attempt, with its exit reason
       attempts/*.json              what each rank that failed said (read when an attempt ends)
-      done/shard-00003.json        completion marker, written after the shard's last manifest row
+      done/shard-00003.json        completion marker, written after the shard's last manifest row,
+                                   with the shard's counts (status reads it instead of the parts)
+      corrupt/                     files `hvbatch retry --repair` moved aside
 
 A video is done when a manifest row says so. Its mp4 was written under an attempt-unique temporary
 name and hard-linked to its final name before that row was written; the link fails if another
@@ -21,19 +24,24 @@ has at most one `done` row. Reruns skip done videos: nothing is made twice and n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import re
-import socket
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+
+from hvbatch.batch.files import (
+    CorruptRunFile,
+    read_json,
+    read_parquet,
+    write_json_exclusive,
+    write_parquet_atomic,
+)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -60,6 +68,34 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+METRICS_SCHEMA = pa.schema(
+    [
+        ("job_id", pa.string()),
+        ("array_index", pa.int64()),
+        ("attempt", pa.int64()),
+        ("attempt_key", pa.string()),
+        ("shard", pa.int64()),
+        ("node", pa.string()),
+        ("gpu_type", pa.string()),
+        ("world_size", pa.int64()),
+        ("dp", pa.int64()),
+        ("ulysses", pa.int64()),
+        ("ring", pa.int64()),
+        ("load_seconds", pa.float64()),
+        ("seconds_to_first_step", pa.float64()),
+        ("prompt_seconds", pa.list_(pa.float64())),
+        ("wall_seconds", pa.float64()),
+        ("gpu_seconds", pa.float64()),
+        ("peak_memory_bytes", pa.list_(pa.int64())),
+        ("exit_reason", pa.string()),
+        ("exit_detail", pa.string()),
+        ("started_at", pa.float64()),
+        ("finished_at", pa.float64()),
+    ]
+)
+SHARD_PATTERN = re.compile(r"^shard-(\d+)\.")
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
@@ -71,56 +107,31 @@ def video_file_name(video_id: str) -> str:
     return f"{readable}-{digest}.mp4"
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_json_exclusive(path: Path, payload: Any) -> bool:
-    """Write `path` atomically unless it exists (hard link of a temp file); False if it existed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_parts(parts: list[Path], keys: dict[str, str] | None = None) -> pa.Table:
     """The rows of manifest parts; with `keys`, tagged `_key` = `name|size:mtime` of their part."""
     if not parts:
         empty = MANIFEST_SCHEMA.empty_table()
         return empty.append_column("_key", pa.array([], pa.string())) if keys is not None else empty
-    dataset = ds.dataset([str(p) for p in parts], schema=MANIFEST_SCHEMA, format="parquet")
-    if keys is None:
-        return dataset.to_table()
-    batches, labels = [], []
-    for tagged in dataset.scanner().scan_batches():
-        name = Path(tagged.fragment.path).name
-        batches.append(tagged.record_batch)
-        labels += [f"{name}|{keys[name]}"] * tagged.record_batch.num_rows
+    try:
+        dataset = ds.dataset([str(p) for p in parts], schema=MANIFEST_SCHEMA, format="parquet")
+        if keys is None:
+            return dataset.to_table()
+        batches, labels = [], []
+        for tagged in dataset.scanner().scan_batches():
+            name = Path(tagged.fragment.path).name
+            batches.append(tagged.record_batch)
+            labels += [f"{name}|{keys[name]}"] * tagged.record_batch.num_rows
+    except (pa.ArrowInvalid, OSError):
+        for part in parts:  # name the part that cannot be read
+            read_parquet(part, columns=["video_id"])
+        raise
     table = pa.Table.from_batches(batches, schema=MANIFEST_SCHEMA)
     return table.append_column("_key", pa.array(labels, pa.string()))
+
+
+def _shard_of(name: str) -> int | None:
+    match = SHARD_PATTERN.match(name)
+    return int(match.group(1)) if match else None
 
 
 class RunDir:
@@ -134,6 +145,14 @@ class RunDir:
     def exists(self) -> bool:
         return self.run_json.is_file()
 
+    def require(self) -> RunDir:
+        """This run, or a ValueError saying that the folder is not a run directory."""
+        if not self.exists():
+            raise ValueError(
+                f"{self.root} is not an hvbatch run directory (no run.json): pass the --run-dir of a submit"
+            )
+        return self
+
     def shard_path(self, shard: int) -> Path:
         return self.root / "shards" / f"{shard_name(shard)}.parquet"
 
@@ -143,8 +162,14 @@ class RunDir:
     def video_path(self, video_id: str) -> Path:
         return self.root / "videos" / video_file_name(video_id)
 
-    def manifest_part(self, shard: int, attempt_key: str, dp_index: int) -> Path:
-        return self.root / "manifest" / f"{shard_name(shard)}.{attempt_key}.dp{dp_index}.parquet"
+    def manifest_part(
+        self, shard: int, attempt_key: str, dp_index: int, segment: int = 0, suffix: str | None = None
+    ) -> Path:
+        """`shard-NNNNN.<attempt key>.dp<i>[.s<segment>][.<suffix>].parquet`."""
+        name = f"{shard_name(shard)}.{attempt_key}.dp{dp_index}"
+        name += f".s{segment:04d}" if segment else ""
+        name += f".{suffix}" if suffix else ""
+        return self.root / "manifest" / f"{name}.parquet"
 
     def metrics_part(self, shard: int, attempt_key: str) -> Path:
         return self.root / "metrics" / f"{shard_name(shard)}.{attempt_key}.parquet"
@@ -152,26 +177,49 @@ class RunDir:
     def rank_error_path(self, attempt_key: str, rank: int) -> Path:
         return self.root / "attempts" / f"{attempt_key}.rank{rank:05d}.json"
 
-    def metrics_rows(self, shard: int | None = None) -> list[dict[str, Any]]:
+    def _files(self, folder_name: str, shards: int | list[int] | None, ext: str) -> list[Path]:
+        """Files `shard-NNNNN.*.<ext>` of a folder, for some shards: one directory listing."""
+        folder = self.root / folder_name
+        if not folder.is_dir():
+            return []
+        wanted = {shards} if isinstance(shards, int) else (set(shards) if shards is not None else None)
+        names = sorted(
+            entry.name
+            for entry in os.scandir(folder)
+            if entry.name.endswith(ext)
+            and not entry.name.startswith(".")
+            and (shard := _shard_of(entry.name)) is not None
+            and (wanted is None or shard in wanted)
+        )
+        return [folder / name for name in names]
+
+    def read_json(self, path: Path) -> Any:
+        return read_json(path)
+
+    def read_metrics_part(self, path: Path) -> dict[str, Any]:
+        return read_parquet(path).to_pylist()[0]
+
+    def metrics_rows(self, shards: int | list[int] | None = None) -> list[dict[str, Any]]:
         """One dict per (shard, attempt), oldest first."""
-        folder = self.root / "metrics"
-        pattern = f"{shard_name(shard)}.*.parquet" if shard is not None else "shard-*.parquet"
-        parts = sorted(folder.glob(pattern)) if folder.is_dir() else []
-        rows = [row for part in parts for row in pq.read_table(part).to_pylist()]
-        return sorted(rows, key=lambda r: r.get("started_at") or 0.0)
+        parts = self._files("metrics", shards, ".parquet")
+        if not parts:
+            return []
+        try:
+            rows = ds.dataset([str(p) for p in parts], schema=METRICS_SCHEMA, format="parquet").to_table()
+        except (pa.ArrowInvalid, OSError):
+            for part in parts:
+                read_parquet(part, columns=["shard"])
+            raise
+        return sorted(rows.to_pylist(), key=lambda r: r.get("started_at") or 0.0)
 
     def read_run(self) -> dict[str, Any]:
-        if not self.exists():
-            raise ValueError(
-                f"{self.root} is not an hvbatch run directory (no run.json): pass the --run-dir of a submit"
-            )
-        return json.loads(self.run_json.read_text())
+        return read_json(self.require().run_json)
 
     def num_shards(self) -> int:
         return int(self.read_run()["num_shards"])
 
     def read_shard(self, shard: int) -> pa.Table:
-        return pq.read_table(self.shard_path(shard))
+        return read_parquet(self.shard_path(shard))
 
     @property
     def videos_path(self) -> Path:
@@ -179,49 +227,56 @@ class RunDir:
 
     def all_videos(self, columns: list[str] | None = None) -> pa.Table:
         """Every video of the run with its `shard` (one file, written at submit)."""
-        return pq.read_table(self.videos_path, columns=columns)
+        return read_parquet(self.videos_path, columns=columns)
 
     def completed_shards(self) -> set[int]:
-        folder = self.root / "done"
-        if not folder.is_dir():
-            return set()
-        return {int(p.stem.split("-")[1]) for p in folder.glob("shard-*.json")}
+        return {shard for p in self._files("done", None, ".json") if (shard := _shard_of(p.name)) is not None}
 
-    def manifest_rows(self, shard: int | None = None) -> pa.Table:
-        """Every attempt row (all parts), optionally of one shard; empty table if none yet.
+    def markers(self, shards: set[int] | None = None) -> dict[int, dict[str, Any]]:
+        """The completion markers' contents, by shard."""
+        found = {}
+        for path in self._files("done", sorted(shards) if shards is not None else None, ".json"):
+            shard = _shard_of(path.name)
+            assert shard is not None
+            found[shard] = read_json(path)
+        return found
+
+    def manifest_rows(self, shards: int | list[int] | None = None) -> pa.Table:
+        """Every attempt row (all parts), optionally of some shards; empty table if none yet.
 
         For the whole run, parts unchanged since the last call come from `manifest-cache.parquet`
         (keyed by each part's name, size and mtime), so status stays fast with thousands of parts.
         """
-        folder = self.root / "manifest"
-        pattern = f"{shard_name(shard)}.*.parquet" if shard is not None else "shard-*.parquet"
-        parts = sorted(folder.glob(pattern)) if folder.is_dir() else []
-        if shard is not None or not parts:
+        parts = self._files("manifest", shards, ".parquet")
+        if shards is not None or not parts:
             return _read_parts(parts)
         return self._cached_manifest(parts)
 
     def _cached_manifest(self, parts: list[Path]) -> pa.Table:
         cache_path = self.root / "manifest-cache.parquet"
         keys = {p.name: f"{(st := p.stat()).st_size}:{st.st_mtime_ns}" for p in parts}
-        cached = pq.read_table(cache_path) if cache_path.is_file() else None
-        if cached is not None:
+        cached = None
+        with contextlib.suppress(CorruptRunFile, FileNotFoundError):  # a bad cache is rebuilt
+            cached = read_parquet(cache_path)
+        if cached is not None and "_key" in cached.column_names:
             fresh = pc.is_in(cached["_key"], pa.array([f"{n}|{k}" for n, k in keys.items()]))
             cached = cached.filter(fresh)
             have = {key.split("|", 1)[0] for key in pc.unique(cached["_key"]).to_pylist()}
         else:
-            have = set()
+            cached, have = None, set()
         stale = [p for p in parts if p.name not in have]
         fresh_rows = _read_parts(stale, keys)
         merged = pa.concat_tables([t for t in (cached, fresh_rows) if t is not None])
         if stale:
-            write_parquet_atomic(cache_path, merged)
+            with contextlib.suppress(OSError):  # a read-only run directory: the cache is optional
+                write_parquet_atomic(cache_path, merged)
         return merged.drop_columns(["_key"])
 
     def submissions(self) -> list[dict[str, Any]]:
         folder = self.root / "jobs"
         if not folder.is_dir():
             return []
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("submission-*.json"))]
+        return [read_json(p) for p in sorted(folder.glob("submission-*.json"))]
 
     def add_submission(self, payload: dict[str, Any]) -> Path:
         """Record a submission under the next free number (safe when jobs resubmit concurrently)."""

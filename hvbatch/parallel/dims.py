@@ -124,3 +124,12 @@ def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None
         ring_ranks=dims.ring_ranks(rank),
         sp_ranks=dims.sp_ranks(rank),
     )
+
+
+def destroy_groups(groups: ParallelGroups) -> None:
+    """Destroy the groups `build_groups` made for this rank (before groups of another layout)."""
+    if groups.dims.world_size == 1:
+        return
+    for group in {id(g): g for g in (groups.ulysses, groups.ring, groups.sp) if g is not None}.values():
+        if group != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)

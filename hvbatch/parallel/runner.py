@@ -28,6 +28,7 @@ class SequenceParallelTransformer:
         self.model = model
         self.groups = groups
         self.attention = USPAttention(groups)
+        self.single_device_attention_fn = model.attention_fn
         model.attention_fn = self.attention
 
     @property
@@ -78,3 +79,24 @@ class SequenceParallelTransformer:
         )
         self.attention.stats.calls += 1
         return model.unpatchify(self._gather(out_BLP, num_tokens), grid)
+
+
+def parallelize(
+    model: HunyuanVideoTransformer, groups: ParallelGroups
+) -> HunyuanVideoTransformer | SequenceParallelTransformer:
+    """The model as this rank's SP group runs it: itself for sp 1, else a sequence-parallel wrapper.
+
+    Undo with `unparallelize` before the model is parallelized for another layout.
+    """
+    assert not isinstance(model.attention_fn, USPAttention), "unparallelize the model first"
+    return SequenceParallelTransformer(model, groups) if groups.dims.sp > 1 else model
+
+
+def unparallelize(
+    runner: HunyuanVideoTransformer | SequenceParallelTransformer,
+) -> HunyuanVideoTransformer:
+    """The plain model again, with the attention it had before `parallelize`."""
+    if isinstance(runner, SequenceParallelTransformer):
+        runner.model.attention_fn = runner.single_device_attention_fn
+        return runner.model
+    return runner

@@ -6,10 +6,11 @@ A spec is one or more faults separated by `;`, each a comma-separated list of `k
 
 - `action`: `raise` (RuntimeError), `oom` (torch.cuda.OutOfMemoryError), `nan` (the video's guidance
   becomes NaN, so the model itself produces NaN), `hang` (sleep forever), `exit` (os._exit(3)),
-  `kill` (SIGKILL to itself), `write-error` (OSError while the mp4 is written).
+  `kill` (SIGKILL to itself), `write-error` (OSError while the mp4 is written), `slow` (a busy
+  rank: `seconds` of work at the step) and `slow-write` (`seconds` more to decode and write).
 - `rank` (default 0, or `all`), `shard`, `video` (position in the shard's file order, or the video id),
   `step` (denoising step, 1-based; default 1), `attempt` (shard attempt, 1-based): a key left out
-  matches everything.
+  matches everything. `seconds` (default 30) is how long `slow` and `slow-write` take.
 
 Set with the `fault` config key or the HVBATCH_FAULT environment variable (which wins). With no spec
 the job holds `None` and never calls into this module.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-ACTIONS = ("raise", "oom", "nan", "hang", "exit", "kill", "write-error")
+ACTIONS = ("raise", "oom", "nan", "hang", "exit", "kill", "write-error", "slow", "slow-write")
 ENV_VAR = "HVBATCH_FAULT"
 EXIT_CODE = 3
 
@@ -41,6 +42,7 @@ class Fault:
     video: str | None = None
     step: int = 1
     attempt: int | None = None
+    seconds: float = 30.0
 
     def matches(self, *, rank: int, shard: int, video_index: int, video_id: str, attempt: int) -> bool:
         return (
@@ -58,7 +60,7 @@ def _parse_one(text: str) -> Fault:
         if not sep:
             raise ValueError(f"fault {text!r}: {item!r} is not key=value")
         fields[key.strip()] = value.strip()
-    unknown = set(fields) - {"action", "rank", "shard", "video", "step", "attempt"}
+    unknown = set(fields) - {"action", "rank", "shard", "video", "step", "attempt", "seconds"}
     if unknown:
         raise ValueError(f"fault {text!r}: unknown keys {sorted(unknown)}")
     action = fields.get("action")
@@ -72,9 +74,12 @@ def _parse_one(text: str) -> Fault:
             video=fields.get("video"),
             step=int(fields.get("step", 1)),
             attempt=int(fields["attempt"]) if "attempt" in fields else None,
+            seconds=float(fields.get("seconds", 30.0)),
         )
     except ValueError as err:
-        raise ValueError(f"fault {text!r}: rank, shard, step and attempt are integers ({err})") from err
+        raise ValueError(
+            f"fault {text!r}: rank, shard, step and attempt are integers, seconds a number ({err})"
+        ) from err
 
 
 def parse_faults(spec: str) -> list[Fault]:
@@ -93,10 +98,14 @@ class VideoFaults:
 
     def at_step(self, step: int) -> None:
         for fault in self.faults:
-            if fault.step == step and fault.action not in ("nan", "write-error"):
+            if fault.step == step and fault.action not in ("nan", "write-error", "slow-write"):
                 _fire(fault)
 
     def at_write(self) -> None:
+        for fault in self.faults:
+            if fault.action == "slow-write":
+                print(f"hvbatch: injecting fault {fault}", flush=True)
+                time.sleep(fault.seconds)
         if any(f.action == "write-error" for f in self.faults):
             raise OSError(30, "injected write failure (read-only file system)")
 
@@ -107,6 +116,8 @@ def _fire(fault: Fault) -> None:
         raise InjectedFault(f"injected fault at step {fault.step}")
     if fault.action == "oom":
         raise torch.cuda.OutOfMemoryError("injected out-of-memory")
+    if fault.action == "slow":
+        time.sleep(fault.seconds)
     if fault.action == "hang":
         while True:
             time.sleep(3600)

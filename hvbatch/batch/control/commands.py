@@ -1,0 +1,387 @@
+"""`hvbatch submit | status | manifest | retry | cancel | sbatch | run-shard`: the login-node side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hvbatch.batch import ledger
+from hvbatch.batch.control.prompts import read_prompts
+from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
+from hvbatch.batch.control.status import RunSnapshot, format_status, run_status, video_table
+from hvbatch.batch.executors import sbatch as sbatch_jobs
+from hvbatch.batch.executors.base import SchedulerUnavailable, latest_records, submission_lock
+from hvbatch.batch.executors.registry import executor_for, live_states, resolve_executor, run_probe
+from hvbatch.batch.files import (
+    PRIVATE_DIR_MODE,
+    CorruptRunFile,
+    make_dirs,
+    read_parquet,
+    write_json_atomic,
+    write_json_exclusive,
+    write_parquet_atomic,
+)
+from hvbatch.batch.rundir import RunDir
+from hvbatch.batch.videos import sampling_for
+from hvbatch.config import Config, load_config, save_config
+from hvbatch.parallel.plan import plan_for_job
+from hvbatch.parallel.planner import ParallelPlan, format_plan
+
+CLAIM_NAME = ".hvbatch-claim"
+
+
+def job_plan(config: Config, videos: pa.Table) -> ParallelPlan:
+    """The layout a shard job will use: planned for one job's GPUs and the largest video."""
+    largest = pc.index(videos["cost"], pc.max(videos["cost"])).as_py()
+    sampling = sampling_for(videos.slice(largest, 1).to_pylist()[0], config.sampling)
+    return plan_for_job(config, sampling, config.slurm.tasks_per_node, config.slurm.nodes)
+
+
+def _shards_for(config: Config, videos: pa.Table, plan: ParallelPlan) -> list[pa.Table]:
+    b = config.batch
+    max_cost = max_shard_cost_for_walltime(
+        config.slurm.time_min, b.seconds_per_cost_unit / plan.sp, plan.dp, b.reserve_s
+    )
+    return shard_videos(videos, max_shard_cost=max_cost, min_shards=b.min_shards)
+
+
+def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards: list[pa.Table]) -> None:
+    total_cost = float(pc.sum(videos["cost"]).as_py())
+    gpu_hours = total_cost * config.batch.seconds_per_cost_unit / 3600.0
+    print(f"{videos.num_rows} videos in {len(shards)} shards (one {config.slurm.nodes}-node job each)")
+    print(format_plan(plan))
+    unit = config.batch.seconds_per_cost_unit
+    print(f"estimated GPU-hours: {gpu_hours:,.1f} (batch.seconds_per_cost_unit={unit:g})")
+    summary = shard_summary(shards)
+    for entry in summary[:20]:
+        print(f"  shard {entry['index']:>5}: {entry['num_videos']} videos, cost {entry['cost']:.3g}")
+    for entry in summary:
+        if entry["warning"]:
+            print(f"warning: shard {entry['index']}: {entry['warning']}")
+    if len(shards) > 20:
+        print(f"  ... {len(shards) - 20} more shards")
+
+
+def _default_run_dir(prompts: Path) -> Path:
+    return Path("runs") / f"{prompts.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir_name(root: Path) -> None:
+    """The run directory's path reaches job scripts: no line breaks or control characters."""
+    text = str(root)
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in text):
+        raise ValueError(
+            f"--run-dir {text!r} contains a line break or control character; choose another name"
+        )
+
+
+def claim_run_dir(run: RunDir) -> None:
+    """Take the run directory atomically: a second submit (even a concurrent one) is refused."""
+    check_run_dir_name(run.root)
+    if run.exists():
+        raise ValueError(
+            f"{run.root} already holds a run: use `hvbatch retry {run.root}` or another --run-dir"
+        )
+    if run.root.exists() and not run.root.is_dir():
+        raise ValueError(f"--run-dir {run.root} is a file, not a directory; choose another --run-dir")
+    if run.root.is_dir() and any(p.name != CLAIM_NAME for p in run.root.iterdir()):
+        raise ValueError(f"--run-dir {run.root} is not empty and not a run; choose a new or empty directory")
+    make_dirs(run.root, PRIVATE_DIR_MODE)
+    run.root.chmod(PRIVATE_DIR_MODE)  # submitit's pickles in here are code the jobs execute
+    if not write_json_exclusive(run.root / CLAIM_NAME, {"pid": os.getpid(), "at": time.time()}):
+        raise ValueError(f"{run.root} is being created by another `hvbatch submit`; choose another --run-dir")
+
+
+def create_run(run: RunDir, config: Config, prompts: Path, shards: list[pa.Table], executor: str) -> None:
+    claim_run_dir(run)
+    for index, shard in enumerate(shards):
+        write_parquet_atomic(run.shard_path(index), shard)
+    write_parquet_atomic(
+        run.videos_path,
+        pa.concat_tables(
+            shard.select(["video_id", "prompt", "seed"]).append_column(
+                "shard", pa.array([index] * shard.num_rows, pa.int32())
+            )
+            for index, shard in enumerate(shards)
+        ),
+    )
+    save_config(config, run.root / "config.yaml")
+    write_json_atomic(
+        run.run_json,
+        {
+            "prompts": str(prompts.resolve()),
+            "num_shards": len(shards),
+            "num_videos": sum(s.num_rows for s in shards),
+            "executor": executor,
+            "created_at": time.time(),
+        },
+    )
+
+
+def wait_for_run(
+    run: RunDir, poll_s: float = 5.0, timeout_s: float | None = None, exit_grace_s: float = 120.0
+) -> bool:
+    """Poll until every shard is complete and its jobs have exited, or no job is alive.
+
+    True when all shards are complete. Jobs get `exit_grace_s` after the last marker to finish
+    writing metrics and exit, so that a `retry` right after `--wait` does not find them alive.
+    A scheduler that cannot answer counts as "still alive": waiting goes on.
+    """
+    start = time.time()
+    complete_since: float | None = None
+    num_shards = run.num_shards()
+    while True:
+        complete = len(run.completed_shards()) == num_shards
+        try:
+            live = live_states(run, list(latest_records(run).values()))
+        except SchedulerUnavailable:
+            live = {"?": "UNKNOWN"}
+        if complete:
+            complete_since = complete_since or time.time()
+            if not live or time.time() - complete_since > exit_grace_s:
+                return True
+        elif not live and time.time() - start > poll_s:
+            return len(run.completed_shards()) == num_shards
+        if timeout_s is not None and time.time() - start > timeout_s:
+            return complete
+        time.sleep(min(poll_s, 1.0) if complete else poll_s)
+
+
+def _wait_or_stop(run: RunDir) -> int:
+    """`--wait`; Ctrl-C stops local jobs (recorded `cancelled`) and leaves Slurm jobs running."""
+    try:
+        return 0 if wait_for_run(run) else 1
+    except KeyboardInterrupt:
+        records = list(latest_records(run).values())
+        complete = run.completed_shards()
+        local = [r for r in records if r.executor == "local" and r.shard not in complete]
+        if local:
+            ledger.cancel(run, {r.job_id for r in local}, "Ctrl-C on hvbatch --wait")
+            executor_for("local", run).cancel(local)
+        others = sorted({r.job_id for r in records if r.executor != "local" and r.shard not in complete})
+        message = f"stopped waiting for {run.root}"
+        message += "; the local job was stopped (resume with `hvbatch retry`)" if local else ""
+        message += (
+            f"; Slurm jobs {', '.join(others)} keep running (`hvbatch cancel` stops them)" if others else ""
+        )
+        print(message, file=sys.stderr)
+        return 130
+
+
+def dry_run(config: Config, prompts: str | Path) -> int:
+    """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
+    videos = read_prompts(Path(prompts), config.sampling)
+    plan = job_plan(config, videos)
+    _print_dry_run(config, videos, plan, _shards_for(config, videos, plan))
+    return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(config, args.prompts)
+    prompts = Path(args.prompts)
+    videos = read_prompts(prompts, config.sampling)  # validates everything before anything is written
+    run = RunDir(args.run_dir or _default_run_dir(prompts))
+    check_run_dir_name(run.root)
+    kind = resolve_executor(args.executor or config.batch.executor)
+    plan = job_plan(config, videos)
+    shards = _shards_for(config, videos, plan)
+    create_run(run, config, prompts, shards, kind)
+    records = executor_for(kind, run, config).submit(list(range(len(shards))))
+    jobs = ", ".join(sorted({r.job_id for r in records}))
+    print(f"run {run.root}: {videos.num_rows} videos, {len(shards)} shards, {kind} jobs {jobs}")
+    return _wait_or_stop(run) if args.wait else 0
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    run = RunDir(args.run_dir).require()
+    status = run_status(run)
+    print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(run, status))
+    return 0
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    table = video_table(RunDir(args.run_dir).require())
+    if args.failed:
+        table = table.filter(pc.equal(table["status"], "failed"))
+    if args.out:
+        write_parquet_atomic(Path(args.out), table)
+        print(f"wrote {args.out} ({table.num_rows} rows)")
+    elif args.json:
+        print(json.dumps(table.to_pylist(), indent=2))
+    else:
+        for row in table.to_pylist():
+            where = row["path"] or row["error"] or ""
+            print(f"{row['status']:<8} {row['attempts']}  {row['video_id']}  {where}")
+    return 0
+
+
+def unfinished_shards(run: RunDir) -> list[int]:
+    """Shards without a completion marker, or whose marker counts failed videos."""
+    markers = run.markers()
+    return [s for s in range(run.num_shards()) if s not in markers or markers[s].get("failed", 0)]
+
+
+def repair_run(run: RunDir) -> list[Path]:
+    """Move unreadable markers, submission records and manifest / metrics parts to corrupt/."""
+    moved = []
+    candidates = [
+        *(run.root / "done").glob("*.json"),
+        *(run.root / "jobs").glob("submission-*.json"),
+        *(run.root / "manifest").glob("*.parquet"),
+        *(run.root / "metrics").glob("*.parquet"),
+        run.root / "manifest-cache.parquet",
+    ]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            run.read_json(path) if path.suffix == ".json" else read_parquet(path)
+        except CorruptRunFile:
+            target = run.root / "corrupt" / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def run_retry(args: argparse.Namespace) -> int:
+    run = RunDir(args.run_dir).require()
+    if args.repair:
+        for moved in repair_run(run):
+            print(f"moved corrupt file to {moved}")
+    config = load_config(run.root / "config.yaml")
+    with submission_lock(run):
+        records = latest_records(run)
+        unfinished = unfinished_shards(run)
+        try:
+            live = live_states(run, [records[s] for s in unfinished if s in records], config)
+        except SchedulerUnavailable as err:
+            raise SystemExit(
+                f"hvbatch retry: cannot tell which jobs of {run.root} are still alive ({err}); nothing was "
+                "submitted. Try again once the scheduler answers."
+            ) from err
+        todo = [s for s in unfinished if s not in records or records[s].job_id not in live]
+        busy = sorted(set(unfinished) - set(todo))
+        if busy:
+            print(
+                f"run {run.root}: shards {busy} still have a queued or running job; retry them once it ends"
+            )
+        if not todo:
+            print(f"run {run.root}: nothing to retry (every shard is complete or still queued)")
+            return 0
+        ledger.reconcile(run, todo, run_probe(run, config))  # e.g. an attempt ended by scancel
+        ledger.reopen_failed_shards(run, todo)
+        kind = resolve_executor(args.executor or run.read_run()["executor"])
+        new = executor_for(kind, run, config).submit(todo)
+    print(f"run {run.root}: resubmitted shards {todo} as {', '.join(sorted({r.job_id for r in new}))}")
+    return _wait_or_stop(run) if args.wait else 0
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    run = RunDir(args.run_dir).require()
+    complete = run.completed_shards()
+    records = [r for r in latest_records(run).values() if r.shard not in complete]
+    snapshot_states = RunSnapshot.take(run).states
+    if snapshot_states is None:
+        print(
+            "hvbatch cancel: warning: the scheduler did not answer; cancelling every recorded job",
+            file=sys.stderr,
+        )
+    live = [r for r in records if snapshot_states is None or r.job_id in snapshot_states]
+    # First, so that a job finishing after its ranks are killed sees why and does not retry.
+    ledger.cancel(run, {r.job_id for r in live})
+    by_kind: dict[str, list] = {}
+    for record in live:
+        by_kind.setdefault(record.executor, []).append(record)
+    for kind, group in by_kind.items():
+        executor_for(kind, run).cancel(group)
+    print(f"run {run.root}: cancelled {len({r.job_id for r in live})} jobs")
+    return 0
+
+
+def run_sbatch(args: argparse.Namespace) -> int:
+    run = RunDir(args.run_dir).require()
+    try:
+        shards = [int(x) for x in args.shards.split(",")] if args.shards else unfinished_shards(run)
+    except ValueError as err:
+        raise ValueError(
+            f"--shards {args.shards!r}: give comma-separated shard indices, e.g. --shards 0,3"
+        ) from err
+    text = sbatch_jobs.render(run, args.template, shards)
+    (run.root / "logs").mkdir(exist_ok=True)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}: submit it with `sbatch {args.out}`")
+    else:
+        print(text, end="")
+    return 0
+
+
+def run_shard_command(args: argparse.Namespace) -> int:
+    sbatch_jobs.run_shard(args.run_dir, [int(shard) for shard in args.shards])
+    return 0
+
+
+def add_batch_parsers(commands: argparse._SubParsersAction) -> None:
+    submit = commands.add_parser("submit", help="submit a Parquet file of prompts as shard jobs")
+    submit.add_argument("prompts", help="Parquet file with a `prompt` column (see README for the others)")
+    submit.add_argument("--config", help="a YAML file merged over the defaults and the preset")
+    submit.add_argument("--run-dir", help="where the run lives (default runs/<prompts>-<time>)")
+    submit.add_argument(
+        "--executor", choices=["auto", "slurm", "local"], help="default: batch.executor (auto)"
+    )
+    submit.add_argument(
+        "--dry-run", action="store_true", help="print shards, layout and estimates; submit nothing"
+    )
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until every shard is complete (Ctrl-C: local jobs stop, Slurm jobs keep running)",
+    )
+    submit.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. model=tiny slurm.partition=gpu"
+    )
+    submit.set_defaults(func=run_submit)
+    status = commands.add_parser("status", help="counts, rate, ETA and jobs of a run")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=run_status_command)
+    manifest = commands.add_parser("manifest", help="one row per video of a run")
+    manifest.add_argument("run_dir")
+    manifest.add_argument("--failed", action="store_true", help="only failed videos")
+    group = manifest.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true")
+    group.add_argument("--out", help="write the merged manifest to this .parquet file")
+    manifest.set_defaults(func=run_manifest)
+    retry = commands.add_parser("retry", help="resubmit the failed or unfinished shards of a run")
+    retry.add_argument("run_dir")
+    retry.add_argument("--executor", choices=["auto", "slurm", "local"])
+    retry.add_argument("--wait", action="store_true")
+    retry.add_argument(
+        "--repair", action="store_true", help="first move corrupt markers, records and parts to corrupt/"
+    )
+    retry.set_defaults(func=run_retry)
+    cancel = commands.add_parser("cancel", help="cancel a run's queued and running jobs")
+    cancel.add_argument("run_dir")
+    cancel.set_defaults(func=run_cancel)
+    sbatch = commands.add_parser("sbatch", help="render the run's jobs as a plain sbatch script")
+    sbatch.add_argument("run_dir")
+    sbatch.add_argument(
+        "--template", default="array", help=f"one of {', '.join(sbatch_jobs.TEMPLATES)} (default array)"
+    )
+    sbatch.add_argument("--shards", help="comma-separated shard indices (default: every unfinished shard)")
+    sbatch.add_argument("--out", help="write the script here instead of printing it")
+    sbatch.set_defaults(func=run_sbatch)
+    shard = commands.add_parser("run-shard", help="run shards of a run on this rank (the sbatch entry point)")
+    shard.add_argument("run_dir")
+    shard.add_argument("shards", nargs="+", type=int)
+    shard.set_defaults(func=run_shard_command)

@@ -1,0 +1,165 @@
+"""The one interface every executor adapts: submit shards, say which jobs are alive, cancel them.
+
+    Executor.submit(shards, delay_s, manual)   one job per shard (local: one job for them all)
+    Executor.live(records)                     job id -> scheduler state, for jobs still alive
+    Executor.cancel(records)                   stop those jobs
+    Executor.is_alive / final_state            what `hvbatch.batch.ledger.reconcile` asks
+
+Inside a job the same adapters know how to run the ranks and how to come back after a failure
+(`resubmit` with a delay): the local supervisor retries in-process, submitit's Slurm jobs submit a
+new job that begins after the backoff, plain sbatch jobs requeue themselves with a later start time.
+Every submission is recorded in `jobs/submission-NNNN.json`, which status, retry and cancel read.
+
+A scheduler that cannot answer (`squeue` fails) raises `SchedulerUnavailable`: a job whose state is
+unknown is never taken for gone, so nothing is submitted twice on a guess.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from hvbatch.batch.rundir import RunDir
+from hvbatch.config import Config, load_config
+
+LIVE_STATES = frozenset(
+    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
+)
+
+
+class SchedulerUnavailable(RuntimeError):
+    """The scheduler could not say which jobs are alive."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One shard's job in a submission record."""
+
+    shard: int
+    job_id: str
+    executor: str
+    identity: str | None = None  # local jobs: the controller's `pid:start time` (pids are reused)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"shard": self.shard, "job_id": self.job_id, "executor": self.executor}
+        if self.identity is not None:
+            data["identity"] = self.identity
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        return cls(int(data["shard"]), str(data["job_id"]), str(data["executor"]), data.get("identity"))
+
+
+def record_submission(
+    run: RunDir, records: list[JobRecord], executor: str, *, manual: bool, delay_s: float = 0.0
+) -> None:
+    """`manual` submissions (submit, retry, a plain sbatch job's first start) give the shards a
+    fresh budget of attempts; automatic resubmissions after a failure count against it."""
+    run.add_submission(
+        {
+            "submitted_at": time.time(),
+            "executor": executor,
+            "jobs": [record.to_dict() for record in records],
+            "kind": "manual" if manual else "auto",
+            "delay_s": delay_s,
+        }
+    )
+
+
+def latest_records(run: RunDir) -> dict[int, JobRecord]:
+    """The most recent job of each shard."""
+    latest: dict[int, JobRecord] = {}
+    for submission in run.submissions():
+        for data in submission["jobs"]:
+            record = JobRecord.from_dict(data)
+            latest[record.shard] = record
+    return latest
+
+
+@contextlib.contextmanager
+def submission_lock(run: RunDir) -> Iterator[None]:
+    """Held while deciding what to submit and submitting it: two `retry`s at once, or a retry and
+    a job resubmitting itself, never both submit the same shard."""
+    folder = run.root / "jobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+EXECUTOR_CLASSES: dict[str, type[Executor]] = {}
+
+
+class Executor(abc.ABC):
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            EXECUTOR_CLASSES[cls.kind] = cls
+
+    def __init__(self, run: RunDir, config: Config) -> None:
+        self.run, self.config = run, config
+
+    @abc.abstractmethod
+    def submit(self, shards: list[int], *, delay_s: float = 0.0, manual: bool = True) -> list[JobRecord]:
+        """Submit the shards' jobs and record them."""
+
+    @abc.abstractmethod
+    def live(self, records: list[JobRecord]) -> dict[str, str]:
+        """Scheduler state of each job still queued or running; raises SchedulerUnavailable."""
+
+    @abc.abstractmethod
+    def cancel(self, records: list[JobRecord]) -> None:
+        """Stop these jobs (their attempts are recorded `cancelled` first, by the caller)."""
+
+    def is_alive(self, job_id: str) -> bool | None:
+        try:
+            return job_id in self.live([JobRecord(-1, job_id, self.kind)])
+        except SchedulerUnavailable:
+            return None
+
+    def final_state(self, job_id: str) -> str | None:
+        return None
+
+
+class RunProbe:
+    """`ledger.JobProbe` for a run's jobs, whichever executor each was submitted with.
+
+    A job of an executor this process has not loaded, or one missing from the run's records, is
+    "unknown" (None): it is never taken for gone.
+    """
+
+    def __init__(self, run: RunDir, config: Config | None = None) -> None:
+        self.run, self.config = run, config
+        self.kinds = {
+            str(data["job_id"]): str(data["executor"])
+            for submission in run.submissions()
+            for data in submission["jobs"]
+        }
+
+    def _executor(self, job_id: str) -> Executor | None:
+        cls = EXECUTOR_CLASSES.get(self.kinds.get(job_id, ""))
+        if cls is None:
+            return None
+        config = self.config if self.config is not None else load_config(self.run.root / "config.yaml")
+        return cls(self.run, config)
+
+    def is_alive(self, job_id: str) -> bool | None:
+        executor = self._executor(job_id)
+        return executor.is_alive(job_id) if executor is not None else None
+
+    def final_state(self, job_id: str) -> str | None:
+        executor = self._executor(job_id)
+        return executor.final_state(job_id) if executor is not None else None

@@ -1,0 +1,131 @@
+"""Durable, atomic files: write to a temporary name, fsync, rename, fsync the folder.
+
+A node that crashes mid-write leaves either the old file or the new one under the final name,
+never a short one. Readers of the run's small JSON and Parquet files go through `read_json` and
+`read_parquet`, which name a corrupt or empty file and say how to repair the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PRIVATE_DIR_MODE = 0o700
+SHARED_DIR_MODE = 0o755
+
+
+class CorruptRunFile(ValueError):
+    """A run file that cannot be read (empty, truncated, not JSON or Parquet)."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(
+            f"{path} is corrupt or empty ({type(cause).__name__}: {cause}); "
+            f"`hvbatch retry {_run_root(path)} --repair` moves corrupt files to corrupt/ and redoes "
+            "what they recorded (videos already made are kept)"
+        )
+        self.path = path
+
+
+def _run_root(path: Path) -> Path:
+    for parent in path.parents:
+        if (parent / "run.json").is_file():
+            return parent
+    return path.parent
+
+
+def tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(folder: Path, mode: int = SHARED_DIR_MODE) -> None:
+    """Create `folder` and missing parents; parents get `SHARED_DIR_MODE`, never group/world write."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    for parent in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            parent.mkdir(mode=mode if parent == folder else SHARED_DIR_MODE)
+
+
+def _write_bytes_durably(tmp: Path, data: bytes) -> None:
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json_exclusive(path: Path, payload: Any) -> bool:
+    """Write `path` atomically unless it exists (hard link of a temp file); False if it existed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    _write_bytes_durably(tmp, json.dumps(payload, indent=2, sort_keys=True).encode())
+    try:
+        os.link(tmp, path)
+        fsync_dir(path.parent)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        _write_bytes_durably(tmp, json.dumps(payload, indent=2, sort_keys=True).encode())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        pq.write_table(table, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptRunFile(path, err) from err
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        if not path.is_file():
+            raise
+        raise CorruptRunFile(path, err) from err

@@ -1,0 +1,398 @@
+"""The shard job: every rank of one node job runs `run_shards_job(run_dir, shards)`.
+
+Ranks come from the submitit / Slurm / torchrun environment. The job loads the model once; per
+shard it chooses the planner's layout (dp groups x ulysses x ring), parallelizes the model for it,
+and each dp group works through its share of the shard's videos in file order, skipping those
+already done. Per video the group's leader writes a `started` row, then the mp4 (attempt-unique
+temporary name, hard-linked to its final name), then the `done` or `failed` row. A video that fails
+on any rank fails for the whole group; a failed video is tried again, in this job, until
+`retry.max_prompt_attempts`.
+
+Every wait between ranks outside the denoising loop (the group agreeing after a video while its
+leader decodes and writes, dp replicas meeting at the end of a shard) goes through
+`hvbatch.parallel.liveness`: no deadline while the peers' heartbeats come, an error as soon as one
+stops. A failure of the group itself (a collective that times out, a rank that dies) ends the
+attempt: the error is recorded and the process exits non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from hvbatch.batch import ledger
+from hvbatch.batch.attempt import ExitReason, RankErrorKind, VideoStatus
+from hvbatch.batch.ledger import VideoHistory, record_rank_error, video_histories
+from hvbatch.batch.rundir import RunDir, shard_name
+from hvbatch.batch.runtime.faults import FaultInjector, VideoFaults
+from hvbatch.batch.runtime.support import (
+    PROCESS_START,
+    JobIdentity,
+    ShardProgress,
+    Watchdog,
+    choose_layout,
+    commit_video,
+    manifest_row,
+    peak_memory_bytes,
+    recover_orphans,
+)
+from hvbatch.batch.videos import sampling_for
+from hvbatch.config import Config, load_config
+from hvbatch.parallel.dims import ParallelGroups, build_groups, destroy_groups
+from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
+from hvbatch.parallel.liveness import Liveness, PeerLostError
+from hvbatch.parallel.runner import parallelize, unparallelize
+from hvbatch.pipeline import Pipeline, Timings
+
+logger = logging.getLogger(__name__)
+PROMPT_ERRORS = (ValueError, RuntimeError, FloatingPointError, OSError, torch.cuda.OutOfMemoryError)
+COMMUNICATION_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def is_communication_error(err: BaseException) -> bool:
+    """A failed or timed-out collective: the group is unusable and the attempt must end."""
+    import torch.distributed as dist
+
+    if isinstance(err, (dist.DistError, PeerLostError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(m in text for m in (*COMMUNICATION_MARKERS, "nccl", "gloo"))
+
+
+def error_kind(err: BaseException) -> RankErrorKind:
+    text = str(err).lower()
+    if isinstance(err, PeerLostError):
+        return RankErrorKind.PEER_LOST
+    if is_communication_error(err):
+        return RankErrorKind.TIMEOUT if "timed out" in text or "timeout" in text else RankErrorKind.PEER_LOST
+    if "out of memory" in text or type(err).__name__ == "OutOfMemoryError":
+        return RankErrorKind.OOM
+    return RankErrorKind.FAILED
+
+
+@dataclasses.dataclass
+class JobContext:
+    """What stays the same for every shard of the job."""
+
+    run: RunDir
+    config: Config
+    pipeline: Pipeline
+    setup: RankSetup
+    identity: JobIdentity
+    faults: FaultInjector | None
+    watchdog: Watchdog
+    liveness: Liveness | None
+    load_seconds: float
+
+    @property
+    def rank(self) -> int:
+        return self.setup.rank
+
+    @property
+    def world_ranks(self) -> list[int]:
+        return list(range(self.setup.env.world_size if self.setup.env else 1))
+
+    def exchange(self, scope: str, ranks: list[int], value: Any = None) -> dict[int, Any]:
+        """Every rank of `ranks` publishes a value and gets them all, however long peers are busy."""
+        if len(ranks) == 1 or self.liveness is None:
+            return {self.rank: value}
+        return self.liveness.exchange(scope, ranks, value)
+
+    def doing(self, what: str) -> None:
+        self.watchdog.touch()
+        if self.liveness is not None:
+            self.liveness.doing = what
+
+
+@dataclasses.dataclass
+class ShardContext:
+    job: JobContext
+    shard: int
+    groups: ParallelGroups
+    attempt: int
+
+    @property
+    def scope(self) -> str:
+        return f"{shard_name(self.shard)}.dp{self.groups.dp_index}"
+
+
+def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults | None) -> dict[str, Any]:
+    """Make (and, on the leader, commit) one video; the manifest fields of the outcome."""
+    job = ctx.job
+    start = time.perf_counter()
+    leader = ctx.groups.is_sp_leader
+    first_step: list[float] = []
+
+    def on_step(step: int, total: int) -> None:
+        job.doing(f"video {video['video_id']} step {step}/{total}")
+        if not first_step:
+            first_step.append(time.time())
+        if faults is not None:
+            faults.at_step(step)
+
+    sampling = sampling_for(video, job.config.sampling)
+    if faults is not None and faults.nan:
+        sampling = dataclasses.replace(sampling, guidance_scale=float("nan"))
+    try:
+        generated = job.pipeline.generate(
+            video["prompt"], sampling, on_step=on_step, decode=leader, timings=Timings()
+        )
+        status, path = VideoStatus.DONE, None
+        if leader:
+            assert generated.frames is not None
+            job.doing(f"writing {video['video_id']}")
+            committed = commit_video(
+                job.run, video["video_id"], generated.frames, job.config.video, job.identity.key, faults
+            )
+            status = VideoStatus.DONE if committed else "committed-elsewhere"
+            path = str(job.run.video_path(video["video_id"]).relative_to(job.run.root))
+        result = dict(status=status, path=path, truncated=generated.truncated)
+    except PROMPT_ERRORS as err:
+        if is_communication_error(err):
+            raise
+        logger.error("video %s failed:\n%s", video["video_id"], traceback.format_exc())
+        result = dict(status=VideoStatus.FAILED, error=f"{type(err).__name__}: {err}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    result["seconds"] = time.perf_counter() - start
+    result["first_step_at"] = first_step[0] if first_step else None
+    return result
+
+
+def _agree_on_outcome(ctx: ShardContext, result: dict[str, Any]) -> dict[str, Any]:
+    """Every rank of the SP group learns whether the video failed anywhere (and the leader why)."""
+    groups = ctx.groups
+    own = (str(result["status"]), result.get("error"))
+    outcomes = ctx.job.exchange(f"{ctx.scope}.outcome", groups.sp_ranks, own)
+    leader_status = outcomes[groups.sp_ranks[0]][0]
+    if leader_status in (VideoStatus.DONE, "committed-elsewhere"):  # the mp4 is committed: done
+        return result | dict(status=leader_status, error=None)
+    failures = [error for rank, (status, error) in sorted(outcomes.items()) if status == VideoStatus.FAILED]
+    if not failures:
+        return result
+    suffix = "" if result["status"] == VideoStatus.FAILED else " (on another rank of the group)"
+    return result | dict(status=VideoStatus.FAILED, error=f"{failures[0]}{suffix}", path=None)
+
+
+def _run_video(
+    ctx: ShardContext, index: int, video: dict[str, Any], history: VideoHistory, progress: ShardProgress
+) -> None:
+    job, groups = ctx.job, ctx.groups
+    key = job.identity.key
+    attempt = history.attempts + 1
+    row_of = dict(attempt=attempt, final=False)
+    progress.put(video["video_id"], manifest_row(video, ctx.shard, key, status=VideoStatus.STARTED, **row_of))
+    faults = None
+    if job.faults is not None:
+        faults = job.faults.for_video(
+            rank=groups.rank,
+            shard=ctx.shard,
+            video_index=index,
+            video_id=video["video_id"],
+            attempt=ctx.attempt,
+        )
+    result = _agree_on_outcome(ctx, _generate_one(ctx, video, faults))
+    job.watchdog.touch()
+    progress.seconds.append(result["seconds"])
+    first_step_at = result.pop("first_step_at", None)
+    progress.first_step_at = progress.first_step_at or first_step_at
+    history.attempts = attempt
+    if result["status"] == "committed-elsewhere":
+        history.done = True
+        progress.drop(video["video_id"])
+        return
+    history.done = result["status"] == VideoStatus.DONE
+    history.final = not history.done and attempt >= job.config.retry.max_prompt_attempts
+    history.last_error = result.get("error")
+    row = manifest_row(video, ctx.shard, key, **row_of | result | {"final": history.final})
+    progress.put(video["video_id"], row)
+    if groups.is_sp_leader:
+        per_step = result["seconds"] / max(1, sampling_for(video, job.config.sampling).num_inference_steps)
+        logger.info(
+            "video %s: %s in %.1f s (%.2f s/step), peak memory %.2f GiB",
+            video["video_id"],
+            row["status"],
+            result["seconds"],
+            per_step,
+            peak_memory_bytes(job.pipeline.device) / 2**30,
+        )
+
+
+def _leader_todo(
+    ctx: ShardContext, videos: list[dict[str, Any]], mine: list[int], histories: dict[str, VideoHistory],
+    progress: ShardProgress,
+) -> list[int]:  # fmt: skip
+    """The videos to try in this pass; those out of attempts get their final failed row here."""
+    run, retry, key = ctx.job.run, ctx.job.config.retry, ctx.job.identity.key
+    todo = []
+    for index in mine:
+        video = videos[index]
+        history = histories.setdefault(video["video_id"], VideoHistory())
+        if history.done or history.final or run.video_path(video["video_id"]).exists():
+            continue
+        if history.attempts >= retry.max_prompt_attempts:
+            history.final = True
+            error = f"failed on {history.attempts} attempts; last: {history.last_error}"
+            row = manifest_row(
+                video,
+                ctx.shard,
+                key,
+                status=VideoStatus.FAILED,
+                final=True,
+                attempt=history.attempts,
+                error=error,
+            )
+            progress.put(video["video_id"], row)
+            continue
+        todo.append(index)
+    return todo
+
+
+def _process_videos(ctx: ShardContext) -> ShardProgress:
+    job, groups = ctx.job, ctx.groups
+    videos = job.run.read_shard(ctx.shard).to_pylist()
+    histories = video_histories(job.run, ctx.shard, job.identity.key)
+    mine = [i for i in range(len(videos)) if i % groups.dims.dp == groups.dp_index]
+    leader = groups.is_sp_leader
+    progress = ShardProgress(job.run, ctx.shard, job.identity.key, groups.dp_index, leader)
+    for _ in range(job.config.retry.max_prompt_attempts):
+        todo = _leader_todo(ctx, videos, mine, histories, progress) if leader else None
+        # The group follows its leader's list (ranks reading the manifest could see different states).
+        todo = ctx.job.exchange(f"{ctx.scope}.todo", groups.sp_ranks, todo)[groups.sp_ranks[0]]
+        if not todo:
+            break
+        for index in todo:
+            video = videos[index]
+            _run_video(ctx, index, video, histories.setdefault(video["video_id"], VideoHistory()), progress)
+    return progress
+
+
+def _attempt_number(run: RunDir, shard: int, identity: JobIdentity) -> int:
+    """This attempt's number for the shard, 1-based (what fault specs match `attempt=` against)."""
+    rows = run.metrics_rows(shard)
+    return len(rows) + (0 if any(r["attempt_key"] == str(identity.key) for r in rows) else 1)
+
+
+def _begin_row(job: JobContext, groups: ParallelGroups, attempt: int) -> dict[str, Any]:
+    device = job.pipeline.device
+    return {
+        "array_index": job.identity.array_index,
+        "attempt": attempt,
+        "node": os.uname().nodename,
+        "gpu_type": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": groups.dims.world_size,
+        "dp": groups.dims.dp,
+        "ulysses": groups.dims.ulysses,
+        "ring": groups.dims.ring,
+        "load_seconds": job.load_seconds,
+    }
+
+
+def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[str, Any]:
+    run, key, rank = job.run, job.identity.key, job.rank
+    shard_start = time.time()
+    dims = choose_layout(job.config, run.read_shard(shard), job.setup.env)
+    groups = build_groups(dims, rank, timedelta(seconds=job.config.parallel.timeout_s))
+    raw_model = job.pipeline.transformer
+    job.pipeline.transformer = parallelize(raw_model, groups)
+    try:
+        attempt = _attempt_number(run, shard, job.identity)
+        ctx = ShardContext(job, shard, groups, attempt)
+        if rank == 0:
+            ledger.reconcile(run, [shard], probe, key)
+            ledger.begin(run, shard, key, _begin_row(job, groups, attempt) | {"started_at": shard_start})
+            logger.info(
+                "%s %s (attempt %d): layout dp %d x ulysses %d x ring %d",
+                shard_name(shard), key, attempt, dims.dp, dims.ulysses, dims.ring,
+            )  # fmt: skip
+        job.exchange(f"{shard_name(shard)}.begin", job.world_ranks)  # the ledger is up to date
+        progress = _process_videos(ctx)
+        job.doing(f"{shard_name(shard)} done, waiting for the other dp groups")
+        peaks = job.exchange(
+            f"{shard_name(shard)}.end", job.world_ranks, peak_memory_bytes(job.pipeline.device)
+        )
+    finally:
+        job.pipeline.transformer = unparallelize(job.pipeline.transformer)
+    destroy_groups(groups)  # not after a failure: tearing down a broken group can block
+    complete = False
+    if rank == 0:
+        recover_orphans(run, shard, key)
+        wall = time.time() - shard_start
+        measured = {
+            "seconds_to_first_step": progress.first_step_at - shard_start if progress.first_step_at else None,
+            "prompt_seconds": progress.seconds,
+            "wall_seconds": wall,
+            "gpu_seconds": wall * dims.world_size,
+            "peak_memory_bytes": [int(peaks[r]) for r in sorted(peaks)],
+        }
+        ledger.end(run, shard, key, ExitReason.COMPLETED, None, measured)
+        complete = ledger.mark_complete_if_done(run, shard, key)
+    return {"shard": shard, "rank": rank, "videos": len(progress.seconds), "complete": complete}
+
+
+def _liveness(setup: RankSetup, config: Config, watchdog: Watchdog) -> Liveness | None:
+    env = setup.env
+    if env is None or env.world_size == 1:
+        return None
+    r = config.retry
+    return Liveness.for_job(
+        env.master_addr,
+        env.master_port,
+        env.rank,
+        interval_s=r.heartbeat_interval_s,
+        peer_timeout_s=r.peer_timeout_s,
+        on_wait=watchdog.touch,
+    ).start()
+
+
+def run_shards_job(
+    run_dir: str, shards: list[int], probe: ledger.JobProbe, on_shard: Any = None
+) -> list[dict[str, Any]]:
+    """Entry point of a job (called on every rank): load once, then work through `shards` in order."""
+    run = RunDir(run_dir)
+    config = load_config(run.root / "config.yaml")
+    identity = JobIdentity.from_environment()
+    setup = setup_rank(config.parallel, config.device)
+    watchdog = Watchdog(config.retry.stall_timeout_s, run, identity.key, setup.rank)
+    liveness = None
+    failed = False
+    try:
+        liveness = _liveness(setup, config, watchdog)
+        timings = Timings()
+        pipeline = Pipeline.load(config, timings, device=setup.device)
+        job = JobContext(
+            run, config, pipeline, setup, identity, FaultInjector.from_spec(config.fault), watchdog, liveness,
+            timings.seconds.get("load", 0.0),
+        )  # fmt: skip
+        watchdog.start()
+        results = []
+        complete = run.completed_shards()
+        for shard in shards:
+            if shard in complete:
+                continue
+            if on_shard is not None:
+                on_shard(run, shard, identity.key)
+            results.append(_run_one_shard(job, shard, probe))
+        return results
+    except Exception as err:
+        failed = True
+        message = f"{type(err).__name__}: {err}"
+        if liveness is not None:
+            liveness.report_failure(message)
+        record_rank_error(run, identity.key, setup.rank, error_kind(err), message)
+        logger.error("rank %d: attempt %s failed:\n%s", setup.rank, identity.key, traceback.format_exc())
+        raise
+    finally:
+        watchdog.stop()
+        if liveness is not None:
+            liveness.stop()
+        if not failed:  # after a failed collective, tearing the group down can block: just exit
+            teardown_rank(setup)
+        logger.debug("rank %d left after %.0f s", setup.rank, time.time() - PROCESS_START)

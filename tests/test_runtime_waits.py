@@ -1,0 +1,99 @@
+"""GPU time scales on the CPU: busy peers are waited for, not failed; layouts change between shards.
+
+Timeouts are lowered to a few seconds and one video is made slower than all of them together:
+a dp replica still on its last video, a leader still writing its mp4. Every attempt must end
+`completed`, each video exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hvbatch.batch.rundir import RunDir
+from hvbatch.cli import main
+from hvbatch.config import load_config
+from hvbatch.pipeline import Pipeline, Timings
+from hvbatch.video import encode_mp4
+from tests.batch_helpers import EXAMPLE_CONFIG
+from tests.fault_helpers import FAULT_PROMPTS, assert_exactly_once, metrics, submit_argv, write_prompts
+
+# Collectives and heartbeats give up after 5 s; the slow video and the slow write take far longer.
+SHORT_TIMEOUTS = ["parallel.timeout_s=5", "retry.peer_timeout_s=5", "retry.heartbeat_interval_s=0.5"]
+
+
+def test_busy_peers_are_waited_for_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dp 2 x ulysses 2 on 4 ranks. Replica 0 (ranks 0, 1) makes videos 0 and 2, replica 1 videos 1
+    # and 3. Rank 0, replica 0's leader, takes 12 s more to write video 0 while rank 1 waits for it;
+    # replica 1's last video takes 20 s more (every rank of its group), so replica 0 waits for it at
+    # the end of the shard.
+    faults = ["action=slow-write,rank=0,video=0,seconds=12", "action=slow,rank=all,video=3,step=1,seconds=20"]
+    monkeypatch.setenv("HVBATCH_FAULT", ";".join(faults))
+    prompts = write_prompts(tmp_path / "prompts.parquet")
+    run_dir = tmp_path / "run"
+    argv = submit_argv(
+        prompts, run_dir, "local", "slurm.tasks_per_node=4", "batch.min_shards=1", "parallel.ulysses=2",
+        "parallel.ring=1", *SHORT_TIMEOUTS,
+    )  # fmt: skip
+    started = time.time()
+    assert main([*argv, "--wait"]) == 0
+    assert time.time() - started > 20  # the slow video really outlasted every timeout
+    assert_exactly_once(run_dir, FAULT_PROMPTS, {})
+    (attempts,) = metrics(run_dir).values()
+    assert [a["exit_reason"] for a in attempts] == ["completed"], attempts
+    assert (attempts[0]["dp"], attempts[0]["ulysses"]) == (2, 2)
+    assert not (run_dir / "attempts").exists() or not list((run_dir / "attempts").glob("*.rank*.json"))
+
+
+def _videos(tmp_path: Path) -> Path:
+    """One video that needs 2 GPUs under the memory limit below, two that fit one GPU each."""
+    rows = [
+        {"id": "large", "prompt": "A wide valley.", "seed": 5, "height": 96, "width": 128, "num_frames": 9},
+        {"id": "small-a", "prompt": "A red kite.", "seed": 6, "height": 48, "width": 64, "num_frames": 5},
+        {"id": "small-b", "prompt": "A blue boat.", "seed": 7, "height": 48, "width": 64, "num_frames": 5},
+    ]
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _decoded(path: Path) -> np.ndarray:
+    reader = imageio.get_reader(path, format="FFMPEG")
+    frames = np.stack([np.asarray(frame, dtype=np.float32) for frame in reader])
+    reader.close()
+    return frames
+
+
+def test_layouts_change_between_shards_of_one_job(tmp_path: Path) -> None:
+    # 0.030 GiB per "GPU": the large video's shard plans sequence parallelism (dp 1 x ulysses 2),
+    # the small videos' shard plans dp 2 x ulysses 1; the local executor runs both in one job.
+    overrides = ["parallel.gpu_memory_gib=0.030", "sampling.num_inference_steps=3", "slurm.tasks_per_node=2",
+                 "batch.min_shards=2"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    argv = ["submit", str(_videos(tmp_path)), "--config", str(EXAMPLE_CONFIG), "--executor", "local",
+            "--run-dir", str(run_dir), *overrides, "--wait"]  # fmt: skip
+    assert main(argv) == 0
+    layouts = {int(row["shard"]): (row["dp"], row["ulysses"]) for row in RunDir(run_dir).metrics_rows()}
+    assert sorted(layouts.values()) == [(1, 2), (2, 1)], layouts
+    assert len({row["job_id"] for row in RunDir(run_dir).metrics_rows()}) == 1  # one job, two layouts
+    # Each video equals the video one process makes alone (same weights, prompt and seed).
+    config = load_config(EXAMPLE_CONFIG, overrides)
+    pipeline = Pipeline.load(config, Timings())
+    run = RunDir(run_dir)
+    rows = [row for shard in range(run.num_shards()) for row in run.read_shard(shard).to_pylist()]
+    for row in rows:
+        sizes = [f"sampling.{k}={row[k]}" for k in ("seed", "height", "width", "num_frames")]
+        sampling = load_config(EXAMPLE_CONFIG, [*overrides, *sizes]).sampling
+        alone = pipeline.generate(row["prompt"], sampling, timings=Timings())
+        reference = tmp_path / f"alone-{row['video_id']}.mp4"
+        encode_mp4(alone.frames, reference, config.video)
+        batch_frames, alone_frames = _decoded(run.video_path(row["video_id"])), _decoded(reference)
+        assert batch_frames.shape == alone_frames.shape
+        difference = np.abs(batch_frames - alone_frames)
+        assert difference.mean() < 0.05 and difference.max() <= 4, (row["video_id"], difference.max())
