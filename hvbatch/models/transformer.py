@@ -180,8 +180,8 @@ class TextLengths:
         return cls(tuple(valid_text_lengths(text_mask_BL, batch, length)), length)
 
     @property
-    def uniform(self) -> Sequence[int] | None:
-        """`None` when every sample has the same length (one attention call serves the batch)."""
+    def ragged(self) -> Sequence[int] | None:
+        """The lengths when they differ between samples (each then attends alone), else None."""
         return None if len(set(self.lengths)) == 1 else self.lengths
 
 
@@ -325,7 +325,7 @@ class HunyuanVideoTransformer(nn.Module):
         if self.compiled_blocks:  # one compiled graph for every prompt length
             torch._dynamo.maybe_mark_dynamic(txt_BLD, 1)
         rope = (rope[0].to(img_BLD.device), rope[1].to(img_BLD.device))
-        text_lens = lengths.uniform
+        text_lens = lengths.ragged
         for block in self.double_blocks:
             img_BLD, txt_BLD = block(img_BLD, txt_BLD, vec_BD, rope, text_lens, self.attention_fn)
         num_image_tokens = img_BLD.shape[1]
