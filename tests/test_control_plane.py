@@ -199,9 +199,8 @@ def test_submit_takes_the_run_directory_atomically(
     finally:
         os.umask(old_umask)
     assert outcomes.count("created") == 1, outcomes
-    assert all(
-        "another `hvbatch submit`" in o or "already holds a run" in o for o in outcomes if o != "created"
-    )
+    losers = [o for o in outcomes if o != "created"]
+    assert all("another `hvbatch submit`" in o or "already holds a run" in o for o in losers), losers
     for folder in (root, root.parent, root.parent.parent):
         assert not folder.stat().st_mode & 0o022, oct(folder.stat().st_mode)
     argv = ["submit", str(tmp_path / "prompts.parquet"), "--executor", "local", "model=tiny"]

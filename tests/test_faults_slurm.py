@@ -64,3 +64,25 @@ def test_usr2_preemption_requeues_and_resumes(tmp_path: Path, slurm_env: SlurmCl
     assert [a["exit_reason"] for a in attempts] == ["preempted", "completed"]
     assert [a["attempt_key"] for a in attempts] == [f"job{job_id}.r0", f"job{job_id}.r1"]  # same job
     assert len(RunDir(run_dir).submissions()) == 1
+
+
+def test_busy_peers_are_waited_for_on_slurm(
+    tmp_path: Path, slurm_env: SlurmCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As tests/test_runtime_waits.py on the local executor: dp 2 x ulysses 2 under srun, timeouts
+    # at 5 s, replica 1's last video 20 s slower, replica 0's leader 12 s slower to write.
+    faults = ["action=slow-write,rank=0,video=0,seconds=12", "action=slow,rank=all,video=3,step=1,seconds=20"]
+    monkeypatch.setenv("HVBATCH_FAULT", ";".join(faults))
+    prompts = write_prompts(tmp_path / "prompts.parquet")
+    run_dir = tmp_path / "run"
+    argv = submit_argv(
+        prompts, run_dir, "slurm", "slurm.tasks_per_node=4", "batch.min_shards=1", "parallel.ulysses=2",
+        "parallel.ring=1", "parallel.timeout_s=5", "retry.peer_timeout_s=5", "retry.heartbeat_interval_s=0.5",
+    )  # fmt: skip
+    assert main([*argv, "--wait"]) == 0
+    assert_exactly_once(run_dir, FAULT_PROMPTS, {})
+    (attempts,) = metrics(run_dir).values()
+    assert [a["exit_reason"] for a in attempts] == ["completed"], attempts
+    assert (attempts[0]["dp"], attempts[0]["ulysses"], attempts[0]["world_size"]) == (2, 2, 4)
+    assert attempts[0]["wall_seconds"] > 20
+    assert len(RunDir(run_dir).submissions()) == 1  # no retry was needed

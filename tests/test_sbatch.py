@@ -180,10 +180,11 @@ def test_unsafe_values_and_option_names_are_refused(
     run = make_run(tmp_path / "back\\slash")
     with pytest.raises(ValueError, match="backslash"):
         render(run, "array", [0, 1])
-    # And a line break in the run directory's name (job name, log path) is refused too.
-    run = make_run(tmp_path / "line\nbreak")
+    # And a line break in the run directory's name (job name, log path) is refused too: already
+    # when the run is created, before anything is written.
     with pytest.raises(ValueError, match="line break"):
-        render(run, "node", [0])
+        make_run(tmp_path / "line\nbreak")
+    assert not (tmp_path / "line\nbreak").exists()
 
 
 def test_shards_selection_and_completed_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -91,12 +91,23 @@ def claim_run_dir(run: RunDir) -> None:
         )
     if run.root.exists() and not run.root.is_dir():
         raise ValueError(f"--run-dir {run.root} is a file, not a directory; choose another --run-dir")
-    if run.root.is_dir() and any(p.name != CLAIM_NAME for p in run.root.iterdir()):
-        raise ValueError(f"--run-dir {run.root} is not empty and not a run; choose a new or empty directory")
+    existed = run.root.is_dir()
     make_dirs(run.root, PRIVATE_DIR_MODE)
+    claim = run.root / CLAIM_NAME
+    if not write_json_exclusive(claim, {"pid": os.getpid(), "at": time.time()}):
+        raise ValueError(
+            f"{run.root} is being created by another `hvbatch submit` (or one that stopped half-way: "
+            "then remove the folder); choose another --run-dir"
+        )
+    others = [
+        p
+        for p in run.root.iterdir()
+        if not p.name.startswith(CLAIM_NAME) and not p.name.startswith(f".{CLAIM_NAME}")
+    ]
+    if existed and others:
+        claim.unlink()
+        raise ValueError(f"--run-dir {run.root} is not empty and not a run; choose a new or empty directory")
     run.root.chmod(PRIVATE_DIR_MODE)  # submitit's pickles in here are code the jobs execute
-    if not write_json_exclusive(run.root / CLAIM_NAME, {"pid": os.getpid(), "at": time.time()}):
-        raise ValueError(f"{run.root} is being created by another `hvbatch submit`; choose another --run-dir")
 
 
 def create_run(run: RunDir, config: Config, prompts: Path, shards: list[pa.Table], executor: str) -> None:

@@ -47,6 +47,12 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _rank_preexec() -> None:
+    """A rank dies with its supervisor and leaves Ctrl-C to it (Python keeps an ignored SIGINT)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def process_identity(pid: int) -> str | None:
     """`pid:start time` of a live process (start in clock ticks since boot), or None."""
     try:
@@ -191,7 +197,7 @@ class LocalShardJob:
                 str(run.root),
                 json.dumps(shards),
             ]
-            self.ranks.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
+            self.ranks.append(subprocess.Popen(command, env=env, preexec_fn=_rank_preexec))
 
     def _run_attempt(self, run: RunDir, shards: list[int]) -> int:
         """Start the ranks; return the first failing rank's status (0 when all succeed)."""

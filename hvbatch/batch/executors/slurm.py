@@ -42,6 +42,7 @@ from hvbatch.batch.executors.base import (
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import load_config
+from hvbatch.parallel.launch import export_submitit_environment
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -193,14 +194,6 @@ class SlurmExecutor(SlurmQueue, Executor):
         return records
 
 
-def export_submitit_environment() -> None:
-    """Under submitit, publish RANK/WORLD_SIZE/MASTER_* for `dist_env_from`. CUDA_VISIBLE_DEVICES is
-    left as Slurm set it: the rank picks its GPU from what it can see (see `parallel.launch`)."""
-    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
-        return
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
 @dataclass
 class SlurmShardJob:
     """What submitit runs on every rank of a Slurm job."""
@@ -212,7 +205,7 @@ class SlurmShardJob:
     def __call__(self, run_dir: str, shards: list[int]) -> list[dict[str, Any]]:
         from hvbatch.batch.runtime.job import run_shards_job
 
-        export_submitit_environment()
+        export_submitit_environment()  # RANK and MASTER_*; CUDA_VISIBLE_DEVICES left as Slurm set it
         return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)
 
     def _set_active(self, run: RunDir, shard: int, key: AttemptKey) -> None:
