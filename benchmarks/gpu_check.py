@@ -164,6 +164,11 @@ def qkv(sizes: Sizes, q_len: int, k_len: int, seed: int = 0) -> tuple[torch.Tens
     return q, k, v
 
 
+def _nccl_version() -> str:
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def phase_versions(ctx: Context) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
@@ -171,7 +176,7 @@ def phase_versions(ctx: Context) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "nccl": _nccl_version() if cuda else None,
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "capability": list(torch.cuda.get_device_capability()) if cuda else None,
         "external_kernels": sorted(installed_kernels()),
@@ -443,6 +448,7 @@ PHASES: dict[str, tuple[Callable[[Context], dict[str, Any]], float]] = {
 def run_phase(name: str, sizes: Sizes, budget_s: float, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     fn, _ = PHASES[name]
     ctx = Context(sizes, time.monotonic() + budget_s, results)
+    _reset_peak(sizes.device)
     start = time.monotonic()
     try:
         record = {"phase": name, "ok": True, **fn(ctx)}
