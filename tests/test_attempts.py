@@ -310,3 +310,27 @@ def test_a_retry_reopens_videos_that_had_failed_for_good(tmp_path: Path) -> None
     # After `hvbatch retry` the video is tried again.
     assert not ledger.mark_complete_if_done(run, 0, AttemptKey.parse("job2.r0"))
     assert not video_histories(run, 0, None)["a"].final
+
+
+def test_an_mp4_is_on_disk_before_it_gets_its_final_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hvbatch.batch.runtime import support
+
+    events: list[str] = []
+    real_link = support.os.link
+    monkeypatch.setattr(support, "fsync_file", lambda path: events.append(f"fsync {Path(path).name}"))
+    monkeypatch.setattr(support, "fsync_dir", lambda path: events.append("fsync dir"))
+
+    def link(src: str, dst: str) -> None:
+        events.append(f"link {Path(src).name}")
+        real_link(src, dst)
+
+    monkeypatch.setattr(support.os, "link", link)
+    run = RunDir(tmp_path)
+    assert commit_video(
+        run, "a", np.zeros((3, 16, 16, 3), np.uint8), VideoConfig(), AttemptKey.parse("job1.r0"), None
+    )
+    tmp_name = events[0].split(" ", 1)[1]
+    assert tmp_name.endswith(".tmp.mp4")
+    assert events == [f"fsync {tmp_name}", f"link {tmp_name}", "fsync dir"]

@@ -81,6 +81,7 @@ METRICS_SCHEMA = pa.schema(
         ("dp", pa.int64()),
         ("ulysses", pa.int64()),
         ("ring", pa.int64()),
+        ("attention_backend", pa.string()),
         ("load_seconds", pa.float64()),
         ("seconds_to_first_step", pa.float64()),
         ("prompt_seconds", pa.list_(pa.float64())),

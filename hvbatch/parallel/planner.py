@@ -308,7 +308,7 @@ def plan_parallel(
     when no layout fits (saying what to change).
     """
     minimums: dict[str, tuple[float, float]] = {"parallel.gpus_per_node": (gpus_per_node, 1)}
-    minimums |= {"parallel.num_nodes": (num_nodes, 1), "parallel.gpu_memory_gib": (gpu_memory_gib, 1)}
+    minimums |= {"parallel.num_nodes": (num_nodes, 1), "parallel.gpu_memory_gib": (gpu_memory_gib, 0.001)}
     minimums |= {"image_tokens": (image_tokens, 1), "text_tokens": (text_tokens, 0), "batch": (batch, 1)}
     _check_inputs(mode, minimums)
     world = gpus_per_node * num_nodes

@@ -291,6 +291,7 @@ def _begin_row(job: JobContext, groups: ParallelGroups, attempt: int) -> dict[st
         "dp": groups.dims.dp,
         "ulysses": groups.dims.ulysses,
         "ring": groups.dims.ring,
+        "attention_backend": getattr(job.pipeline, "attention_backend", None) or None,
         "load_seconds": job.load_seconds,
     }
 
@@ -309,8 +310,9 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
             ledger.reconcile(run, [shard], probe, key)
             ledger.begin(run, shard, key, _begin_row(job, groups, attempt) | {"started_at": shard_start})
             logger.info(
-                "%s %s (attempt %d): layout dp %d x ulysses %d x ring %d",
+                "%s %s (attempt %d): layout dp %d x ulysses %d x ring %d, attention %s",
                 shard_name(shard), key, attempt, dims.dp, dims.ulysses, dims.ring,
+                job.pipeline.attention_backend,
             )  # fmt: skip
         job.exchange(f"{shard_name(shard)}.begin", job.world_ranks)  # the ledger is up to date
         progress = _process_videos(ctx)
