@@ -28,6 +28,20 @@ FAST = ["sampling.num_inference_steps=3", "slurm.tasks_per_node=2", "batch.min_s
         "retry.peer_timeout_s=6"]  # fmt: skip
 
 
+# Busy peers (tests/test_runtime_waits.py, tests/test_faults_slurm.py): dp 2 x ulysses 2 on 4 ranks.
+# Replica 0 (ranks 0, 1) makes videos 0 and 2, replica 1 videos 1 and 3. Rank 0, replica 0's leader,
+# takes 12 s more to write video 0 while rank 1 waits for it; replica 1's last video takes 20 s more
+# (every rank of its group), so replica 0 waits for it at the end of the shard. Collectives and
+# heartbeats give up after 5 s.
+BUSY_PEER_FAULTS = ";".join(
+    ["action=slow-write,rank=0,video=0,seconds=12", "action=slow,rank=all,video=3,step=1,seconds=20"]
+)
+BUSY_PEER_OVERRIDES = [
+    *("slurm.tasks_per_node=4", "batch.min_shards=1", "parallel.ulysses=2", "parallel.ring=1"),
+    *("parallel.timeout_s=5", "retry.peer_timeout_s=5", "retry.heartbeat_interval_s=0.5"),
+]
+
+
 def write_prompts(path: Path, prompts: list[dict[str, Any]] | None = None) -> Path:
     rows = [p | SMALL for p in (prompts or FAULT_PROMPTS)]
     pq.write_table(pa.Table.from_pylist(rows), path)

@@ -11,7 +11,15 @@ import pytest
 from hvbatch.batch.control.commands import wait_for_run
 from hvbatch.batch.rundir import RunDir
 from hvbatch.cli import main
-from tests.fault_helpers import FAULT_PROMPTS, assert_exactly_once, metrics, submit_argv, write_prompts
+from tests.fault_helpers import (
+    BUSY_PEER_FAULTS,
+    BUSY_PEER_OVERRIDES,
+    FAULT_PROMPTS,
+    assert_exactly_once,
+    metrics,
+    submit_argv,
+    write_prompts,
+)
 from tests.slurm_cluster import SlurmCluster
 
 pytest_plugins = ["tests.slurm_cluster"]
@@ -69,17 +77,11 @@ def test_usr2_preemption_requeues_and_resumes(tmp_path: Path, slurm_env: SlurmCl
 def test_busy_peers_are_waited_for_on_slurm(
     tmp_path: Path, slurm_env: SlurmCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # As tests/test_runtime_waits.py on the local executor: dp 2 x ulysses 2 under srun, timeouts
-    # at 5 s, replica 1's last video 20 s slower, replica 0's leader 12 s slower to write.
-    faults = ["action=slow-write,rank=0,video=0,seconds=12", "action=slow,rank=all,video=3,step=1,seconds=20"]
-    monkeypatch.setenv("HVBATCH_FAULT", ";".join(faults))
+    # As tests/test_runtime_waits.py on the local executor, under srun (see BUSY_PEER_FAULTS).
+    monkeypatch.setenv("HVBATCH_FAULT", BUSY_PEER_FAULTS)
     prompts = write_prompts(tmp_path / "prompts.parquet")
     run_dir = tmp_path / "run"
-    argv = submit_argv(
-        prompts, run_dir, "slurm", "slurm.tasks_per_node=4", "batch.min_shards=1", "parallel.ulysses=2",
-        "parallel.ring=1", "parallel.timeout_s=5", "retry.peer_timeout_s=5", "retry.heartbeat_interval_s=0.5",
-    )  # fmt: skip
-    assert main([*argv, "--wait"]) == 0
+    assert main([*submit_argv(prompts, run_dir, "slurm", *BUSY_PEER_OVERRIDES), "--wait"]) == 0
     assert_exactly_once(run_dir, FAULT_PROMPTS, {})
     (attempts,) = metrics(run_dir).values()
     assert [a["exit_reason"] for a in attempts] == ["completed"], attempts

@@ -22,25 +22,23 @@ from hvbatch.config import load_config
 from hvbatch.pipeline import Pipeline, Timings
 from hvbatch.video import encode_mp4
 from tests.batch_helpers import EXAMPLE_CONFIG
-from tests.fault_helpers import FAULT_PROMPTS, assert_exactly_once, metrics, submit_argv, write_prompts
-
-# Collectives and heartbeats give up after 5 s; the slow video and the slow write take far longer.
-SHORT_TIMEOUTS = ["parallel.timeout_s=5", "retry.peer_timeout_s=5", "retry.heartbeat_interval_s=0.5"]
+from tests.fault_helpers import (
+    BUSY_PEER_FAULTS,
+    BUSY_PEER_OVERRIDES,
+    FAULT_PROMPTS,
+    assert_exactly_once,
+    metrics,
+    submit_argv,
+    write_prompts,
+)
 
 
 def test_busy_peers_are_waited_for_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # dp 2 x ulysses 2 on 4 ranks. Replica 0 (ranks 0, 1) makes videos 0 and 2, replica 1 videos 1
-    # and 3. Rank 0, replica 0's leader, takes 12 s more to write video 0 while rank 1 waits for it;
-    # replica 1's last video takes 20 s more (every rank of its group), so replica 0 waits for it at
-    # the end of the shard.
-    faults = ["action=slow-write,rank=0,video=0,seconds=12", "action=slow,rank=all,video=3,step=1,seconds=20"]
-    monkeypatch.setenv("HVBATCH_FAULT", ";".join(faults))
+    # A slow write and a slow video on a dp 2 x ulysses 2 job, timeouts at 5 s (BUSY_PEER_FAULTS).
+    monkeypatch.setenv("HVBATCH_FAULT", BUSY_PEER_FAULTS)
     prompts = write_prompts(tmp_path / "prompts.parquet")
     run_dir = tmp_path / "run"
-    argv = submit_argv(
-        prompts, run_dir, "local", "slurm.tasks_per_node=4", "batch.min_shards=1", "parallel.ulysses=2",
-        "parallel.ring=1", *SHORT_TIMEOUTS,
-    )  # fmt: skip
+    argv = submit_argv(prompts, run_dir, "local", *BUSY_PEER_OVERRIDES)
     started = time.time()
     assert main([*argv, "--wait"]) == 0
     assert time.time() - started > 20  # the slow video really outlasted every timeout
@@ -72,8 +70,9 @@ def _decoded(path: Path) -> np.ndarray:
 
 
 def test_layouts_change_between_shards_of_one_job(tmp_path: Path) -> None:
-    # 0.0262 GiB per "GPU" (the memory model is exact arithmetic): the large video's shard plans sequence parallelism (dp 1 x ulysses 2),
-    # the small videos' shard plans dp 2 x ulysses 1; the local executor runs both in one job.
+    # 0.0262 GiB per "GPU" (the memory model is exact arithmetic): the large video's shard plans
+    # sequence parallelism (dp 1 x ulysses 2), the small videos' shard plans dp 2 x ulysses 1; the
+    # local executor runs both in one job.
     overrides = ["parallel.gpu_memory_gib=0.0262", "sampling.num_inference_steps=3", "slurm.tasks_per_node=2",
                  "batch.min_shards=2"]  # fmt: skip
     run_dir = tmp_path / "run"

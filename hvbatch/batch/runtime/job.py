@@ -301,8 +301,9 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
     shard_start = time.time()
     dims = choose_layout(job.config, run.read_shard(shard), job.setup.env)
     groups = build_groups(dims, rank, timedelta(seconds=job.config.parallel.timeout_s))
-    raw_model = job.pipeline.transformer
-    job.pipeline.transformer = parallelize(raw_model, groups)
+    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups)
+    if job.pipeline.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.pipeline.device)  # the shard's own peak
     try:
         attempt = _attempt_number(run, shard, job.identity)
         ctx = ShardContext(job, shard, groups, attempt)
