@@ -4,9 +4,9 @@
 
 Status: a run directory with N shards of one video each, N manifest parts (every video done) and N
 completion markers, the way jobs leave them; times `hvbatch status --json` in this process.
-Retry: a run with M shards, none complete, each with a failed attempt whose job has exited; times
-`hvbatch retry` (reconcile, reopen, submit) with the submission itself replaced by recording the
-jobs, so that the figure is the control plane's own cost.
+Retry: a run with M shards, none complete, each with an attempt whose job has gone; times
+`hvbatch retry` (job states, reopening, the lock, recording the submission) with the submission
+itself replaced by recording the jobs, so that the figure is the control plane's own cost.
 """
 
 from __future__ import annotations

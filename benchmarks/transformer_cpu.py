@@ -2,9 +2,10 @@
 
     python benchmarks/transformer_cpu.py [--repeats 5] [--compiled] [--fp8]
 
-Prints ms per forward for each and the ratio diffusers/ours (> 1 means ours is faster), for
-batch 1 (padded text, as every real prompt is) and batch 2 with different text lengths
-(true CFG: negative and positive prompt in one batch). Ours gets the text lengths once, as the
+Prints the median ms per forward for each (calls interleaved, so load changes hit all alike)
+and the ratio diffusers/ours (> 1 means ours is faster), for batch 1 (padded text, as every real
+prompt is) and batch 2 with different text lengths (true CFG: negative and positive prompt in
+one batch). Ours gets the text lengths once, as the
 sampler passes them (`TextLengths`). `--compiled` also times ours with compiled blocks
 (inductor; the compile itself is in the warm-up), `--fp8` with FP8 block linears (`_scaled_mm`).
 """
@@ -38,14 +39,17 @@ MID_SIZE = {
 }
 
 
-def _time_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _time_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms per call of each function, the calls interleaved so that load changes hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (and the compile, for compiled blocks)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _inputs(batch: int, text_lens: list[int]) -> dict[str, torch.Tensor]:
@@ -89,20 +93,22 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
     for label, batch, lens in (("batch 1, 90/256 text tokens", 1, [90]), ("batch 2, 40 and 90", 2, [40, 90])):
         x = _inputs(batch, lens)
+        fns = {
+            "hvbatch": _ours(ours, x),
+            "diffusers": lambda x=x: reference(
+                hidden_states=x["x"],
+                timestep=x["t"],
+                encoder_hidden_states=x["text"],
+                encoder_attention_mask=x["mask"],
+                pooled_projections=x["pooled"],
+                guidance=x["guidance"],
+            ),
+            **{name: _ours(model, x) for name, model in variants.items()},
+        }
         with torch.no_grad():
-            ms_ours = _time_ms(_ours(ours, x), args.repeats)
-            ms_ref = _time_ms(
-                lambda x=x: reference(
-                    hidden_states=x["x"],
-                    timestep=x["t"],
-                    encoder_hidden_states=x["text"],
-                    encoder_attention_mask=x["mask"],
-                    pooled_projections=x["pooled"],
-                    guidance=x["guidance"],
-                ),
-                args.repeats,
-            )
-            extra = {name: _time_ms(_ours(model, x), args.repeats) for name, model in variants.items()}
+            ms = _time_ms(fns, args.repeats)
+        ms_ours, ms_ref = ms.pop("hvbatch"), ms.pop("diffusers")
+        extra = ms
         print(
             f"{label}: hvbatch {ms_ours:.1f} ms, diffusers {ms_ref:.1f} ms, "
             f"diffusers/hvbatch = {ms_ref / ms_ours:.2f}x"

@@ -18,7 +18,7 @@ from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summ
 from hvbatch.batch.control.status import RunSnapshot, format_status, run_status, video_table
 from hvbatch.batch.executors import sbatch as sbatch_jobs
 from hvbatch.batch.executors.base import SchedulerUnavailable, latest_records, submission_lock
-from hvbatch.batch.executors.registry import executor_for, live_states, resolve_executor, run_probe
+from hvbatch.batch.executors.registry import executor_for, live_states, resolve_executor
 from hvbatch.batch.files import (
     PRIVATE_DIR_MODE,
     CorruptRunFile,
@@ -289,7 +289,8 @@ def run_retry(args: argparse.Namespace) -> int:
         if not todo:
             print(f"run {run.root}: nothing to retry (every shard is complete or still queued)")
             return 0
-        ledger.reconcile(run, todo, run_probe(run, config))  # e.g. an attempt ended by scancel
+        # Attempts whose job ended unseen (scancel, a lost node) are closed by the next attempt of
+        # their shard when it starts (`ledger.reconcile`), not here: retry stays O(shards).
         ledger.reopen_failed_shards(run, todo)
         kind = resolve_executor(args.executor or run.read_run()["executor"])
         new = executor_for(kind, run, config).submit(todo)

@@ -143,6 +143,7 @@ class RunProbe:
 
     def __init__(self, run: RunDir, config: Config | None = None) -> None:
         self.run, self.config = run, config
+        self._alive: dict[str, bool | None] = {}
         self.kinds = {
             str(data["job_id"]): str(data["executor"])
             for submission in run.submissions()
@@ -157,8 +158,10 @@ class RunProbe:
         return cls(self.run, config)
 
     def is_alive(self, job_id: str) -> bool | None:
-        executor = self._executor(job_id)
-        return executor.is_alive(job_id) if executor is not None else None
+        if job_id not in self._alive:  # many shards share one job: ask once
+            executor = self._executor(job_id)
+            self._alive[job_id] = executor.is_alive(job_id) if executor is not None else None
+        return self._alive[job_id]
 
     def final_state(self, job_id: str) -> str | None:
         executor = self._executor(job_id)

@@ -56,10 +56,6 @@ def live_states(run: RunDir, records: list[JobRecord], config: Config | None = N
     return states
 
 
-def run_probe(run: RunDir, config: Config | None = None) -> RunProbe:
-    return RunProbe(run, config)
-
-
 __all__ = [
     "EXECUTORS",
     "RunProbe",
@@ -68,5 +64,4 @@ __all__ = [
     "latest_records",
     "live_states",
     "resolve_executor",
-    "run_probe",
 ]
