@@ -292,8 +292,8 @@ def build_transformer(sizes: Sizes, double: int, single: int, seed: int = 0) -> 
     with torch.device(sizes.device), default_dtype(sizes.dtype):
         model = HunyuanVideoTransformer(config)
         for name, param in model.named_parameters():
-            if param.ndim == 2:  # keep activations in range: N(0, 1/fan_in) like a trained model
-                param.data.normal_(0, param.shape[1] ** -0.5)
+            if param.ndim >= 2:  # keep activations in range: N(0, 1/fan_in) like a trained model
+                param.data.normal_(0, math.prod(param.shape[1:]) ** -0.5)
             elif "norm" not in name:
                 param.data.zero_()
     return model.eval().requires_grad_(False)
