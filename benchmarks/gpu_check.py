@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import socket
 import sys
@@ -318,13 +317,15 @@ def phase_sp_transformer(ctx: Context) -> dict[str, Any]:
     from hvbatch.parallel.runner import SequenceParallelTransformer
 
     s = ctx.sizes
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        port = sock.getsockname()[1]
     backend = "nccl" if s.device == "cuda" else "gloo"
     device_id = torch.device("cuda", 0) if backend == "nccl" else None
-    dist.init_process_group(backend, rank=0, world_size=1, device_id=device_id)
+    # This process alone, on this machine, whatever MASTER_* the environment holds.
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device_id
+    )
     try:
         model = build_transformer(s, *s.depths[0])
         args, kwargs = step_inputs(s, next(iter(s.videos.values())))

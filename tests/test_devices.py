@@ -121,8 +121,9 @@ def test_submitit_export_leaves_cuda_visible_devices_alone(
     gpus: pytest.MonkeyPatch,
 ) -> None:
     """Slurm bound GPU 0 (as the task sees it) to task 3: the export must not make that GPU '3'."""
-    for name in DIST_VARS:
-        gpus.delenv(name, raising=False)
+    for name in DIST_VARS:  # set, then delete: the export's writes are undone after the test
+        gpus.setenv(name, "")
+        gpus.delenv(name)
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8",
              "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
              "SLURM_JOB_NODELIST": "gpu-a07", "MASTER_PORT": "29411"}  # fmt: skip

@@ -79,6 +79,9 @@ def test_busy_peers_are_waited_for_on_slurm(
 ) -> None:
     # As tests/test_runtime_waits.py on the local executor, under srun (see BUSY_PEER_FAULTS).
     monkeypatch.setenv("HVBATCH_FAULT", BUSY_PEER_FAULTS)
+    # A login shell's leftovers (sbatch exports the environment) must not reach the job.
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    monkeypatch.setenv("MASTER_PORT", "1")
     prompts = write_prompts(tmp_path / "prompts.parquet")
     run_dir = tmp_path / "run"
     assert main([*submit_argv(prompts, run_dir, "slurm", *BUSY_PEER_OVERRIDES), "--wait"]) == 0

@@ -27,7 +27,8 @@ class SequenceParallelTransformer:
     def __init__(self, model: HunyuanVideoTransformer, groups: ParallelGroups) -> None:
         self.model = model
         self.groups = groups
-        self.attention = USPAttention(groups)
+        # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too.
+        self.attention = USPAttention(groups, backend=getattr(model.attention_fn, "backend", None))
         self.single_device_attention_fn = model.attention_fn
         model.attention_fn = self.attention
 

@@ -186,7 +186,8 @@ class SlurmExecutor(SlurmQueue, Executor):
         records: list[JobRecord] = []
         for start in range(0, len(shards), limit):
             chunk = shards[start : start + limit]
-            jobs = executor.map_array(job_fn, [str(self.run.root)] * len(chunk), [[shard] for shard in chunk])
+            with submission_environment():  # sbatch exports this environment: no stale RANK or MASTER_*
+                jobs = executor.map_array(job_fn, [str(self.run.root)] * len(chunk), [[s] for s in chunk])
             records += [
                 JobRecord(shard, str(job.job_id), self.kind) for shard, job in zip(chunk, jobs, strict=True)
             ]
@@ -251,7 +252,8 @@ def srun_outcome(exit_code: int, log_offset: int) -> tuple[int, str | None]:
 
 @contextlib.contextmanager
 def submission_environment() -> Iterator[None]:
-    """Inside a job: hide its Slurm/submitit/torch variables from the new job (SLURM_CONF stays)."""
+    """Hide Slurm/submitit/torch variables from a job about to be submitted (SLURM_CONF stays): a
+    login shell's MASTER_ADDR or a finished job's SLURM_* must not reach the new job."""
     names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     hidden = {
         name: os.environ.pop(name)
@@ -275,7 +277,7 @@ def finish_after_srun(run_dir: str, exit_code: int, log_offset: int) -> dict[int
     shards = shards_of_job(run, job_id)
 
     def resubmit(todo: list[int], delay_s: float) -> None:
-        with submission_environment(), submission_lock(run):
+        with submission_lock(run):
             SlurmExecutor(run, config).submit(todo, delay_s=delay_s, manual=False)
 
     return ledger.finish(run, config.retry, shards, key, exit_code, scheduler_state=state, resubmit=resubmit)
