@@ -96,19 +96,23 @@ def test_killing_the_local_controller_takes_its_ranks_with_it(
 
 
 def test_the_local_time_limit_is_per_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Two shards of two videos, each video 5 s slower than usual: a shard takes about 13 s, well
-    # inside its own 21 s (time_min 0.4 = 24 s, minus the 3 s signal delay); the run as a whole
-    # takes longer than 24 s and must not be cut short.
+    # Every video is 5 s slower than usual. time_min 0.25 (15 s) minus the 3 s signal delay gives
+    # each shard 12 s of its own; a shard (its videos on 2 dp replicas) takes about 6 s, while the
+    # run as a whole, with the model load and every shard, takes longer than 15 s and must not be
+    # cut short.
     monkeypatch.setenv("HVBATCH_FAULT", "action=slow,rank=all,step=1,seconds=5")
     prompts = write_prompts(tmp_path / "prompts.parquet")
     run_dir = tmp_path / "run"
-    overrides = ["slurm.time_min=0.4", "retry.signal_delay_s=3", "batch.reserve_s=1", "batch.min_shards=2"]
+    overrides = ["slurm.time_min=0.25", "retry.signal_delay_s=3", "batch.reserve_s=1", "batch.min_shards=2"]
     started = time.time()
     assert main([*submit_argv(prompts, run_dir, "local", *overrides), "--wait"]) == 0
-    assert time.time() - started > 24
+    assert time.time() - started > 15
     assert_exactly_once(run_dir, FAULT_PROMPTS, {})
     by_shard = metrics(run_dir)
-    assert len(by_shard) == 2
-    assert [[a["exit_reason"] for a in attempts] for attempts in by_shard.values()] == [["completed"]] * 2
+    assert len(by_shard) >= 2
+    assert all([a["exit_reason"] for a in attempts] == ["completed"] for attempts in by_shard.values()), (
+        by_shard
+    )
+    assert len({a["job_id"] for attempts in by_shard.values() for a in attempts}) == 1  # one job for all
     for attempts in by_shard.values():  # each shard's own time, not the job's since it started
-        assert attempts[0]["wall_seconds"] < 21
+        assert attempts[0]["wall_seconds"] < 12
