@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -80,6 +81,20 @@ def equivalence_worker(
             torch.save(latents, Path(out_dir) / f"u{ulysses}r{ring}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def one_forward(model: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """One forward of `model` on the tiny test latents and a 9-token prompt, without gradients."""
+    cond = conditioning(1, 9)
+    with torch.no_grad():
+        return model(
+            initial_noise(LATENT_SHAPE, 1),
+            torch.tensor([900.0]),
+            cond.text_states,
+            cond.text_mask,
+            cond.text_states_2,
+            guidance=torch.tensor([6016.0]),
+        )
 
 
 # 9 x 16 x 16 = 2304 image tokens: enough that the replicated parts (text, patch embedding) are small.

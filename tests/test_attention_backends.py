@@ -19,7 +19,7 @@ from hvbatch.parallel.attention import USPAttention, merge_blocks
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from tests.helpers import rel_err
-from tests.parallel_worker import LATENT_SHAPE, conditioning, initial_noise
+from tests.parallel_worker import LATENT_SHAPE, conditioning, initial_noise, one_forward
 
 CPU = DeviceInfo("cpu")
 V100 = DeviceInfo("cuda", (7, 0))
@@ -221,14 +221,5 @@ def test_model_runs_the_configured_backend() -> None:
     model = random_transformer(transformer_preset("tiny"), seed=0)
     backend = CountingBackend()
     model.attention_fn = LocalAttention(backend)
-    cond = conditioning(1, 9)
-    with torch.no_grad():
-        model(
-            initial_noise(LATENT_SHAPE, 1),
-            torch.tensor([900.0]),
-            cond.text_states,
-            cond.text_mask,
-            cond.text_states_2,
-            guidance=torch.tensor([6016.0]),
-        )
+    one_forward(model)
     assert backend.calls["attention"] == model.config.num_double_blocks + model.config.num_single_blocks

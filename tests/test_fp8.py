@@ -25,7 +25,7 @@ from hvbatch.models.fp8 import (
 )
 from hvbatch.models.runtime import configure_transformer
 from tests.helpers import rel_err
-from tests.parallel_worker import LATENT_SHAPE, conditioning, initial_noise
+from tests.parallel_worker import one_forward
 
 
 @pytest.fixture
@@ -68,16 +68,7 @@ def test_shapes_not_multiple_of_16_fall_back_to_dequantize(scaled_mm_calls: mock
 
 
 def _forward(model: torch.nn.Module) -> torch.Tensor:
-    cond = conditioning(1, 9)
-    with torch.no_grad():
-        return model(
-            initial_noise(LATENT_SHAPE, 1),
-            torch.tensor([900.0]),
-            cond.text_states,
-            cond.text_mask,
-            cond.text_states_2,
-            guidance=torch.tensor([6016.0]),
-        )
+    return one_forward(model)
 
 
 def test_quantize_at_load_runs_block_linears_as_fp8_gemms(scaled_mm_calls: mock.MagicMock) -> None:

@@ -317,8 +317,7 @@ def finish(
         fates[shard] = _fate(run, retry, shard, key, view)
     retry_shards = [shard for shard, fate in fates.items() if fate == ShardFate.RETRY]
     if retry_shards and resubmit is not None:
-        view = LedgerView.read(run, retry_shards)
-        resubmit(retry_shards, max(backoff_seconds(retry, len(view.attempts(s))) for s in retry_shards))
+        resubmit(retry_shards, retry_delay(run, retry, retry_shards))
     logger.info(
         "attempt %s ended: %s (%s); shards: %s", key, reason, detail, {s: str(f) for s, f in fates.items()}
     )
