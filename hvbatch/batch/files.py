@@ -123,9 +123,27 @@ def read_json(path: Path) -> Any:
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One open, one read: a file replaced meanwhile (a job rewriting its part) is read whole,
+    old or new, never its old footer with its new pages."""
+    data = path.read_bytes()
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowInvalid, OSError) as err:
-        if not path.is_file():
-            raise
         raise CorruptRunFile(path, err) from err
+
+
+def read_parquet_parts(paths: list[Path], schema: pa.Schema) -> list[tuple[Path, pa.Table]]:
+    """Each part read as `read_parquet` does, conformed to `schema` (columns an older writer did
+    not have are nulls); parts gone since they were listed are skipped."""
+    tables = []
+    for path in paths:
+        try:
+            table = read_parquet(path)
+        except FileNotFoundError:
+            continue  # moved aside or replaced under another name since the listing
+        columns = [
+            table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema
+        ]
+        tables.append((path, pa.Table.from_arrays(columns, schema=schema)))
+    return tables

@@ -33,12 +33,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from hvbatch.batch.files import (
     CorruptRunFile,
     read_json,
     read_parquet,
+    read_parquet_parts,
     write_json_exclusive,
     write_parquet_atomic,
 )
@@ -110,23 +110,11 @@ def video_file_name(video_id: str) -> str:
 
 def _read_parts(parts: list[Path], keys: dict[str, str] | None = None) -> pa.Table:
     """The rows of manifest parts; with `keys`, tagged `_key` = `name|size:mtime` of their part."""
-    if not parts:
-        empty = MANIFEST_SCHEMA.empty_table()
-        return empty.append_column("_key", pa.array([], pa.string())) if keys is not None else empty
-    try:
-        dataset = ds.dataset([str(p) for p in parts], schema=MANIFEST_SCHEMA, format="parquet")
-        if keys is None:
-            return dataset.to_table()
-        batches, labels = [], []
-        for tagged in dataset.scanner().scan_batches():
-            name = Path(tagged.fragment.path).name
-            batches.append(tagged.record_batch)
-            labels += [f"{name}|{keys[name]}"] * tagged.record_batch.num_rows
-    except (pa.ArrowInvalid, OSError):
-        for part in parts:  # name the part that cannot be read
-            read_parquet(part, columns=["video_id"])
-        raise
-    table = pa.Table.from_batches(batches, schema=MANIFEST_SCHEMA)
+    tables = read_parquet_parts(parts, MANIFEST_SCHEMA)
+    table = pa.concat_tables([t for _, t in tables]) if tables else MANIFEST_SCHEMA.empty_table()
+    if keys is None:
+        return table
+    labels = [f"{path.name}|{keys[path.name]}" for path, part in tables for _ in range(part.num_rows)]
     return table.append_column("_key", pa.array(labels, pa.string()))
 
 
@@ -198,20 +186,13 @@ class RunDir:
         return read_json(path)
 
     def read_metrics_part(self, path: Path) -> dict[str, Any]:
-        return read_parquet(path).to_pylist()[0]
+        return read_parquet_parts([path], METRICS_SCHEMA)[0][1].to_pylist()[0]
 
     def metrics_rows(self, shards: int | list[int] | None = None) -> list[dict[str, Any]]:
         """One dict per (shard, attempt), oldest first."""
         parts = self._files("metrics", shards, ".parquet")
-        if not parts:
-            return []
-        try:
-            rows = ds.dataset([str(p) for p in parts], schema=METRICS_SCHEMA, format="parquet").to_table()
-        except (pa.ArrowInvalid, OSError):
-            for part in parts:
-                read_parquet(part, columns=["shard"])
-            raise
-        return sorted(rows.to_pylist(), key=lambda r: r.get("started_at") or 0.0)
+        rows = [row for _, table in read_parquet_parts(parts, METRICS_SCHEMA) for row in table.to_pylist()]
+        return sorted(rows, key=lambda r: r.get("started_at") or 0.0)
 
     def read_run(self) -> dict[str, Any]:
         return read_json(self.require().run_json)

@@ -21,7 +21,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,20 @@ def kill_process_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _controller_ignores_ctrl_c() -> Iterator[None]:
+    """submitit's controller inherits an ignored SIGINT: Ctrl-C then reaches the supervisor, which
+    records `cancelled` and stops its ranks, and not the controller, which would print a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class LocalExecutor(Executor):
     kind = "local"
 
@@ -100,7 +116,8 @@ class LocalExecutor(Executor):
             timeout_min=budget_min + delay_s / 60.0, tasks_per_node=1, nodes=1, gpus_per_node=gpus
         )
         job_fn = LocalShardJob(s.tasks_per_node, s.time_min, retry.signal_delay_s, delay_s)
-        job = local.submit(job_fn, str(self.run.root), shards)
+        with _controller_ignores_ctrl_c():
+            job = local.submit(job_fn, str(self.run.root), shards)
         identity = process_identity(int(job.job_id))
         records = [JobRecord(shard, str(job.job_id), self.kind, identity) for shard in shards]
         record_submission(self.run, records, self.kind, manual=manual, delay_s=delay_s)
