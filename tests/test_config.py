@@ -82,3 +82,16 @@ def test_tiny_preset_runs_and_is_seeded() -> None:
     a, b = random_transformer(config, seed=3), random_transformer(config, seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert small_config().hidden_size == 64
+
+
+def test_every_bundled_example_config_loads() -> None:
+    examples = sorted((Path(__file__).parents[1] / "configs" / "examples").glob("*.yaml"))
+    assert len(examples) >= 4
+    for path in examples:
+        config = load_config(path)
+        assert config.sampling.height % 16 == 0, path
+    official = load_config(Path(__file__).parents[1] / "configs/examples/hunyuan-720p-official.yaml")
+    diffusers = load_config(Path(__file__).parents[1] / "configs/examples/hunyuan-544p-diffusers.yaml")
+    assert (official.sampling.height, official.sampling.width) == (720, 1280)
+    assert (diffusers.sampling.height, diffusers.sampling.width) == (544, 960)
+    assert official.model.path and diffusers.model.path
