@@ -122,6 +122,27 @@ def stop_cluster(cluster: SlurmCluster) -> None:
     _script("stop", str(cluster.dir), env=os.environ, timeout=STOP_TIMEOUT_S)
 
 
+def without_accounting(cluster: SlurmCluster, directory: Path) -> SlurmCluster:
+    """The same cluster seen through a copy of its slurm.conf that turns accounting off.
+
+    Client commands read AccountingStorageType from their own slurm.conf: with this one `sacct` and
+    `sacctmgr` answer "accounting storage is disabled", as on a cluster without slurmdbd, while the
+    controller, partitions and jobs are the running cluster's.
+    """
+    text = cluster.conf.read_text()
+    if "AccountingStorageType=accounting_storage/slurmdbd" not in text:
+        raise SlurmClusterError(
+            f"{cluster.conf} has no AccountingStorageType=accounting_storage/slurmdbd line"
+        )
+    text = text.replace(
+        "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageType=accounting_storage/none"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "slurm.conf"
+    conf.write_text(text)
+    return SlurmCluster(dir=cluster.dir, conf=conf, env=_client_env(conf, os.environ))
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.3) -> object:
     """Poll `condition` until it returns something truthy, and return that; fail after `timeout`."""
     deadline = time.monotonic() + timeout
