@@ -10,7 +10,9 @@ All sizes are in LATENT units. With the defaults (the official HunyuanVideo tili
 Over a shared stretch of n samples the earlier tile's weight falls as 1 - y/n and the later one's
 rises as y/n (y = 0..n-1), so the weights sum to exactly one everywhere; in H and W the 2-D
 weight is the product of the two 1-D ramps. Tiles are added straight into one float32 output, so
-peak memory is one tile's activations plus the output video.
+peak memory is one tile's activations plus the output video. The plan (`tile_plan`), one tile's
+weighted decode (`decode_tile`) and the blending (`blend_tiles`) are separate steps, so that
+`hvbatch.parallel.vae_decode` can split the plan over the ranks of a video from outside.
 
 Tiled output is not bit-equal to untiled decoding: GroupNorm statistics and the mid-block
 attention see one tile instead of the whole video, and the causal convs of a later temporal tile
@@ -19,6 +21,7 @@ start without past frames. The blending keeps the difference small (see tests/te
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,6 +121,106 @@ def blend_weights(span: TileSpan, device: torch.device) -> torch.Tensor:
     return weight
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One 3-D tile: its span along T, H and W."""
+
+    t: TileSpan
+    h: TileSpan
+    w: TileSpan
+
+    def latent_slice(self, z_BCTHW: torch.Tensor) -> torch.Tensor:
+        t, h, w = self.t, self.h, self.w
+        return z_BCTHW[
+            :,
+            :,
+            t.latent_start : t.latent_stop,
+            h.latent_start : h.latent_stop,
+            w.latent_start : w.latent_stop,
+        ]
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        """Output (frames, height, width) the tile writes."""
+        return tuple(s.out_stop - s.out_start for s in (self.t, self.h, self.w))  # type: ignore[return-value]
+
+    @property
+    def volume(self) -> int:
+        """Latent cells decoded: the tile's cost."""
+        return math.prod(s.latent_stop - s.latent_start for s in (self.t, self.h, self.w))
+
+
+def tile_plan(
+    latent_shape: tuple[int, ...], tiling: VaeTilingConfig, temporal_ratio: int, spatial_ratio: int
+) -> list[Tile]:
+    """Every tile of a `[B, C, T, H, W]` latent, in decode order (T outermost, then H, then W).
+
+    One tile means the latent fits in one tile (decoded in a single call, without blending).
+    """
+    frames, height, width = latent_shape[2:]
+    t_spans = temporal_spans(
+        frames, tiling.tile_latent_frames, tiling.tile_latent_frame_overlap, temporal_ratio
+    )
+    h_spans = spatial_spans(height, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
+    w_spans = spatial_spans(width, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
+    return [Tile(t, h, w) for t in t_spans for h in h_spans for w in w_spans]
+
+
+def output_extent(tiles: list[Tile]) -> tuple[int, int, int, int, int, int]:
+    """`(t0, t1, h0, h1, w0, w1)`: the output box the tiles write into together."""
+    return (
+        min(tile.t.out_start for tile in tiles),
+        max(tile.t.out_stop for tile in tiles),
+        min(tile.h.out_start for tile in tiles),
+        max(tile.h.out_stop for tile in tiles),
+        min(tile.w.out_start for tile in tiles),
+        max(tile.w.out_stop for tile in tiles),
+    )
+
+
+def decode_tile(
+    decode: Callable[[torch.Tensor], torch.Tensor], z_BCTHW: torch.Tensor, tile: Tile
+) -> torch.Tensor:
+    """The tile's float32 output, already multiplied by its blend weights (ready to be added)."""
+    device = z_BCTHW.device
+    tile_x = decode(tile.latent_slice(z_BCTHW))[:, :, tile.t.drop_first :].float()
+    assert tile_x.shape[2:] == tile.out_shape, (tile_x.shape, tile)
+    t_weight, h_weight, w_weight = (blend_weights(s, device) for s in (tile.t, tile.h, tile.w))
+    return tile_x.mul_(t_weight.view(-1, 1, 1)).mul_(h_weight.view(-1, 1)).mul_(w_weight)
+
+
+def add_tile(
+    out_BCTHW: torch.Tensor, tile_x: torch.Tensor, tile: Tile, origin: tuple[int, int, int] = (0, 0, 0)
+) -> None:
+    """Add a weighted tile into `out_BCTHW`, whose first output sample is at `origin` (t, h, w)."""
+    t0, h0, w0 = origin
+    t, h, w = tile.t, tile.h, tile.w
+    out_BCTHW[
+        :,
+        :,
+        t.out_start - t0 : t.out_stop - t0,
+        h.out_start - h0 : h.out_stop - h0,
+        w.out_start - w0 : w.out_stop - w0,
+    ] += tile_x
+
+
+def blend_tiles(
+    decode: Callable[[torch.Tensor], torch.Tensor], z_BCTHW: torch.Tensor, tiles: list[Tile]
+) -> torch.Tensor:
+    """Decode `tiles` one by one and blend them into one float32 box covering `output_extent(tiles)`."""
+    t0, t1, h0, h1, w0, w1 = output_extent(tiles)
+    out: torch.Tensor | None = None
+    for tile in tiles:
+        tile_x = decode_tile(decode, z_BCTHW, tile)
+        if out is None:
+            shape = (z_BCTHW.shape[0], tile_x.shape[1], t1 - t0, h1 - h0, w1 - w0)
+            out = torch.zeros(shape, dtype=torch.float32, device=z_BCTHW.device)
+        add_tile(out, tile_x, tile, (t0, h0, w0))
+        del tile_x
+    assert out is not None
+    return out
+
+
 def tiled_decode(
     decode: Callable[[torch.Tensor], torch.Tensor],
     z_BCTHW: torch.Tensor,
@@ -130,51 +233,7 @@ def tiled_decode(
     Returns the float32 video [B, C_out, 1 + temporal_ratio*(T-1), spatial_ratio*H, spatial_ratio*W].
     A latent no larger than one tile is decoded in a single call.
     """
-    batch, _, frames, height, width = z_BCTHW.shape
-    t_spans = temporal_spans(
-        frames, tiling.tile_latent_frames, tiling.tile_latent_frame_overlap, temporal_ratio
-    )
-    h_spans = spatial_spans(height, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
-    w_spans = spatial_spans(width, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
-    if len(t_spans) == len(h_spans) == len(w_spans) == 1:
+    tiles = tile_plan(tuple(z_BCTHW.shape), tiling, temporal_ratio, spatial_ratio)
+    if len(tiles) == 1:
         return decode(z_BCTHW).float()
-    device = z_BCTHW.device
-    h_weights = [blend_weights(s, device) for s in h_spans]
-    w_weights = [blend_weights(s, device) for s in w_spans]
-    out: torch.Tensor | None = None
-    for t_span in t_spans:
-        t_weight = blend_weights(t_span, device)
-        for h_span, h_weight in zip(h_spans, h_weights, strict=True):
-            for w_span, w_weight in zip(w_spans, w_weights, strict=True):
-                tile_z = z_BCTHW[
-                    :,
-                    :,
-                    t_span.latent_start : t_span.latent_stop,
-                    h_span.latent_start : h_span.latent_stop,
-                    w_span.latent_start : w_span.latent_stop,
-                ]
-                tile_x = decode(tile_z)[:, :, t_span.drop_first :].float()
-                if out is None:
-                    shape = (
-                        batch,
-                        tile_x.shape[1],
-                        t_spans[-1].out_stop,
-                        h_spans[-1].out_stop,
-                        w_spans[-1].out_stop,
-                    )
-                    out = torch.zeros(shape, dtype=torch.float32, device=device)
-                assert tile_x.shape[2:] == (
-                    t_span.out_stop - t_span.out_start,
-                    h_span.out_stop - h_span.out_start,
-                    w_span.out_stop - w_span.out_start,
-                ), (tile_x.shape, t_span, h_span, w_span)
-                tile_x.mul_(t_weight.view(-1, 1, 1)).mul_(h_weight.view(-1, 1)).mul_(w_weight)
-                out[
-                    :,
-                    :,
-                    t_span.out_start : t_span.out_stop,
-                    h_span.out_start : h_span.out_stop,
-                    w_span.out_start : w_span.out_stop,
-                ] += tile_x
-    assert out is not None
-    return out
+    return blend_tiles(decode, z_BCTHW, tiles)
