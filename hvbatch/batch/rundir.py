@@ -64,6 +64,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("job_id", pa.string()),
         ("attempt_key", pa.string()),
         ("finished_at", pa.float64()),  # unix time
+        ("steps_computed", pa.int32()),  # denoising steps the transformer ran; null unless done
+        ("steps_skipped", pa.int32()),  # steps a step cache (sampling.cache) skipped; null unless done
     ]
 )
 
@@ -240,7 +242,8 @@ class RunDir:
         cached = None
         with contextlib.suppress(CorruptRunFile, FileNotFoundError):  # a bad cache is rebuilt
             cached = read_parquet(cache_path)
-        if cached is not None and "_key" in cached.column_names:
+        # A cache written before the manifest's last columns existed is rebuilt, as a bad one is.
+        if cached is not None and cached.column_names == [*MANIFEST_SCHEMA.names, "_key"]:
             fresh = pc.is_in(cached["_key"], pa.array([f"{n}|{k}" for n, k in keys.items()]))
             cached = cached.filter(fresh)
             have = {key.split("|", 1)[0] for key in pc.unique(cached["_key"]).to_pylist()}

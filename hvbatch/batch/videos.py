@@ -16,6 +16,7 @@ SAMPLING_KEYS = (
     "guidance_scale",
     "flow_shift",
     "negative_prompt",
+    "cache_threshold",
 )
 
 

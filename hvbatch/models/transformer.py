@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,19 @@ from hvbatch.models.refiner import SingleTokenRefiner
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 ROPE_CACHE_SIZE = 4
+
+
+class StepCacheHook(Protocol):
+    """What `forward_tokens` asks of a step cache (`hvbatch.sampling.cache.StepCache`)."""
+
+    probe_after_first_block: bool
+    """Probe with the first block's image residual (else with its modulated image input)."""
+
+    def should_compute(self, probe_BLD: torch.Tensor) -> bool: ...
+
+    def store(self, residual_BLD: torch.Tensor) -> None: ...
+
+    def apply(self, img_BLD: torch.Tensor) -> torch.Tensor: ...
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,10 +323,12 @@ class HunyuanVideoTransformer(nn.Module):
         text_mask: torch.Tensor | TextLengths | None,
         text_states_2: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        step_cache: StepCacheHook | None = None,
     ) -> torch.Tensor:
         """Image tokens (all of them, or this rank's shard) -> final-layer outputs for those tokens.
 
         With `text_mask` given as `TextLengths` (the sampler does), nothing here waits for the device.
+        With a `step_cache`, the cache may skip the blocks of this step (`hvbatch.sampling.cache`).
         """
         batch, text_len = text_states.shape[:2]
         lengths = text_lengths(text_mask, batch, text_len)
@@ -326,7 +342,23 @@ class HunyuanVideoTransformer(nn.Module):
             torch._dynamo.maybe_mark_dynamic(txt_BLD, 1)
         rope = (rope[0].to(img_BLD.device), rope[1].to(img_BLD.device))
         text_lens = lengths.ragged
-        for block in self.double_blocks:
+        if step_cache is None:
+            img_BLD = self._blocks(img_BLD, txt_BLD, vec_BD, rope, text_lens, first=0)
+        else:
+            img_BLD = self._cached_blocks(step_cache, img_BLD, txt_BLD, vec_BD, rope, text_lens)
+        return self.final_layer(img_BLD, vec_BD)
+
+    def _blocks(
+        self,
+        img_BLD: torch.Tensor,
+        txt_BLD: torch.Tensor,
+        vec_BD: torch.Tensor,
+        rope: RopeTables,
+        text_lens: Sequence[int] | None,
+        first: int,
+    ) -> torch.Tensor:
+        """Double blocks from `first` on, then every single block -> image tokens."""
+        for block in self.double_blocks[first:]:
             img_BLD, txt_BLD = block(img_BLD, txt_BLD, vec_BD, rope, text_lens, self.attention_fn)
         num_image_tokens = img_BLD.shape[1]
         x_BLD = torch.cat([img_BLD, txt_BLD], dim=1)
@@ -334,7 +366,32 @@ class HunyuanVideoTransformer(nn.Module):
             torch._dynamo.maybe_mark_dynamic(x_BLD, 1)
         for block in self.single_blocks:
             x_BLD = block(x_BLD, vec_BD, num_image_tokens, rope, text_lens, self.attention_fn)
-        return self.final_layer(x_BLD[:, :num_image_tokens], vec_BD)
+        return x_BLD[:, :num_image_tokens]
+
+    def _cached_blocks(
+        self,
+        cache: StepCacheHook,
+        img_BLD: torch.Tensor,
+        txt_BLD: torch.Tensor,
+        vec_BD: torch.Tensor,
+        rope: RopeTables,
+        text_lens: Sequence[int] | None,
+    ) -> torch.Tensor:
+        """`_blocks` from 0, or the input plus the cached residual when the cache says so."""
+        first = 0
+        if cache.probe_after_first_block:
+            block = self.double_blocks[0]
+            out_BLD, txt_BLD = block(img_BLD, txt_BLD, vec_BD, rope, text_lens, self.attention_fn)
+            probe_BLD = out_BLD - img_BLD
+            img_BLD, first = out_BLD, 1
+        else:
+            shift, scale = self.double_blocks[0].img_mod(vec_BD).chunk(6, dim=-1)[:2]
+            probe_BLD = modulate(layer_norm(img_BLD), shift, scale)
+        if not cache.should_compute(probe_BLD):
+            return cache.apply(img_BLD)
+        out_BLD = self._blocks(img_BLD, txt_BLD, vec_BD, rope, text_lens, first=first)
+        cache.store(out_BLD - img_BLD)
+        return out_BLD
 
     def forward(
         self,
@@ -344,11 +401,12 @@ class HunyuanVideoTransformer(nn.Module):
         text_mask: torch.Tensor | TextLengths | None,
         text_states_2: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        step_cache: StepCacheHook | None = None,
     ) -> torch.Tensor:
         """Velocity for latents `x` `[B, C, T, H, W]` at timesteps `t` (`[B]` or scalar, 0..1000)."""
         grid = self.token_grid(x.shape)
         img_BLD = self.embed_image(x)
         out_BLP = self.forward_tokens(
-            img_BLD, self.rope(grid, x.device), t, text_states, text_mask, text_states_2, guidance
+            img_BLD, self.rope(grid, x.device), t, text_states, text_mask, text_states_2, guidance, step_cache
         )
         return self.unpatchify(out_BLP, grid)

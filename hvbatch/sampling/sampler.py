@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from hvbatch.config import SamplingConfig
-from hvbatch.models.transformer import TextLengths
+from hvbatch.models.transformer import StepCacheHook, TextLengths
+from hvbatch.sampling.cache import StepCache, step_cache_for
 from hvbatch.sampling.scheduler import euler_step, flow_match_schedule
 
 VAE_TEMPORAL_RATIO = 4
@@ -35,6 +36,7 @@ class VelocityModel(Protocol):
         text_mask: torch.Tensor | TextLengths | None,
         text_states_2: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        step_cache: StepCacheHook | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -131,11 +133,14 @@ def denoise(
     *,
     negative: TextConditioning | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    step_cache: StepCache | None = None,
 ) -> torch.Tensor:
     """Run the Euler loop from `noise` `[B, C, T, Hh, Ww]` (sigma 1) to clean latents (sigma 0), float32.
 
     Everything the steps share is prepared once here (text lengths read from the mask, sigmas as
-    Python floats, timesteps and guidance on the device), so a step never waits for the device.
+    Python floats, timesteps and guidance on the device), so a step never waits for the device
+    (except a step cache's decision, one host value per step). `step_cache` (see `new_step_cache`)
+    counts the steps it computed and skipped; the whole batch takes one decision per step.
     """
     use_cfg = sampling.cfg_scale > 1.0
     if use_cfg and negative is None:
@@ -147,6 +152,11 @@ def denoise(
     guidance = embedded_guidance(sampling.guidance_scale, batch, model.compute_dtype, noise.device)
     sigmas = [float(s) for s in schedule.sigmas.tolist()]
     timesteps_N = schedule.timesteps.to(noise.device)
+    if step_cache is not None and step_cache.num_steps != schedule.num_steps:
+        made, steps = step_cache.num_steps, schedule.num_steps
+        raise ValueError(f"step_cache was made for {made} steps, sampling has {steps}: use new_step_cache")
+    # Only a cache is passed on, so that velocity models without the argument run uncached as before.
+    cache_arg = {} if step_cache is None else {"step_cache": step_cache}
     latents = noise.float()
     for i in range(schedule.num_steps):
         x = torch.cat([latents, latents]) if use_cfg else latents
@@ -157,6 +167,7 @@ def denoise(
             lengths,
             model_cond.text_states_2,
             guidance=guidance,
+            **cache_arg,
         ).float()
         if use_cfg:
             uncond, conditional = velocity.chunk(2)
@@ -165,6 +176,13 @@ def denoise(
         if on_step is not None:
             on_step(i + 1, schedule.num_steps)
     return latents
+
+
+def new_step_cache(sampling: SamplingConfig) -> StepCache | None:
+    """A fresh cache for one video by `sampling.cache*`, or None when `sampling.cache` is `none`."""
+    return step_cache_for(
+        sampling.cache, sampling.cache_threshold, sampling.cache_max_skips, sampling.num_inference_steps
+    )
 
 
 def sample(
@@ -176,10 +194,17 @@ def sample(
     latent_channels: int = 16,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int], None] | None = None,
+    step_cache: StepCache | None = None,
 ) -> torch.Tensor:
     """One video's clean latents `[1, C, T, Hh, Ww]` from its seed; `cond` holds batch 1."""
     shape = latent_shape(sampling.height, sampling.width, sampling.num_frames, channels=latent_channels)
     noise = initial_noise((1, *shape), sampling.seed).to(device)
     return denoise(
-        model, noise, cond.to(device), sampling, negative=negative and negative.to(device), on_step=on_step
+        model,
+        noise,
+        cond.to(device),
+        sampling,
+        negative=negative and negative.to(device),
+        on_step=on_step,
+        step_cache=step_cache,
     )

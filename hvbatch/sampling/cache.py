@@ -1,0 +1,169 @@
+"""Step caching: skip the transformer's blocks on steps whose input barely changed (opt-in).
+
+Two policies, both deciding from a relative L1 change `sum|a - a_prev| / sum|a_prev|`:
+
+- `teacache` (TeaCache): `a` is the first double block's modulated image input (its layer norm,
+  then shift/scale of `img_mod`). The change of every step is rescaled by the polynomial fitted for
+  HunyuanVideo and accumulated; while the sum stays under the threshold the step reuses the
+  residual (output of all blocks minus their input) of the last computed step.
+- `fbcache` (First-Block-Cache): the first double block always runs; `a` is its image residual.
+  While it differs from the last computed step's by less than the threshold, the remaining blocks
+  are skipped and their cached residual is added to the first block's output.
+
+The first and last steps are always computed, and at most `max_skips` steps in a row are skipped.
+
+Sequence-parallel ranks each hold a shard of the image tokens, so each holds only part of the two
+sums: the runner sets `reduce_sums` (a SUM all-reduce over every rank of the video) and
+`valid_tokens` (its shard's tokens that are not padding). The decision is taken on one float64
+host value that is the same on every rank, so every rank skips the same steps as one rank would.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+CACHE_MODES = ("none", "teacache", "fbcache")
+TEACACHE_HUNYUAN_POLY = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
+"""TeaCache's rescale polynomial for HunyuanVideo, highest degree first (TeaCache4HunyuanVideo)."""
+
+EXPECTED_SPEEDUP: dict[str, tuple[tuple[float, float], ...]] = {
+    # (threshold, speedup) points, linearly interpolated; 0 -> 1x. Published end-to-end figures at
+    # 720p x 129 frames: TeaCache 1.6x at 0.1 and 2.1x at 0.15 (A800; 1.61x / 2.17x on an H100);
+    # First-Block-Cache 1.62x at 0.06 (L20, 30 steps), about 2x at 0.1 (ParaAttention).
+    "teacache": ((0.0, 1.0), (0.1, 1.6), (0.15, 2.1), (0.2, 2.5)),
+    "fbcache": ((0.0, 1.0), (0.06, 1.62), (0.1, 2.0), (0.15, 2.3)),
+}
+
+
+def expected_speedup(mode: str, threshold: float) -> float:
+    """Denoising speedup to expect from the published figures (an estimate; 1.0 for `none`)."""
+    points = EXPECTED_SPEEDUP.get(mode)
+    if points is None or threshold <= 0:
+        return 1.0
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if threshold <= x1:
+            return y0 + (y1 - y0) * (threshold - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def _rescale(value: float) -> float:
+    result = 0.0
+    for coefficient in TEACACHE_HUNYUAN_POLY:
+        result = result * value + coefficient
+    return max(result, 0.0)  # never negative, so a threshold of 0 never skips
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    mode: str
+    threshold: float
+    max_skips: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in CACHE_MODES:
+            raise ValueError(f"sampling.cache={self.mode!r} is not one of {', '.join(CACHE_MODES)}")
+        if not self.threshold >= 0:
+            raise ValueError(f"sampling.cache_threshold={self.threshold} must be >= 0")
+        if self.max_skips < 1:
+            raise ValueError(f"sampling.cache_max_skips={self.max_skips} must be >= 1")
+
+
+class StepCache:
+    """One video's cache state for one rank; the transformer calls it once per step.
+
+    Counts: `computed` and `skipped` steps so far.
+    """
+
+    def __init__(self, policy: CachePolicy, num_steps: int) -> None:
+        if policy.mode == "none":
+            raise ValueError("StepCache needs a policy other than `none`")
+        self.policy = policy
+        self.num_steps = num_steps
+        self.probe_after_first_block = policy.mode == "fbcache"
+        """What `should_compute` is given: the first block's residual (fbcache) or modulated input."""
+        self.reduce_sums: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums
+        """Sums `[2]` float64 of this rank -> sums over every rank of the video (set by the runner)."""
+        self.valid_tokens: int | None = None
+        """Image tokens of the probe that are not padding (all when None); set by the runner."""
+        self.computed = 0
+        self.skipped = 0
+        self.history: list[bool] = []
+        """Per step so far: True if computed."""
+        self._previous: torch.Tensor | None = None
+        self._residual: torch.Tensor | None = None
+        self._accumulated = 0.0
+        self._run = 0
+
+    def _relative_l1(self, probe_BLD: torch.Tensor, previous_BLD: torch.Tensor) -> float:
+        n = self.valid_tokens
+        a, b = (probe_BLD, previous_BLD) if n is None else (probe_BLD[:, :n], previous_BLD[:, :n])
+        diff = (a - b).abs().sum(dim=-1, dtype=torch.float32).sum(dtype=torch.float64)
+        base = b.abs().sum(dim=-1, dtype=torch.float32).sum(dtype=torch.float64)
+        total_diff, total_base = self.reduce_sums(torch.stack([diff, base])).tolist()
+        return total_diff / total_base if total_base > 0 else float("inf")
+
+    def _decide(self, probe_BLD: torch.Tensor) -> bool:
+        step = len(self.history)
+        previous = self._previous
+        must = step == 0 or step >= self.num_steps - 1 or previous is None or self._residual is None
+        if self.policy.mode == "teacache":
+            self._previous = probe_BLD  # TeaCache compares consecutive steps
+            if must:
+                return True
+            self._accumulated += _rescale(self._relative_l1(probe_BLD, previous))
+            return not (self._accumulated < self.policy.threshold and self._run < self.policy.max_skips)
+        if must:  # fbcache compares with the last computed step
+            return True
+        change = self._relative_l1(probe_BLD, previous)
+        return not (change < self.policy.threshold and self._run < self.policy.max_skips)
+
+    def should_compute(self, probe_BLD: torch.Tensor) -> bool:
+        """Record this step's decision: compute the blocks (True) or apply the cached residual."""
+        compute = self._decide(probe_BLD)
+        self.history.append(compute)
+        if compute:
+            self.computed += 1
+            self._accumulated, self._run = 0.0, 0
+            if self.probe_after_first_block:
+                self._previous = probe_BLD
+        else:
+            self.skipped += 1
+            self._run += 1
+        return compute
+
+    def store(self, residual_BLD: torch.Tensor) -> None:
+        """The residual of the blocks this step computed (output minus input, image tokens)."""
+        self._residual = residual_BLD
+
+    def apply(self, img_BLD: torch.Tensor) -> torch.Tensor:
+        """A skipped step's output: its input plus the last computed residual."""
+        assert self._residual is not None, "a step was skipped before any was computed"
+        return img_BLD + self._residual
+
+
+def step_cache_for(mode: str, threshold: float, max_skips: int, num_steps: int) -> StepCache | None:
+    """The cache of one video, or None when caching is off."""
+    policy = CachePolicy(mode, float(threshold), int(max_skips))
+    return None if mode == "none" else StepCache(policy, num_steps)
+
+
+ESTIMATE_NOTE = "an estimate from published 720p HunyuanVideo speedups; the real one depends on the prompts"
+
+
+def speedup_line(mode: str, threshold: float) -> str:
+    """`hvbatch plan`'s line about step caching at one threshold."""
+    speedup = expected_speedup(mode, threshold)
+    return f"step caching: {mode} threshold {threshold:g}: ~{speedup:.2f}x faster denoising ({ESTIMATE_NOTE})"
+
+
+def saving_line(mode: str, gpu_hours: float, costs: list[float], thresholds: list[float]) -> str:
+    """`submit --dry-run`'s line about step caching: the GPU-hours to expect with it (per-row thresholds)."""
+    total = sum(costs)
+    cached = sum(c / expected_speedup(mode, t) for c, t in zip(costs, thresholds, strict=True))
+    speedup = total / cached if cached else 1.0
+    hours = gpu_hours / speedup
+    return f"with step caching ({mode}): ~{hours:,.1f} GPU-hours, {speedup:.2f}x fewer ({ESTIMATE_NOTE})"
