@@ -1,12 +1,18 @@
 """Sequence-parallel scaling on CPU: FLOPs share, bytes sent per rank, wall-clock speedup.
 
     python3 benchmarks/sp_scaling.py [--world-sizes 1 2 4 8] [--latent 9 32 32] [--repeats 3]
+    python3 benchmarks/sp_scaling.py --comm-dtype fp8 [--steps 4] [--world-sizes 2 4 8]
 
 For each world size P, runs one forward of the tiny model (12 heads) under gloo with one
 thread per rank and prints: each rank's FLOPs as a share of the 1-rank FLOPs (ideal 1/P), the
 bytes each rank sent per step against parallel.md's formulas (per layer: Ulysses
 4·S·d·(u−1)/(u·P), Ring 2·S·d·(r−1)/P), and the wall-clock time. The speedup is only meaningful
 up to P = the number of cores (2 on the CI machine).
+
+With `--comm-dtype fp8` it also runs every layout with float8 attention transfers
+(`parallel.comm_dtype=fp8`) and prints the bytes per rank per step of both and the relative
+difference of the latents after `--steps` denoising steps (true CFG, scale 6) against the exact
+transfers.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hvbatch.config import transformer_preset
+from hvbatch.config import SamplingConfig, transformer_preset
 from hvbatch.models import random_transformer
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.launch import free_local_port
 from hvbatch.parallel.measure import count_flops
 from hvbatch.parallel.runner import SequenceParallelTransformer
+from hvbatch.sampling import TextConditioning, denoise, initial_noise
 
 
 def _inputs(latent: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
@@ -56,12 +63,24 @@ def _measure(model: object, latent: tuple[int, int, int], repeats: int) -> tuple
     return flops, statistics.median(times)
 
 
+def _latents(model: object, latent: tuple[int, int, int], steps: int) -> torch.Tensor:
+    """`steps` denoising steps with true CFG (batch 2) from fixed noise and prompts."""
+    _, _, text, mask, pooled, _ = _inputs(latent)
+    cond = TextConditioning(text, mask, pooled)
+    negative = TextConditioning(text.flip(1), mask, -pooled)
+    sampling = SamplingConfig(num_inference_steps=steps, seed=0, cfg_scale=6.0)
+    with torch.no_grad():
+        return denoise(model, initial_noise((1, 16, *latent), 0), cond, sampling, negative=negative)  # type: ignore[arg-type]
+
+
 def layout(world: int, heads: int = 12) -> tuple[int, int]:
     ulysses = max(u for u in range(1, world + 1) if world % u == 0 and heads % u == 0)
     return ulysses, world // ulysses
 
 
-def _worker(rank: int, world: int, port: int, latent: tuple[int, int, int], repeats: int, out: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, latent: tuple[int, int, int], repeats: int, out: str, compare: int
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -78,10 +97,17 @@ def _worker(rank: int, world: int, port: int, latent: tuple[int, int, int], repe
         stats = runner.attention.stats
         calls = stats.calls  # forwards run: 1 counted + repeats timed
         sent = {kind: value / calls for kind, value in stats.bytes_sent.items()}
-        torch.save(
-            {"flops": flops, "seconds": seconds, "bytes": sent, "shard": runner.attention.shard_len},
-            Path(out) / f"rank{rank}.pt",
-        )
+        result = {"flops": flops, "seconds": seconds, "bytes": sent, "shard": runner.attention.shard_len}
+        if compare:  # `compare` steps with exact and with fp8 transfers
+            for comm_dtype in ("none", "fp8"):
+                model.attention_fn = runner.single_device_attention_fn
+                runner = SequenceParallelTransformer(model, runner.groups, comm_dtype)
+                latents = _latents(runner, latent, compare)
+                per_step = {
+                    k: v / runner.attention.stats.calls for k, v in runner.attention.stats.bytes_sent.items()
+                }
+                result[comm_dtype] = {"latents": latents, "bytes": per_step}
+        torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -91,7 +117,10 @@ def main() -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--latent", type=int, nargs=3, default=[9, 32, 32], help="latent T H W")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--comm-dtype", choices=["none", "fp8"], default="none", help="fp8: compare")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps of the fp8 comparison")
     args = parser.parse_args()
+    compare = args.steps if args.comm_dtype == "fp8" else 0
     latent = tuple(args.latent)
     torch.set_num_threads(1)
     config = transformer_preset("tiny")
@@ -106,7 +135,10 @@ def main() -> None:
         ulysses, ring = layout(world)
         with tempfile.TemporaryDirectory() as out:
             mp.spawn(
-                _worker, args=(world, free_local_port(), latent, args.repeats, out), nprocs=world, join=True
+                _worker,
+                args=(world, free_local_port(), latent, args.repeats, out, compare),
+                nprocs=world,
+                join=True,
             )
             results = [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
         share = max(r["flops"] for r in results) / base_flops
@@ -123,6 +155,21 @@ def main() -> None:
             f"ring {mb['ring']:.2f} MB (formula {f_ring / 1e6:.2f}), text {mb['text']:.2f} MB, "
             f"gather {mb['gather']:.2f} MB; {slowest * 1e3:.0f} ms, speedup {base_seconds / slowest:.2f}x"
         )
+        if compare:
+            _print_comparison(results[0], compare)
+
+
+def _print_comparison(result: dict, steps: int) -> None:
+    exact, fp8 = result["none"], result["fp8"]
+    diff = ((fp8["latents"] - exact["latents"]).norm() / exact["latents"].norm()).item()
+    moved = {k: (exact["bytes"][k] / 1e6, fp8["bytes"][k] / 1e6) for k in ("ulysses", "ring")}
+    total = sum(exact["bytes"].values()) / 1e6, sum(fp8["bytes"].values()) / 1e6
+    print(
+        "    comm_dtype fp8 vs none, per rank per forward (batch 2): "
+        + ", ".join(f"{k} {a:.2f} -> {b:.2f} MB" for k, (a, b) in moved.items())
+        + f", all {total[0]:.2f} -> {total[1]:.2f} MB ({total[1] / total[0]:.2f}x); "
+        f"latents after {steps} steps differ by {diff:.2e} (relative)"
+    )
 
 
 if __name__ == "__main__":

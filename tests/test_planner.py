@@ -99,13 +99,44 @@ def test_720p_on_8x80_fits_on_one_gpu_per_video() -> None:
 
 
 def test_720p_with_true_cfg_on_8x80_takes_the_smallest_group_that_fits() -> None:
-    plan = plan_parallel(BF16, image_tokens=TOKENS_720P, gpu_memory_gib=80, batch=2)
-    assert (plan.dp, plan.ulysses, plan.ring) == (4, 2, 1)
+    plan = plan_parallel(BF16, image_tokens=TOKENS_720P, gpu_memory_gib=80, batch=2, cfg=1)
+    assert (plan.dp, plan.cfg, plan.ulysses, plan.ring) == (4, 1, 2, 1)
     _assert_smallest_fit(plan, BF16, TOKENS_720P, batch=2)
     assert plan.reasons[0] == (
         "sp=2: the smallest sequence-parallel group whose estimate (74.8 GiB) fits in 80 GiB per GPU; "
         "sp=1 needs 90.5 GiB"
     )
+
+
+def test_true_cfg_prefers_cfg_parallel_to_sequence_parallel_of_the_same_size() -> None:
+    """cfg 2 halves the activations per GPU like sp 2 (batch 1 per rank) with one exchange per step."""
+    plan = plan_parallel(BF16, image_tokens=TOKENS_720P, gpu_memory_gib=80, batch=2)
+    assert (plan.dp, plan.cfg, plan.ulysses, plan.ring, plan.group) == (4, 2, 1, 1, 2)
+    assert plan.memory.total_gib == pytest.approx(72.5, abs=0.05)  # the batch-1 estimate
+    assert plan.dims() == ParallelDims(dp=4, ulysses=1, ring=1, world_size=8, cfg=2)
+    assert plan.reasons[0].startswith("cfg=2 x sp=1: the smallest sequence-parallel group")
+    assert any(r.startswith("cfg=2 (auto): the unconditional and conditional branches") for r in plan.reasons)
+    assert "layout: dp 4 x cfg 2 x ulysses 1 x ring 1" in format_plan(plan)
+    latency = plan_parallel(BF16, image_tokens=TOKENS_720P, batch=2, mode="latency")
+    assert (latency.dp, latency.cfg, latency.ulysses, latency.ring) == (1, 2, 4, 1)
+    tight = plan_parallel(FP8, image_tokens=TOKENS_720P, gpu_memory_gib=48, batch=2)
+    assert (tight.dp, tight.cfg, tight.ulysses, tight.ring) == (1, 2, 4, 1)
+    assert plan_parallel(BF16, image_tokens=TOKENS_720P, gpus_per_node=3, batch=2).cfg == 1  # odd world
+    no_cfg = plan_parallel(FP8, image_tokens=TOKENS_720P, gpu_memory_gib=48)
+    assert (no_cfg.cfg, no_cfg.sp) == (1, 4)  # without true CFG there is no second branch
+
+
+def test_explicit_cfg_is_validated_with_every_factor() -> None:
+    with pytest.raises(
+        ValueError, match=r"dp\(1\) \* cfg\(2\) \* ulysses\(8\) \* ring\(1\) = 16 != WORLD_SIZE\(8\)"
+    ):
+        plan_parallel(BF16, image_tokens=TOKENS_720P, batch=2, cfg=2, ulysses=8)
+    with pytest.raises(ValueError, match=r"cfg\(3\) must be 1 or 2"):
+        plan_parallel(BF16, image_tokens=TOKENS_720P, batch=2, cfg=3)
+    with pytest.raises(ValueError, match=r"sampling.cfg_scale\(1\) <= 1"):
+        ParallelDims(dp=1, ulysses=1, ring=1, world_size=2, cfg=2).validate(24, cfg_scale=1.0)
+    alone = plan_parallel(BF16, image_tokens=TOKENS_720P, cfg=2)  # a shard's largest video without CFG
+    assert alone.cfg == 2 and alone.reasons[0].startswith("warning: cfg=2 without true CFG")
 
 
 def test_720p_fp8_on_8x48() -> None:
@@ -230,7 +261,10 @@ def test_plan_for_config_reads_the_tree() -> None:
     plan = plan_for_config(config)
     assert (plan.dp, plan.ulysses, plan.ring) == (1, 4, 2)
     assert plan.memory.transformer_weights_gib == pytest.approx(FP8.weight_bytes_total / 2**30)
-    assert plan_for_config(load_config(overrides=["sampling.cfg_scale=2"])).sp == 2
+    tight = ["sampling.cfg_scale=2", "parallel.gpu_memory_gib=70"]  # one GPU per video does not fit
+    true_cfg = plan_for_config(load_config(overrides=tight))
+    assert (true_cfg.cfg, true_cfg.sp) == (2, 1)
+    assert plan_for_config(load_config(overrides=[*tight, "parallel.cfg=1"])).sp == 2
     assert parse_degree("auto", "parallel.ring") is None
     assert parse_degree(" 4", "parallel.ring") == 4
     with pytest.raises(ValueError, match=r"parallel\.ulysses='two' must be 'auto' or a positive integer"):

@@ -18,6 +18,12 @@ of the padded sequence) followed by the valid text tokens, which every rank hold
 3. The image output goes back with the reverse all-to-all; the text output (the same on every
    ring rank, because its block results are merged in a fixed order) is all-gathered over heads.
 
+With `comm_dtype="fp8"` the image q/k/v and output all-to-alls and the ring K/V transfers carry
+float8 e4m3 values with one float32 scale per token and head (absmax / 448), packed into one uint8
+message (gloo and NCCL both carry uint8; gloo refuses float8): D + 4 bytes per token and head instead
+of 2 D (bf16) or 4 D (float32). A rank's own shard never goes through float8; the text all-gather and
+the runner's final gather stay exact.
+
 With ring degree 1 there is one image block: the text keys join the valid image keys in a single
 plain attention call (no log-sum-exp, no merge). The kernel is the model's: `backend` (default:
 what `model.attention=auto` picks for the device and dtype of the first call).
@@ -35,6 +41,25 @@ from hvbatch.models.attention_backends import AttentionBackend, backend_for
 from hvbatch.parallel.dims import ParallelGroups
 
 DEFAULT_BACKEND = AttentionBackend("default")
+COMM_DTYPES = ("none", "fp8")
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+SCALE_BYTES = 4  # one float32 scale per token and head
+
+
+def pack_fp8(x_D: torch.Tensor) -> torch.Tensor:
+    """`[..., D]` -> `[..., D + 4]` uint8: e4m3 values scaled by their row's absmax, then the scale."""
+    x = x_D.float().contiguous()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    values = (x / scale).to(FP8_DTYPE).view(torch.uint8)
+    return torch.cat([values, scale.view(torch.uint8)], dim=-1)
+
+
+def unpack_fp8(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `pack_fp8`: `[..., D + 4]` uint8 -> `[..., D]` in `dtype`."""
+    values = packed[..., :-SCALE_BYTES].contiguous().view(FP8_DTYPE).float()
+    scale = packed[..., -SCALE_BYTES:].contiguous().view(torch.float32)
+    return (values * scale).to(dtype)
 
 
 def attention_with_lse(
@@ -63,7 +88,7 @@ class CommStats:
     """Bytes this rank sent, by collective; for tests and the scaling benchmark."""
 
     bytes_sent: dict[str, int] = field(
-        default_factory=lambda: {"ulysses": 0, "ring": 0, "text": 0, "gather": 0}
+        default_factory=lambda: {"ulysses": 0, "ring": 0, "text": 0, "gather": 0, "cfg": 0}
     )
     calls: int = 0
 
@@ -78,9 +103,14 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class USPAttention:
     """The sequence-parallel `AttentionFn`; `set_sequence` tells it the current token layout."""
 
-    def __init__(self, groups: ParallelGroups, backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self, groups: ParallelGroups, backend: AttentionBackend | None = None, comm_dtype: str = "none"
+    ) -> None:
+        if comm_dtype not in COMM_DTYPES:
+            raise ValueError(f"parallel.comm_dtype={comm_dtype!r} is not one of {', '.join(COMM_DTYPES)}")
         self.groups = groups
         self.backend = backend
+        self.compress = comm_dtype == "fp8"
         self.stats = CommStats()
         self.num_image_tokens = 0
         self.shard_len = 0
@@ -95,14 +125,19 @@ class USPAttention:
         self.num_image_tokens, self.shard_len = num_image_tokens, shard_len
 
     def _all_to_all(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """Exchange the leading dim (size u) across the Ulysses group."""
+        """Exchange the leading dim (size u) across the Ulysses group (last dim: head dim)."""
         u = self.groups.dims.ulysses
         if u == 1:
             return x
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=self.groups.ulysses)
-        self.stats.add(kind, _nbytes(x) * (u - 1) / u)
+        send = pack_fp8(x) if self.compress else x.contiguous()
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.groups.ulysses)
+        self.stats.add(kind, _nbytes(send) * (u - 1) / u)
+        if not self.compress:
+            return received
+        out = unpack_fp8(received, x.dtype)
+        mine = self.groups.ulysses_ranks.index(self.groups.rank)
+        out[mine] = x[mine]  # this rank's own slice never left it: keep it exact
         return out
 
     def _seq_to_heads(self, qkv_3BLHD: torch.Tensor) -> torch.Tensor:
@@ -135,7 +170,8 @@ class USPAttention:
         if text_kv is not None:
             out_t, lse_t = attention_with_lse(q_BHLD, *text_kv, self._backend(q_BHLD))
             parts.append((-1, out_t, lse_t))  # the text block sorts first
-        current = kv_2BHLD.contiguous()
+        # With fp8 the packed block rotates as it is (quantized once, by its owner).
+        current = pack_fp8(kv_2BHLD) if self.compress else kv_2BHLD.contiguous()
         for step in range(r):
             pending, incoming = None, None
             if step + 1 < r:
@@ -152,7 +188,10 @@ class USPAttention:
             owner = (my_index - step) % r
             valid = self._valid_in_block(owner)
             if valid > 0:
-                k_b, v_b = current[0][:, :, :valid], current[1][:, :, :valid]
+                kv_b = current[:, :, :, :valid]
+                if self.compress:  # this rank's own block stays exact
+                    kv_b = kv_2BHLD[:, :, :, :valid] if step == 0 else unpack_fp8(kv_b, kv_2BHLD.dtype)
+                k_b, v_b = kv_b[0], kv_b[1]
                 out_b, lse_b = attention_with_lse(q_BHLD, k_b, v_b, self._backend(q_BHLD))
                 parts.append((owner, out_b, lse_b))
             if pending is not None:

@@ -1,17 +1,21 @@
 """All parallel sizes in one place, validated once, and the process groups they imply.
 
-Rank layout (dp outermost, Ulysses innermost),
-`rank = (dp_index * ring + ring_index) * ulysses + ulysses_index`:
+Rank layout (dp outermost, then cfg, then ring, Ulysses innermost),
+`rank = ((dp_index * cfg + cfg_index) * ring + ring_index) * ulysses + ulysses_index`:
 - a Ulysses group is `ulysses` contiguous ranks (inside a node: all-to-all wants NVLink);
 - a ring group is the `ring` ranks of one sequence-parallel block strided by `ulysses` (it may
   cross nodes: ring traffic is point-to-point and overlaps compute);
-- a sequence-parallel (SP) block is `ulysses * ring` contiguous ranks working on one video;
+- a sequence-parallel (SP) block is `ulysses * ring` contiguous ranks running one CFG branch;
+- a cfg group is the `cfg` ranks of one video at the same SP position, strided by `ulysses * ring`:
+  with `cfg` 2 the two SP blocks of a video run the unconditional and the conditional branch and
+  exchange their velocities once per step (the least traffic of any axis, so it may cross nodes);
+- a video block is `cfg * ulysses * ring` contiguous ranks working on one video;
 - dp blocks work on different prompts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -24,20 +28,33 @@ class ParallelDims:
     ring: int
     world_size: int
     cfg: int = 1
-    """Reserved for classifier-free-guidance parallelism; only 1 is supported."""
+    """Classifier-free-guidance parallelism: 2 runs the two CFG branches on two SP blocks, else 1."""
 
     @property
     def sp(self) -> int:
         return self.ulysses * self.ring
 
-    def validate(self, num_heads: int) -> None:
-        """Raise ValueError naming every factor when the sizes do not fit the world or the model."""
+    @property
+    def video(self) -> int:
+        """Ranks working on one video: cfg * ulysses * ring."""
+        return self.cfg * self.sp
+
+    def validate(self, num_heads: int, cfg_scale: float | None = None) -> None:
+        """Raise ValueError naming every factor when the sizes do not fit the world or the model.
+
+        `cfg_scale` (when given) must be > 1 for cfg 2: without CFG there is no second branch.
+        """
         problems = []
         for name in ("dp", "ulysses", "ring", "cfg"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cfg != 1:
-            problems.append(f"cfg({self.cfg}) parallelism is not supported yet; use cfg=1")
+        if self.cfg > 2:
+            problems.append(f"cfg({self.cfg}) must be 1 or 2 (the two CFG branches)")
+        if self.cfg == 2 and cfg_scale is not None and cfg_scale <= 1:
+            problems.append(
+                f"cfg({self.cfg}) needs two CFG branches, but sampling.cfg_scale({cfg_scale:g}) <= 1 "
+                "runs one; use parallel.cfg=1 (or auto) or sampling.cfg_scale > 1"
+            )
         product = self.dp * self.cfg * self.ulysses * self.ring
         if product != self.world_size:
             problems.append(
@@ -53,9 +70,14 @@ class ParallelDims:
         if problems:
             raise ValueError("invalid parallel layout: " + "; ".join(problems))
 
-    def coordinates(self, rank: int) -> tuple[int, int, int]:
-        """`(dp_index, ring_index, ulysses_index)` of a global rank."""
-        return rank // self.sp, (rank % self.sp) // self.ulysses, rank % self.ulysses
+    def coordinates(self, rank: int) -> tuple[int, int, int, int]:
+        """`(dp_index, cfg_index, ring_index, ulysses_index)` of a global rank."""
+        return (
+            rank // self.video,
+            (rank % self.video) // self.sp,
+            (rank % self.sp) // self.ulysses,
+            rank % self.ulysses,
+        )
 
     def ulysses_ranks(self, rank: int) -> list[int]:
         start = rank - rank % self.ulysses
@@ -68,6 +90,14 @@ class ParallelDims:
     def sp_ranks(self, rank: int) -> list[int]:
         start = rank - rank % self.sp
         return list(range(start, start + self.sp))
+
+    def cfg_ranks(self, rank: int) -> list[int]:
+        video_start = rank - rank % self.video
+        return [video_start + rank % self.sp + i * self.sp for i in range(self.cfg)]
+
+    def video_ranks(self, rank: int) -> list[int]:
+        start = rank - rank % self.video
+        return list(range(start, start + self.video))
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,8 @@ class ParallelGroups:
     ulysses_ranks: list[int]
     ring_ranks: list[int]
     sp_ranks: list[int]
+    cfg: dist.ProcessGroup | None = None
+    cfg_ranks: list[int] = field(default_factory=list)
 
     @property
     def sp_index(self) -> int:
@@ -93,22 +125,35 @@ class ParallelGroups:
         return self.dims.coordinates(self.rank)[0]
 
     @property
+    def cfg_index(self) -> int:
+        """The CFG branch this rank's SP block runs (0 unconditional, 1 conditional; 0 with cfg 1)."""
+        return self.dims.coordinates(self.rank)[1]
+
+    @property
+    def video_ranks(self) -> list[int]:
+        """Every rank working on this rank's video (cfg x SP block): the ranks that must agree on it."""
+        return self.dims.video_ranks(self.rank)
+
+    @property
     def is_sp_leader(self) -> bool:
-        return self.sp_index == 0
+        """True for exactly one rank per video: the one that decodes and writes it."""
+        return self.rank == self.video_ranks[0]
 
 
 def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None) -> ParallelGroups:
-    """Create every Ulysses, ring and SP group (all ranks must call this, in the same order).
+    """Create every Ulysses, ring, SP and cfg group (all ranks must call this, in the same order).
 
     `timeout` bounds every collective of the groups; pass the job's (new groups do not inherit the
     default group's timeout).
     """
-    made: dict[str, dist.ProcessGroup | None] = {"ulysses": None, "ring": None, "sp": None}
+    made: dict[str, dist.ProcessGroup | None] = {"ulysses": None, "ring": None, "sp": None, "cfg": None}
     blocks = {
         "ulysses": sorted({tuple(dims.ulysses_ranks(r)) for r in range(dims.world_size)}),
         "ring": sorted({tuple(dims.ring_ranks(r)) for r in range(dims.world_size)}),
         "sp": sorted({tuple(dims.sp_ranks(r)) for r in range(dims.world_size)}),
     }
+    if dims.cfg > 1:  # with cfg 1 no collective runs over a cfg group
+        blocks["cfg"] = sorted({tuple(dims.cfg_ranks(r)) for r in range(dims.world_size)})
     for kind, members_list in blocks.items():
         for members in members_list:
             group = dist.new_group(list(members), timeout=timeout) if dims.world_size > 1 else None
@@ -123,6 +168,8 @@ def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None
         ulysses_ranks=dims.ulysses_ranks(rank),
         ring_ranks=dims.ring_ranks(rank),
         sp_ranks=dims.sp_ranks(rank),
+        cfg=made["cfg"],
+        cfg_ranks=dims.cfg_ranks(rank),
     )
 
 
@@ -130,6 +177,7 @@ def destroy_groups(groups: ParallelGroups) -> None:
     """Destroy the groups `build_groups` made for this rank (before groups of another layout)."""
     if groups.dims.world_size == 1:
         return
-    for group in {id(g): g for g in (groups.ulysses, groups.ring, groups.sp) if g is not None}.values():
+    made = (groups.ulysses, groups.ring, groups.sp, groups.cfg)
+    for group in {id(g): g for g in made if g is not None}.values():
         if group != dist.GroupMember.NON_GROUP_MEMBER:
             dist.destroy_process_group(group)

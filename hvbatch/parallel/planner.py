@@ -1,23 +1,27 @@
-"""Choose `dp x ulysses x ring` for a job from a per-GPU memory model.
+"""Choose `dp x cfg x ulysses x ring` for a job from a per-GPU memory model.
 
 The memory model (per GPU, in `hvbatch.parallel.memory`, reported in GiB):
     transformer weights  params * bytes per param (bf16 2; fp8 checkpoints keep block linear weights at 1)
   + text encoders        LLaVA-Llama-3-8B language model + CLIP-L text model, in their dtype
   + VAE weights          the causal 3D VAE (encoder and decoder), in its dtype
   + activations          bytes per token per hidden channel * hidden size * tokens per rank * batch,
+                         batch = 2 with true CFG, 1 without or with cfg 2 (one branch per rank),
                          tokens per rank = ceil(image tokens / sp) + text tokens (text is replicated)
   + VAE decode peak      one tile's activations at the default tiles (counted on every GPU: only the
                          SP group's leader decodes, but any rank may be it)
   + safety margin        10% of the sum (allocator fragmentation, CUDA context, NCCL buffers)
 
-Layout rules:
+Layout rules (a "group" is the cfg * ulysses * ring GPUs of one video):
+  * cfg 2 (auto, only with true CFG): the two CFG branches run on two halves of the group. It halves
+    the activations per GPU like sp 2 but exchanges one velocity per step instead of an all-to-all
+    per block, so for the same group size a layout with cfg 2 is preferred to one without.
   * Ulysses takes the largest divisor of the head count that divides the SP size and the node's GPU
     count (so Ulysses groups, contiguous ranks, never straddle a node); ring takes the rest and may
     cross nodes.
-  * `throughput`: the smallest SP size (a divisor of the world size) whose estimate fits; the other
+  * `throughput`: the smallest group (a divisor of the world size) whose estimate fits; the other
     GPUs become data-parallel replicas.
-  * `latency`: one node per video (sp = GPUs per node), more nodes only if a node's memory is short.
-  * Explicit `ulysses` / `ring` are respected (the other is filled in by the rules), validated with
+  * `latency`: one node per video (group = GPUs per node), more nodes only if a node's memory is short.
+  * Explicit `cfg` / `ulysses` / `ring` are respected (the other is filled in by the rules), validated with
     `ParallelDims`, and only warned about when the estimate does not fit.
 """
 
@@ -76,24 +80,35 @@ class ParallelPlan:
     """Usable memory per GPU the plan was checked against."""
     model: str = ""
     """The transformer's size, in words (e.g. `12.82B params, 16-bit`)."""
+    cfg: int = 1
+    """CFG-parallel degree: 2 runs the two CFG branches on two SP blocks of the video's GPUs."""
 
     @property
     def sp(self) -> int:
-        """GPUs per video: ulysses * ring."""
+        """GPUs per CFG branch: ulysses * ring."""
         return self.ulysses * self.ring
+
+    @property
+    def group(self) -> int:
+        """GPUs per video: cfg * ulysses * ring."""
+        return self.cfg * self.sp
 
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.num_nodes
 
     def dims(self, world_size: int | None = None) -> ParallelDims:
-        """The layout as `ParallelDims` for `world_size` (default the plan's own; dp = world_size / sp).
+        """The layout as `ParallelDims` for `world_size` (default the plan's own; dp = world / group).
 
-        Call `.validate(num_heads)` on it: a world size that sp does not divide is refused there.
+        Call `.validate(num_heads)` on it: a world size that the group does not divide is refused there.
         """
         world = self.world_size if world_size is None else world_size
         return ParallelDims(
-            dp=max(1, world // self.sp), ulysses=self.ulysses, ring=self.ring, world_size=world
+            dp=max(1, world // self.group),
+            ulysses=self.ulysses,
+            ring=self.ring,
+            world_size=world,
+            cfg=self.cfg,
         )
 
 
@@ -102,10 +117,20 @@ class _Candidate:
     ulysses: int
     ring: int
     memory: MemoryEstimate
+    cfg: int = 1
 
     @property
     def sp(self) -> int:
         return self.ulysses * self.ring
+
+    @property
+    def group(self) -> int:
+        return self.cfg * self.sp
+
+    @property
+    def name(self) -> str:
+        """`sp=4`, or `cfg=2 x sp=4` with CFG parallelism."""
+        return f"sp={self.sp}" if self.cfg == 1 else f"cfg={self.cfg} x sp={self.sp}"
 
 
 def _divisors(n: int) -> list[int]:
@@ -165,7 +190,7 @@ def _too_big(largest: _Candidate, gpu_memory_gib: float, world: int) -> ValueErr
     base = m.total_gib - m.margin_gib
     fixed = (base - m.activations_gib) * m.total_gib / base
     why = (
-        f"even with all {world} GPUs on one video (sp={largest.sp}) the estimate is "
+        f"even with all {world} GPUs on one video ({largest.name}) the estimate is "
         f"{m.total_gib:.1f} GiB per GPU, more than parallel.gpu_memory_gib={gpu_memory_gib:g}"
     )
     if fixed > gpu_memory_gib:
@@ -173,9 +198,11 @@ def _too_big(largest: _Candidate, gpu_memory_gib: float, world: int) -> ValueErr
             f"; the weights, text encoders and VAE decode alone need {fixed:.1f} GiB (with the margin) "
             "and do not shrink with more GPUs"
         )
+    more_gpus = "use more GPUs per job (parallel.num_nodes, parallel.gpus_per_node) or "
+    if fixed > gpu_memory_gib:  # sequence parallelism splits the video's tokens, never the weights
+        more_gpus = "more GPUs per job cannot help; use "
     return ValueError(
-        f"the video does not fit: {why}. To fix: use more GPUs per job (parallel.num_nodes, "
-        "parallel.gpus_per_node) or GPUs with more memory, fp8 transformer weights "
+        f"the video does not fit: {why}. To fix: {more_gpus}GPUs with more memory, fp8 transformer weights "
         "(model.transformer_path=.../mp_rank_00_model_states_fp8.pt), or a smaller video "
         "(sampling.height, sampling.width, sampling.num_frames)"
     )
@@ -199,49 +226,49 @@ def _pick_throughput(
         chosen = candidates[-1]
         return chosen, [
             _does_not_fit(chosen, gpu_memory_gib),
-            f"sp={chosen.sp}: the largest group the explicit settings allow",
+            f"{chosen.name}: the largest group the explicit settings allow",
         ]
     chosen = candidates[fitting[0]]
     est = f"{chosen.memory.total_gib:.1f} GiB"
     if fitting[0] == 0:
-        if chosen.sp == 1:
+        if chosen.group == 1:
             return chosen, [
                 f"sp=1: one GPU per video fits (estimate {est} of {gpu_memory_gib:g} GiB per GPU)"
             ]
         return chosen, [
-            f"sp={chosen.sp}: the smallest group the explicit settings allow; its estimate ({est}) fits in "
+            f"{chosen.name}: the smallest group the explicit settings allow; its estimate ({est}) fits in "
             f"{gpu_memory_gib:g} GiB per GPU"
         ]
     smaller = candidates[fitting[0] - 1]
     return chosen, [
-        f"sp={chosen.sp}: the smallest sequence-parallel group whose estimate ({est}) fits in "
-        f"{gpu_memory_gib:g} GiB per GPU; sp={smaller.sp} needs {smaller.memory.total_gib:.1f} GiB"
+        f"{chosen.name}: the smallest sequence-parallel group whose estimate ({est}) fits in "
+        f"{gpu_memory_gib:g} GiB per GPU; {smaller.name} needs {smaller.memory.total_gib:.1f} GiB"
     ]
 
 
 def _pick_latency(
     candidates: list[_Candidate], gpu_memory_gib: float, explicit: bool, gpus_per_node: int, world: int
 ) -> tuple[_Candidate, list[str]]:
-    node = [c for c in candidates if c.sp == gpus_per_node]
-    inside = [c for c in candidates if c.sp <= gpus_per_node]
+    node = [c for c in candidates if c.group == gpus_per_node]
+    inside = [c for c in candidates if c.group <= gpus_per_node]
     chosen = (node or inside[-1:] or candidates[:1])[0]
-    if chosen.sp == gpus_per_node:
-        reasons = [f"sp={chosen.sp}: latency mode gives each video a whole node ({gpus_per_node} GPUs)"]
+    if chosen.group == gpus_per_node:
+        reasons = [f"{chosen.name}: latency mode gives each video a whole node ({gpus_per_node} GPUs)"]
     else:
         reasons = [
-            f"sp={chosen.sp}: the group closest to a whole node ({gpus_per_node} GPUs) that the "
+            f"{chosen.name}: the group closest to a whole node ({gpus_per_node} GPUs) that the "
             "explicit settings allow"
         ]
     if chosen.memory.fits(gpu_memory_gib):
         return chosen, reasons
     if explicit:
         return chosen, [_does_not_fit(chosen, gpu_memory_gib), *reasons]
-    bigger = [c for c in candidates if c.sp > chosen.sp and c.memory.fits(gpu_memory_gib)]
+    bigger = [c for c in candidates if c.group > chosen.group and c.memory.fits(gpu_memory_gib)]
     if not bigger:
         raise _too_big(candidates[-1], gpu_memory_gib, world)
     return bigger[0], [
-        f"sp={bigger[0].sp}: one node (sp={chosen.sp}) needs {chosen.memory.total_gib:.1f} GiB per GPU, more "
-        f"than {gpu_memory_gib:g} GiB, so each video spans {bigger[0].sp / gpus_per_node:g} nodes"
+        f"{bigger[0].name}: one node ({chosen.name}) needs {chosen.memory.total_gib:.1f} GiB per GPU, more "
+        f"than {gpu_memory_gib:g} GiB, so each video spans {bigger[0].group / gpus_per_node:g} nodes"
     ]
 
 
@@ -268,6 +295,11 @@ def _layout_reasons(
             f"the group spans {math.ceil(sp / gpus_per_node)} nodes: ring crosses nodes "
             "(point-to-point traffic that overlaps compute)"
         )
+    elif c.group > gpus_per_node:
+        reasons.append(
+            f"the two CFG halves sit on {math.ceil(c.group / gpus_per_node)} nodes: only their one velocity "
+            "exchange per step crosses the network"
+        )
     elif gpus_per_node % sp:
         reasons.append(
             f"note: sp={sp} does not divide the {gpus_per_node} GPUs of a node, so some groups "
@@ -279,12 +311,50 @@ def _layout_reasons(
             "Ulysses all-to-alls cross nodes (slow); prefer a ulysses that divides "
             f"{gpus_per_node} and put the rest into ring"
         )
-    dp = world // sp
+    dp = world // c.group
     if dp == 1:
         reasons.append(f"dp=1: all {world} GPUs work on one video")
     else:
-        reasons.append(f"dp={dp}: the {world} GPUs make {dp} videos at a time ({world} / sp={sp})")
+        size = f"sp={sp}" if c.cfg == 1 else f"cfg * sp={c.group}"
+        reasons.append(f"dp={dp}: the {world} GPUs make {dp} videos at a time ({world} / {size})")
     return reasons
+
+
+def _cfg_reasons(c: _Candidate, batch: int, cfg_set: bool) -> list[str]:
+    how = "set explicitly (parallel.cfg)" if cfg_set else "auto"
+    if c.cfg == 2 and batch == 1:
+        return [
+            "warning: cfg=2 without true CFG (sampling.cfg_scale <= 1): both halves of the group compute "
+            "the same video; use parallel.cfg=auto"
+        ]
+    if c.cfg == 2:
+        return [
+            f"cfg=2 ({how}): the unconditional and conditional branches run on two halves of the "
+            f"{c.group} GPUs, one velocity exchange per step"
+        ]
+    if batch == 2 and not cfg_set and c.group > 1:
+        return [
+            f"cfg=1: the settings allow no split of the {c.group} GPUs into two CFG halves; both "
+            "branches run as one batch"
+        ]
+    return []
+
+
+def _candidates(
+    model: ModelSize, world: int, gpus_per_node: int, degrees: tuple[int | None, ...], batch: int,
+    estimate: functools.partial[MemoryEstimate],
+) -> list[_Candidate]:  # fmt: skip
+    """Every layout the settings allow, smallest group first; for one group size, cfg 2 first."""
+    cfg, ulysses, ring = degrees
+    cfgs = [cfg] if cfg is not None else ([2, 1] if batch == 2 else [1])
+    candidates = []
+    for c in cfgs:
+        if world % c:
+            continue
+        for u, r in _layouts(world // c, model.num_heads, gpus_per_node, ulysses, ring):
+            memory = estimate(ulysses=u, ring=r, batch=max(1, batch // c))
+            candidates.append(_Candidate(u, r, memory, c))
+    return sorted(candidates, key=lambda c: (c.group, -c.cfg))
 
 
 def plan_parallel(
@@ -300,10 +370,12 @@ def plan_parallel(
     ring: int | None = None,
     batch: int = 1,
     components: ComponentMemory | None = None,
+    cfg: int | None = None,
 ) -> ParallelPlan:
-    """Choose `dp x ulysses x ring` for `gpus_per_node * num_nodes` GPUs (rules: module docstring).
+    """Choose `dp x cfg x ulysses x ring` for `gpus_per_node * num_nodes` GPUs (rules: module docstring).
 
-    `ulysses` / `ring` None means auto. `batch` is 2 with true CFG (both branches in one forward).
+    `cfg` / `ulysses` / `ring` None means auto. `batch` is 2 with true CFG (both branches in one
+    forward, or one branch per half of the group with cfg 2).
     Raises ValueError for inconsistent settings (naming every factor) and, with no explicit degree,
     when no layout fits (saying what to change).
     """
@@ -313,31 +385,30 @@ def plan_parallel(
     _check_inputs(mode, minimums)
     world = gpus_per_node * num_nodes
     explicit = ulysses is not None or ring is not None
-    positive = all(d is None or d >= 1 for d in (ulysses, ring))
-    layouts = _layouts(world, model.num_heads, gpus_per_node, ulysses, ring) if positive else []
-    if explicit:  # refuse bad explicit degrees with ParallelDims' message, which names every factor
-        u, r = layouts[0] if layouts else (1 if ulysses is None else ulysses, 1 if ring is None else ring)
-        dims = ParallelDims(max(1, world // max(1, u * r)), u, r, world)
-        _validate(dims, model.num_heads, gpus_per_node, num_nodes)
     estimate = functools.partial(
-        estimate_memory,
-        model,
-        image_tokens=image_tokens,
-        text_tokens=text_tokens,
-        batch=batch,
-        components=components,
+        estimate_memory, model, image_tokens=image_tokens, text_tokens=text_tokens, components=components
     )
-    candidates = [_Candidate(u, r, estimate(ulysses=u, ring=r)) for u, r in layouts]
+    positive = all(d is None or d >= 1 for d in (cfg, ulysses, ring))
+    degrees = (cfg, ulysses, ring)
+    candidates = _candidates(model, world, gpus_per_node, degrees, batch, estimate) if positive else []
+    if explicit or cfg is not None:  # refuse bad explicit degrees with ParallelDims' message (every factor)
+        first = candidates[0] if candidates else None
+        c = first.cfg if first else (1 if cfg is None else cfg)
+        u = first.ulysses if first else (1 if ulysses is None else ulysses)
+        r = first.ring if first else (1 if ring is None else ring)
+        dims = ParallelDims(max(1, world // max(1, c * u * r)), u, r, world, cfg=c)
+        _validate(dims, model.num_heads, gpus_per_node, num_nodes)
     if mode == "throughput":
         chosen, reasons = _pick_throughput(candidates, gpu_memory_gib, explicit, world)
     else:
         chosen, reasons = _pick_latency(candidates, gpu_memory_gib, explicit, gpus_per_node, world)
+    reasons += _cfg_reasons(chosen, batch, cfg is not None)
     reasons += _layout_reasons(
         chosen, model.num_heads, gpus_per_node, world, (ulysses is not None, ring is not None)
     )
     reasons.sort(key=lambda s: not s.startswith("warning:"))
     plan = ParallelPlan(
-        dp=world // chosen.sp,
+        dp=world // chosen.group,
         ulysses=chosen.ulysses,
         ring=chosen.ring,
         mode=mode,
@@ -347,6 +418,7 @@ def plan_parallel(
         num_nodes=num_nodes,
         gpu_memory_gib=gpu_memory_gib,
         model=model.describe(),
+        cfg=chosen.cfg,
     )
     _validate(plan.dims(), model.num_heads, gpus_per_node, num_nodes)
     return plan
@@ -364,9 +436,10 @@ def format_plan(plan: ParallelPlan) -> str:
         ("VAE decode peak", m.vae_decode_gib, "tiled"),
         ("safety margin", m.margin_gib, f"{SAFETY_MARGIN:.0%}"),
     ]
+    cfg = f" x cfg {plan.cfg}" if plan.cfg > 1 else ""
     lines = [
-        f"layout: dp {plan.dp} x ulysses {plan.ulysses} x ring {plan.ring}  "
-        f"({plan.mode}; {plan.world_size} GPUs = {nodes} x {plan.gpus_per_node}, {plan.sp} per video)",
+        f"layout: dp {plan.dp}{cfg} x ulysses {plan.ulysses} x ring {plan.ring}  "
+        f"({plan.mode}; {plan.world_size} GPUs = {nodes} x {plan.gpus_per_node}, {plan.group} per video)",
         "memory per GPU (estimate):",
         *(
             f"  {name:<20} {gib:6.1f} GiB" + (f"  ({note})" if note and gib else "")
