@@ -15,7 +15,7 @@ as the real weights without any download.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,12 @@ class HunyuanTextEncoder:
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
 
+    def to(self, device: torch.device) -> None:
+        """Move both encoders' weights (e.g. to host memory while videos denoise, and back)."""
+        if device != self.device:
+            self.llm.to(device)
+            self.clip.to(device)
+
     def template_and_crop(self, num_frames: int) -> tuple[str, int]:
         """The template for a video (image when `num_frames == 1`) and its token count before the prompt."""
         video = num_frames > 1
@@ -142,9 +148,10 @@ class HunyuanTextEncoder:
         return pooled, [n > limit for n in full_lengths]
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], num_frames: int) -> EncodedPrompts:
+    def encode(self, prompts: list[str], num_frames: int, *, allow_blank: bool = False) -> EncodedPrompts:
+        """`allow_blank` for the negative prompt, which is `" "` when none is given."""
         empty = [i for i, p in enumerate(prompts) if not p.strip()]
-        if empty:
+        if empty and not allow_blank:
             raise ValueError(f"empty prompt at position(s) {empty}: every prompt needs some text")
         states, mask, llm_cut = self._llm_states(prompts, num_frames)
         pooled, clip_cut = self._clip_pooled(prompts)
@@ -158,6 +165,42 @@ class HunyuanTextEncoder:
                     prompt,
                 )
         return EncodedPrompts(TextConditioning(states, mask, pooled), truncated)
+
+
+ConditioningKey = tuple[str, bool]
+"""What an encoding depends on: the prompt and its template (video, or image when num_frames == 1)."""
+
+
+def conditioning_key(prompt: str, num_frames: int) -> ConditioningKey:
+    return prompt, num_frames > 1
+
+
+@dataclass
+class PromptStore:
+    """Encoded prompts kept in host memory, one entry per `ConditioningKey`.
+
+    A prompt repeated by `num_videos` (or used as every video's negative prompt) is encoded once.
+    `errors` holds why a key could not be encoded; it is tried again by the next `missing` call.
+    """
+
+    entries: dict[ConditioningKey, EncodedPrompts] = field(default_factory=dict)
+    errors: dict[ConditioningKey, Exception] = field(default_factory=dict)
+
+    def missing(self, keys: list[ConditioningKey]) -> list[ConditioningKey]:
+        """The distinct keys of `keys` not stored yet, in order (their old errors are forgotten)."""
+        todo = [k for k in dict.fromkeys(keys) if k not in self.entries]
+        for key in todo:
+            self.errors.pop(key, None)
+        return todo
+
+    def put(self, key: ConditioningKey, encoded: EncodedPrompts) -> None:
+        self.entries[key] = EncodedPrompts(encoded.conditioning.to("cpu"), encoded.truncated)
+
+    def get(self, key: ConditioningKey) -> EncodedPrompts | None:
+        """The stored encoding (on the CPU), None if never encoded; raises the error that stopped it."""
+        if key in self.errors:
+            raise self.errors[key]
+        return self.entries.get(key)
 
 
 def _byte_level_tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, *, add_eos: bool) -> Any:

@@ -126,3 +126,22 @@ def test_overlapping_attempts_commit_each_video_once(tmp_path: Path) -> None:
     # Each job found the other alive when it started: neither marked the other's attempt lost.
     reasons = [row["exit_reason"] for row in RunDir(run_dir).metrics_rows()]
     assert reasons == ["completed", "completed"], reasons
+
+
+def test_leader_killed_during_an_overlapped_write_loses_and_duplicates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One rank makes `kite`, then `plain`: kite's mp4 is written in the background (slowed by 30 s)
+    # while plain denoises, and the rank is SIGKILLed at plain's step 2, in the middle of kite's write.
+    faults = [f"action=slow-write,video={KITE},attempt=1", f"action=kill,video={PLAIN},step=2,attempt=1"]
+    monkeypatch.setenv("HVBATCH_FAULT", ";".join(faults))
+    prompts = write_prompts(tmp_path / "prompts.parquet", FAULT_PROMPTS[2:])
+    run_dir = tmp_path / "run"
+    overrides = ("slurm.tasks_per_node=1", "batch.min_shards=1", "sampling.num_inference_steps=2")
+    assert main([*submit_argv(prompts, run_dir, "local", *overrides), "--wait"]) == 0
+    assert_exactly_once(run_dir, FAULT_PROMPTS[2:], {})
+    assert [a["exit_reason"] for a in metrics(run_dir)[0]] == ["crash", "completed"]
+    # Kite's write was lost with the rank (written to a temporary name, never linked, no row) and
+    # made again by the retry; had it been written between the videos, attempt 1 would have done it.
+    assert manifest_attempts(run_dir, KITE) == ["started", "done"]
+    assert manifest_attempts(run_dir, PLAIN) == ["started", "done"]

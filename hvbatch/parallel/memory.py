@@ -1,7 +1,10 @@
 """Per-GPU memory model of a HunyuanVideo job, used by the parallel planner.
 
   transformer weights  params * bytes per param (bf16 2; fp8 checkpoints keep block linear weights at 1)
-+ text encoders        LLaVA-Llama-3-8B language model + CLIP-L text model, in their dtype
++ text encoders        LLaVA-Llama-3-8B language model + CLIP-L text model, in their dtype; when
+                       they go to host memory before denoising (model.text_encoder_offload=cpu)
+                       only what they need beyond the activations and VAE decode peak (they are
+                       on the GPU only while those are not): max(0, encoders - both)
 + VAE weights          the causal 3D VAE (encoder and decoder), in its dtype
 + activations          bytes per token per hidden channel * hidden size * tokens per rank * batch,
                        tokens per rank = ceil(image tokens / sp) + text tokens (text is replicated)
@@ -177,9 +180,13 @@ class ComponentMemory:
     """VAE weights."""
     vae_decode_gib: float
     """Peak activations of the tiled VAE decode."""
+    text_encoders_offloaded: bool = False
+    """The text encoders leave the GPU before denoising (`model.text_encoder_offload=cpu`)."""
 
     @classmethod
-    def hunyuan(cls, text_encoder_dtype: str = "float16", vae_dtype: str = "float16") -> ComponentMemory:
+    def hunyuan(
+        cls, text_encoder_dtype: str = "float16", vae_dtype: str = "float16", *, offloaded: bool = False
+    ) -> ComponentMemory:
         """The released HunyuanVideo text encoders and VAE in the given dtypes."""
         te = dtype_bytes(text_encoder_dtype, "model.text_encoder_dtype")
         vae = dtype_bytes(vae_dtype, "model.vae_dtype")
@@ -187,6 +194,7 @@ class ComponentMemory:
             text_encoders_gib=_gib((LLM_PARAMS + CLIP_PARAMS) * te),
             vae_weights_gib=_gib(VAE_PARAMS * vae),
             vae_decode_gib=VAE_DECODE_PEAK_GIB_FP16 * vae / 2,
+            text_encoders_offloaded=offloaded,
         )
 
 
@@ -201,7 +209,8 @@ class MemoryEstimate:
     transformer_weights_gib: float
     """Transformer parameters."""
     text_encoders_gib: float
-    """Text encoder weights (LLM and CLIP-L)."""
+    """Text encoder weights (LLM and CLIP-L); when offloaded, only what exceeds the activations and
+    VAE decode peak that are not live while they encode."""
     vae_weights_gib: float
     """VAE weights."""
     activations_gib: float
@@ -248,9 +257,12 @@ def estimate_memory(
     components = ComponentMemory.hunyuan() if components is None else components
     tokens = math.ceil(image_tokens / (ulysses * ring)) + text_tokens
     activations = _gib(activation_bytes_per_token(model, ulysses, ring) * model.hidden_size * tokens * batch)
+    text_encoders = components.text_encoders_gib
+    if components.text_encoders_offloaded:
+        text_encoders = max(0.0, text_encoders - activations - components.vae_decode_gib)
     parts = (
         _gib(model.weight_bytes_total),
-        components.text_encoders_gib,
+        text_encoders,
         components.vae_weights_gib,
         activations,
         components.vae_decode_gib,

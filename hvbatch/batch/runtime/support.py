@@ -62,7 +62,8 @@ class ShardProgress:
     """The leader's manifest rows of this attempt, in segments of `SEGMENT_ROWS` videos.
 
     Each change rewrites only the current segment, so a dp group of thousands of videos writes
-    O(videos) rows in all, not O(videos^2).
+    O(videos) rows in all, not O(videos^2). Thread-safe: the background mp4 writer records the
+    videos it wrote while the job's thread records the next ones.
     """
 
     run: RunDir
@@ -74,8 +75,13 @@ class ShardProgress:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
     first_step_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def put(self, video_id: str, row: dict[str, Any]) -> None:
+        with self.lock:
+            self._put(video_id, row)
+
+    def _put(self, video_id: str, row: dict[str, Any]) -> None:
         if video_id not in self.rows and len(self.rows) >= SEGMENT_ROWS:
             self.segment, self.rows = self.segment + 1, {}
         # A video tried twice in one attempt keeps both rows: the earlier one under a suffixed key.
@@ -85,8 +91,9 @@ class ShardProgress:
         self._write()
 
     def drop(self, video_id: str) -> None:
-        self.rows.pop(video_id, None)
-        self._write()
+        with self.lock:
+            self.rows.pop(video_id, None)
+            self._write()
 
     def _write(self) -> None:
         if self.leader:
