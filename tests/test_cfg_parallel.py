@@ -9,16 +9,28 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hvbatch.config import transformer_preset
+from hvbatch.config import SamplingConfig, transformer_preset
 from hvbatch.models import random_transformer
 from hvbatch.parallel.dims import ParallelDims, ParallelGroups, build_groups, destroy_groups
 from hvbatch.parallel.runner import CfgParallelTransformer, parallelize, unparallelize
+from hvbatch.sampling import denoise, initial_noise, new_step_cache
 from tests.helpers import rel_err
-from tests.parallel_worker import run_cases
+from tests.parallel_worker import LATENT_SHAPE, conditioning, run_cases
 from tests.test_parallel import free_port
 
 # (dp, cfg, ulysses, ring) on 4 ranks: cfg 2 x ulysses 1 (two videos at a time), cfg 2 x ulysses 2.
 LAYOUTS = [(2, 2, 1, 1), (1, 2, 2, 1)]
+# Step caching with CFG: the skip decision is taken on sums over both branches (the cfg group).
+CACHED = SamplingConfig(num_inference_steps=6, seed=2, cfg_scale=3.0, cache="teacache", cache_threshold=0.2)
+
+
+def cached_cfg(model: object) -> tuple[torch.Tensor, list[bool]]:
+    step_cache = new_step_cache(CACHED)
+    assert step_cache is not None
+    noise = initial_noise(LATENT_SHAPE, CACHED.seed)
+    negative = conditioning(3, 5)
+    latents = denoise(model, noise, conditioning(2, 12), CACHED, negative=negative, step_cache=step_cache)  # type: ignore[arg-type]
+    return latents, step_cache.history
 
 
 def cfg_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -35,6 +47,7 @@ def cfg_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             assert isinstance(runner, CfgParallelTransformer)
             latents = run_cases(runner)  # "cfg" splits its batch of 2; "plain" runs whole on both halves
             result = {"latents": latents, "cfg_bytes": runner.stats.bytes_sent["cfg"]}
+            result["cached"], result["history"] = cached_cfg(runner)
             result |= {"leader": groups.is_sp_leader, "cfg_index": groups.cfg_index}
             torch.save(result, Path(out_dir) / f"d{dp}c{cfg}u{ulysses}r{ring}-rank{rank}.pt")
             assert unparallelize(runner) is model
@@ -46,7 +59,10 @@ def cfg_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_cfg_parallel_equals_one_rank(tmp_path: Path) -> None:
     world = 4
-    reference = run_cases(random_transformer(transformer_preset("tiny"), seed=0))
+    model = random_transformer(transformer_preset("tiny"), seed=0)
+    reference = run_cases(model)
+    cached, history = cached_cfg(model)
+    assert history.count(False) >= 2
     mp.spawn(cfg_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     for dp, cfg, ulysses, ring in LAYOUTS:
         per_rank = [torch.load(tmp_path / f"d{dp}c{cfg}u{ulysses}r{ring}-rank{r}.pt") for r in range(world)]
@@ -54,6 +70,8 @@ def test_cfg_parallel_equals_one_rank(tmp_path: Path) -> None:
             for result in per_rank:
                 got = result["latents"][name]
                 assert rel_err(got, expected) <= 1e-5, (dp, cfg, ulysses, name, rel_err(got, expected))
+            assert result["history"] == history
+            assert rel_err(result["cached"], cached) <= 1e-5
         # One velocity [1, 16, 5, 14, 2] float32 sent per step of the CFG case (2 steps), none for "plain".
         assert all(result["cfg_bytes"] == 2 * 16 * 5 * 14 * 2 * 4 for result in per_rank)
         assert sum(result["leader"] for result in per_rank) == dp  # one decoder and writer per video
