@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from hvbatch.batch.attempt import VideoStatus
+from hvbatch.batch.attempt import ExitReason, VideoStatus
 from hvbatch.batch.executors.base import LIVE_STATES, JobRecord, SchedulerUnavailable, latest_records
 from hvbatch.batch.executors.registry import live_states
+from hvbatch.batch.files import read_json, read_parquet_parts
 from hvbatch.batch.ledger import manual_reset_times
-from hvbatch.batch.rundir import RunDir
+from hvbatch.batch.rundir import MANIFEST_SCHEMA, SHARD_PATTERN, RunDir
+from hvbatch.config import Config, load_config
 
 MAX_TABLE_ROWS = 40
+MAX_STOP_LINES = 3
 
 
 @dataclass
@@ -31,16 +37,9 @@ class RunSnapshot:
     markers: dict[int, dict[str, Any]]
 
     @classmethod
-    def take(cls, run: RunDir) -> RunSnapshot:
-        records = latest_records(run)
-        markers = run.markers()
-        waiting = [record for shard, record in records.items() if shard not in markers]
-        try:
-            states: dict[str, str] | None = live_states(run, waiting)
-            unknown = None
-        except SchedulerUnavailable as err:
-            states, unknown = None, str(err)
-        return cls(records, states, unknown, markers)
+    def take(cls, run: RunDir, every_job: bool = False) -> RunSnapshot:
+        """`every_job`: also ask about the jobs of complete shards (are they still exiting?)."""
+        return RunReader(run).snapshot(every_job)
 
     def live_shards(self) -> set[int]:
         states = self.states or {}
@@ -134,6 +133,8 @@ class RunStatus:
     eta_seconds: float | None
     jobs: list[dict[str, Any]] = field(default_factory=list)
     scheduler_error: str | None = None
+    stopped: list[str] = field(default_factory=list)
+    """When no job is alive and the run is not complete: why it stopped and what to do (lines)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,55 +143,143 @@ class RunStatus:
             "eta_seconds": self.eta_seconds,
             "jobs": self.jobs,
             "scheduler_error": self.scheduler_error,
+            "stopped": self.stopped,
         }
 
 
-def _open_shard_counts(
-    run: RunDir, snapshot: RunSnapshot, open_shards: list[int]
-) -> tuple[dict[str, int], list[float]]:
-    """done / failed / running / pending of the shards without a marker, and their done times."""
-    counts = {"done": 0, "failed": 0, "pending": 0, "running": 0}
-    if not open_shards:
-        return counts, []
-    videos = run.all_videos(["video_id", "shard"])
-    shard_of = dict(zip(*(c.to_pylist() for c in videos.columns), strict=True))
-    wanted = set(open_shards)
-    resets = manual_reset_times(run)
-    rows = run.manifest_rows(open_shards).select(["video_id", "status", "final", "finished_at"]).to_pylist()
-    done: dict[str, float] = {}
-    failed: set[str] = set()
-    for row in rows:
-        if row["status"] == VideoStatus.DONE:
-            done[row["video_id"]] = row["finished_at"] or 0.0
-        elif row["status"] == VideoStatus.FAILED and row["final"]:
-            reset = resets.get(shard_of.get(row["video_id"], -1), 0.0)
-            if (row["finished_at"] or 0.0) >= reset:  # a final failure from before a retry is reopened
-                failed.add(row["video_id"])
-    live = snapshot.live_shards()
-    for video_id, shard in shard_of.items():
-        if shard not in wanted:
-            continue
-        if video_id in done:
-            counts["done"] += 1
-        elif video_id in failed:
-            counts["failed"] += 1
-        else:
-            counts["running" if shard in live else "pending"] += 1
-    return counts, list(done.values())
+def format_duration(seconds: float) -> str:
+    """`45s`, `12m 5s`, `2h 10m`, `3d 4h`: two units at most."""
+    total = max(0, round(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def _read_manifest_part(path: Path) -> pa.Table:
+    parts = read_parquet_parts([path], MANIFEST_SCHEMA)
+    if not parts:
+        raise FileNotFoundError(path)
+    return parts[0][1].select(["video_id", "status", "final", "finished_at"])
+
+
+class RunReader:
+    """Reads a run again and again (`--wait` polls every few seconds) and re-reads only what
+    changed: completion markers and manifest parts new or replaced since the last read (by inode,
+    size and mtime). The config and the video list are read once: they never change after submit.
+    """
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self._config: Config | None = None
+        self._shard_of: dict[str, int] | None = None
+        self._num_shards: int | None = None
+        self._files: dict[str, tuple[tuple[int, int, int], Any]] = {}
+
+    def _read_changed(
+        self, folder: str, ext: str, shards: set[int] | None, read: Callable[[Path], Any]
+    ) -> dict[int, list[Any]]:
+        """Per shard, the contents of `folder`'s files of `shards` (all if None)."""
+        found: dict[int, list[Any]] = {}
+        directory = self.run.root / folder
+        if not directory.is_dir():
+            return found
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            match = SHARD_PATTERN.match(entry.name)
+            if (
+                match is None
+                or not entry.name.endswith(ext)
+                or (shards is not None and int(match[1]) not in shards)
+            ):
+                continue
+            try:
+                st = entry.stat()
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                cached = self._files.get(f"{folder}/{entry.name}")
+                if cached is None or cached[0] != stamp:
+                    cached = self._files[f"{folder}/{entry.name}"] = (stamp, read(Path(entry.path)))
+            except FileNotFoundError:
+                continue  # replaced or moved aside since the listing
+            found.setdefault(int(match[1]), []).append(cached[1])
+        return found
+
+    def num_shards(self) -> int:
+        self._num_shards = self._num_shards or self.run.num_shards()
+        return self._num_shards
+
+    def snapshot(self, every_job: bool = False) -> RunSnapshot:
+        records = latest_records(self.run)
+        markers = {
+            shard: found[0] for shard, found in self._read_changed("done", ".json", None, read_json).items()
+        }
+        waiting = {r.job_id: r for s, r in records.items() if every_job or s not in markers}  # one per job
+        self._config = self._config or load_config(self.run.root / "config.yaml")
+        try:
+            states: dict[str, str] | None = live_states(self.run, list(waiting.values()), self._config)
+            unknown = None
+        except SchedulerUnavailable as err:
+            states, unknown = None, str(err)
+        return RunSnapshot(records, states, unknown, markers)
+
+    def counts(self, snapshot: RunSnapshot) -> tuple[dict[str, int], list[float]]:
+        """done / failed / running / pending videos of the whole run, and the done times known:
+        markers for complete shards, manifest parts only for the shards still open."""
+        open_shards = {shard for shard in range(self.num_shards()) if shard not in snapshot.markers}
+        counts, done_times = self._open_shard_counts(snapshot, open_shards)
+        for marker in snapshot.markers.values():
+            counts["done"] += int(marker.get("done", 0))
+            counts["failed"] += int(marker.get("failed", 0))
+            if marker.get("last_done_at"):
+                done_times.append(float(marker["last_done_at"]))
+        return counts, done_times
+
+    def _open_shard_counts(
+        self, snapshot: RunSnapshot, open_shards: set[int]
+    ) -> tuple[dict[str, int], list[float]]:
+        counts = {"done": 0, "failed": 0, "pending": 0, "running": 0}
+        if not open_shards:
+            return counts, []
+        if self._shard_of is None:
+            videos = self.run.all_videos(["video_id", "shard"])
+            self._shard_of = dict(zip(*(c.to_pylist() for c in videos.columns), strict=True))
+        resets = manual_reset_times(self.run)
+        parts = self._read_changed("manifest", ".parquet", open_shards, _read_manifest_part)
+        done: dict[str, float] = {}
+        failed: set[str] = set()
+        for tables in parts.values():
+            for row in pa.concat_tables(tables).to_pylist():
+                if row["status"] == VideoStatus.DONE:
+                    done[row["video_id"]] = row["finished_at"] or 0.0
+                elif row["status"] == VideoStatus.FAILED and row["final"]:
+                    reset = resets.get(self._shard_of.get(row["video_id"], -1), 0.0)
+                    if (
+                        row["finished_at"] or 0.0
+                    ) >= reset:  # a final failure from before a retry is reopened
+                        failed.add(row["video_id"])
+        live = snapshot.live_shards()
+        for video_id, shard in self._shard_of.items():
+            if shard not in open_shards:
+                continue
+            if video_id in done:
+                counts["done"] += 1
+            elif video_id in failed:
+                counts["failed"] += 1
+            else:
+                counts["running" if shard in live else "pending"] += 1
+        return counts, list(done.values())
 
 
 def run_status(run: RunDir) -> RunStatus:
-    """Counts, rate, ETA and the per-shard job table: markers for complete shards (one small JSON
-    each), manifest and metrics parts only for the shards still open."""
-    snapshot = RunSnapshot.take(run)
-    num_shards = run.num_shards()
+    """Counts, rate, ETA, the per-shard job table, and why the run stopped if it did."""
+    reader = RunReader(run)
+    snapshot = reader.snapshot()
+    num_shards = reader.num_shards()
     open_shards = [shard for shard in range(num_shards) if shard not in snapshot.markers]
-    counts, done_times = _open_shard_counts(run, snapshot, open_shards)
-    for marker in snapshot.markers.values():
-        counts["done"] += int(marker.get("done", 0))
-        counts["failed"] += int(marker.get("failed", 0))
-        if marker.get("last_done_at"):
-            done_times.append(float(marker["last_done_at"]))
+    counts, done_times = reader.counts(snapshot)
     started = float(run.read_run()["created_at"])
     rate = (
         counts["done"] / max(1.0, max(done_times) - started) * 3600.0
@@ -207,9 +296,10 @@ def run_status(run: RunDir) -> RunStatus:
     for row in run.metrics_rows(open_shards):
         entry = history.setdefault(int(row["shard"]), {"attempts": 0})
         entry |= {"attempts": entry["attempts"] + 1, "last_exit": row["exit_reason"]}
-        entry["last_exit_detail"] = row["exit_detail"]
+        entry |= {"last_exit_detail": row["exit_detail"], "last_exit_at": row["finished_at"]}
     for shard, marker in snapshot.markers.items():
         history[shard] = {key: marker.get(key) for key in ("attempts", "last_exit", "last_exit_detail")}
+        history[shard]["failed"] = int(marker.get("failed", 0))
     table = []
     for shard in range(num_shards):
         record = snapshot.records.get(shard)
@@ -225,23 +315,72 @@ def run_status(run: RunDir) -> RunStatus:
                 "last_exit_detail": entry.get("last_exit_detail"),
             }
         )
-    return RunStatus(counts, rate, eta, table, snapshot.unknown)
+    stopped = why_stopped(run, snapshot, history, counts["failed"])
+    return RunStatus(counts, rate, eta, table, snapshot.unknown, stopped)
+
+
+def _shard_stop(
+    shard: int, marker: dict[str, Any] | None, record: JobRecord | None, entry: dict[str, Any]
+) -> str:
+    """Why one unfinished shard (no marker, or one that counts failed videos) is not running."""
+    last, detail = entry.get("last_exit"), entry.get("last_exit_detail")
+    last_text = f"{last}: {detail}" if detail else f"{last}"
+    if marker is not None:
+        failed = entry.get("failed", 0)
+        if last not in (None, str(ExitReason.COMPLETED)):
+            return f"shard {shard} gave up after {_attempts(entry)} (last: {last_text})"
+        return f"shard {shard}: {failed} videos failed on every try (retry.max_prompt_attempts)"
+    if record is None:
+        return f"shard {shard} was never submitted"
+    if last is None:
+        return f"shard {shard}: job {record.job_id} ended before the shard started (see its log)"
+    if last == ExitReason.CANCELLED:
+        at = entry.get("last_exit_at")
+        when = time.strftime(" at %Y-%m-%d %H:%M:%S %Z", time.localtime(at)) if at else ""
+        return f"shard {shard} cancelled by the user{when} ({detail})"
+    if last == ExitReason.RUNNING:
+        return f"shard {shard}: job {record.job_id} ended without a report (lost; see its log)"
+    return f"shard {shard} stopped after {_attempts(entry)} (last: {last_text})"
+
+
+def _attempts(entry: dict[str, Any]) -> str:
+    n = int(entry.get("attempts") or 0)
+    return f"{n} attempt{'s' if n != 1 else ''}"
+
+
+def why_stopped(
+    run: RunDir, snapshot: RunSnapshot, history: dict[int, dict[str, Any]], failed_videos: int
+) -> list[str]:
+    """Lines saying why a run with no live job is not complete, and what to do; [] otherwise."""
+    if snapshot.states is None or snapshot.live_shards():
+        return []
+    causes = [
+        _shard_stop(shard, snapshot.markers.get(shard), snapshot.records.get(shard), history.get(shard, {}))
+        for shard in range(run.num_shards())
+        if shard not in snapshot.markers or snapshot.markers[shard].get("failed", 0)
+    ]
+    if not causes:
+        return []
+    lines = [f"stopped: {cause}" for cause in causes[:MAX_STOP_LINES]]
+    if len(causes) > MAX_STOP_LINES:
+        lines.append(f"stopped: ... and {len(causes) - MAX_STOP_LINES} more shards (`hvbatch status --json`)")
+    hint = f"waiting for retry: run `hvbatch retry {run.root}`"
+    if failed_videos:
+        hint += f" (`hvbatch manifest {run.root} --failed` lists the {failed_videos} failed videos)"
+    return [*lines, hint]
 
 
 def format_status(run: RunDir, status: RunStatus) -> str:
     c = status.counts
     total = sum(c.values())
     rate = f"{status.videos_per_hour:.1f} videos/hour" if status.videos_per_hour else "no video done yet"
-    eta = (
-        ""
-        if status.eta_seconds is None
-        else f", ETA {time.strftime('%H:%M:%S', time.gmtime(status.eta_seconds))}"
-    )
+    eta = "" if status.eta_seconds is None else f", ETA {format_duration(status.eta_seconds)}"
     warning = [f"warning: job states unknown ({status.scheduler_error})"] if status.scheduler_error else []
     lines = [
         *warning,
         f"run {run.root}: {total} videos: {c['done']} done, {c['failed']} failed, {c['running']} running, "
         f"{c['pending']} pending; {rate}{eta}",
+        *status.stopped,
         f"{'shard':>6}  {'job':<16} {'executor':<9} {'state':<11} {'tries':>5}  last exit",
     ]
     shown = [j for j in status.jobs if j["state"] != "COMPLETE"][:MAX_TABLE_ROWS] or status.jobs[
