@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +37,24 @@ def _progress(step: int, total: int) -> None:
         print(file=sys.stderr)
 
 
+def _check_writable(option: str, path: Path) -> None:
+    """`path` can be created: its nearest existing folder takes a file (tried, not guessed from modes)."""
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(folder))
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{option} {path}: cannot write in {folder} ({err.strerror or err}); choose a writable place"
+        ) from err
+
+
 def _check_request(prompt: str, out: Path, latents_out: Path | None, config: Config) -> None:
     """Everything a user can get wrong, checked before any weights are loaded."""
     if not prompt.strip():
@@ -43,6 +63,9 @@ def _check_request(prompt: str, out: Path, latents_out: Path | None, config: Con
         raise ValueError(f"--out {out} must end in .mp4")
     if latents_out is not None and latents_out.suffix != ".safetensors":
         raise ValueError(f"--save-latents {latents_out} must end in .safetensors")
+    _check_writable("--out", out)
+    if latents_out is not None:
+        _check_writable("--save-latents", latents_out)
     s = config.sampling
     latent_shape(s.height, s.width, s.num_frames)
 

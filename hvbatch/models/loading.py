@@ -180,21 +180,26 @@ def _state_dict_source(
     )
 
 
-def _torch_load(path: Path) -> object:
-    """`torch.load` that never unpickles arbitrary objects, memory-mapped where the format allows."""
+def _weights_only_load(path: Path, mmap: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it contains pickled Python objects that are not tensors, "
             "and hvbatch never unpickles arbitrary code. Re-save it as a plain state dict "
             f"(torch.save({{'module': state_dict}}, ...)) or as .safetensors. Detail: {str(err)[:300]}"
         ) from err
+
+
+def _torch_load(path: Path) -> object:
+    """`torch.load` that never unpickles arbitrary objects, memory-mapped where the format allows."""
+    try:
+        return _weights_only_load(path, mmap=True)
     except RuntimeError as err:
         if "mmap" not in str(err):
             raise ValueError(f"cannot read {path} as a torch checkpoint: {err}") from err
     # Files from torch.save(_use_new_zipfile_serialization=False) cannot be memory-mapped.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _weights_only_load(path, mmap=False)
 
 
 def _official_pt(path: Path, config: TransformerConfig, load_key: str) -> CheckpointSource:
