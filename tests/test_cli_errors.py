@@ -23,6 +23,7 @@ from hvbatch.batch.control import commands
 from hvbatch.batch.control.prompts import read_prompts
 from hvbatch.batch.control.shards import shard_videos
 from hvbatch.batch.executors.base import JobRecord, record_submission
+from hvbatch.batch.files import write_json_atomic
 from hvbatch.batch.rundir import RunDir
 from hvbatch.cli import main
 from hvbatch.config import load_config, transformer_preset
@@ -134,6 +135,12 @@ def test_slurm_without_a_controller_is_refused_before_the_run_dir_is_written(
     assert main(["submit", prompts, "--run-dir", str(run_dir), "--executor", "slurm", *TINY]) == 2
     assert "no Slurm controller answers" in _error(capsys, "submit")
     assert not run_dir.exists()
+    # `retry` is refused before it reopens a shard whose marker counts failed videos.
+    run = _run(tmp_path / "local")
+    write_json_atomic(run.done_marker(0), {"shard": 0, "videos": 2, "done": 1, "failed": 1})
+    assert main(["retry", str(run.root), "--executor", "slurm"]) == 2
+    assert "no Slurm controller answers" in _error(capsys, "retry")
+    assert run.done_marker(0).is_file() and run.submissions() == []
 
 
 def test_ctrl_c_is_one_line_and_says_what_happened_to_the_jobs(
