@@ -1,11 +1,13 @@
 """Videos per hour of the bundled tiny example on the local executor, each issue-12 feature off and on.
 
-    python3 benchmarks/throughput_cpu.py [--cases base,overlap,offload,cache] [--thresholds 0.05,0.1,0.15]
-                                         [--cache-mode teacache] [--keep DIR] [override=value ...]
+    python3 benchmarks/throughput_cpu.py [--cases base,overlap,offload,cache] [--repeats 1]
+        [--thresholds 0.05,0.1,0.15] [--cache-mode teacache] [--keep DIR] [override=value ...]
 
 Every case runs `hvbatch submit examples/prompts.parquet --config configs/examples/tiny-batch.yaml
 --executor local --wait` into a fresh run directory with the features set as below (extra
-`key=value` arguments go to every run), then reads the run's own files:
+`key=value` arguments go to every run; with `--repeats N` the cases run round-robin N times and
+the median is shown, so that load changes on a shared machine hit every case alike), then reads
+the run's own files:
 
 - videos/hour: done videos over the shards' summed `wall_seconds` (the local job runs its shards one
   after another; model loading and process start are outside it), and end to end (submit to done);
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -77,7 +80,7 @@ def run_case(name: str, overrides: list[str], keep: Path | None) -> dict[str, An
         "end_to_end_per_hour": 3600 * done / end_to_end,
         "peak_rank_mib": peak / 2**20,
         "write_s": writing,
-        "hidden": (1 - waited / writing) if writing else None,
+        "hidden": max(0.0, 1 - waited / writing) if writing else None,
     }
 
 
@@ -132,6 +135,7 @@ def main() -> None:
     parser.add_argument("--cases", default="base,overlap,offload,cache")
     parser.add_argument("--thresholds", default="0.05,0.1,0.15")
     parser.add_argument("--cache-mode", default="teacache")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="keep the run directories under DIR")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (e.g. slurm.tasks_per_node=2)")
     args = parser.parse_args()
@@ -152,13 +156,21 @@ def main() -> None:
         cache_note = "sampling.cache is not in this version's config: the step cache has not landed; skipped"
     print("| case | videos/h (shard wall) | videos/h (end to end) | peak RSS per rank | mp4 encode hidden |")
     print("|---|---|---|---|---|")
-    for name, overrides in runs:
-        r = run_case(name.replace(" ", "-"), [*overrides, *args.overrides], args.keep)
-        hidden = "n/a" if r["hidden"] is None else f"{r['hidden']:.0%} of {r['write_s']:.1f} s"
-        status = "" if r["exit"] == 0 and r["done"] == 6 else f" (exit {r['exit']}, {r['done']} done)"
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in runs}
+    for _ in range(args.repeats):
+        for name, overrides in runs:
+            results[name].append(run_case(name.replace(" ", "-"), [*overrides, *args.overrides], args.keep))
+    for name, repeats in results.items():
+        r = {k: statistics.median(x[k] for x in repeats) for k in ("videos_per_hour", "end_to_end_per_hour")}
+        peak = max(x["peak_rank_mib"] for x in repeats)
+        shares = [x["hidden"] for x in repeats if x["hidden"] is not None]
+        written = statistics.median(x["write_s"] for x in repeats)
+        hidden = f"{statistics.median(shares):.0%} of {written:.1f} s" if shares else "n/a"
+        bad = [x for x in repeats if x["exit"] != 0 or x["done"] != 6]
+        status = f" ({len(bad)} runs incomplete)" if bad else ""
         print(
             f"| {name}{status} | {r['videos_per_hour']:.0f} | {r['end_to_end_per_hour']:.0f} | "
-            f"{r['peak_rank_mib']:.0f} MiB | {hidden} |",
+            f"{peak:.0f} MiB | {hidden} |",
             flush=True,
         )
     if "offload" in cases:

@@ -54,15 +54,8 @@ class WriteRequest:
 class VideoWriter:
     """Writes videos in submission order, in a worker thread unless `background` is False."""
 
-    def __init__(
-        self,
-        commit: Commit,
-        *,
-        background: bool,
-        on_wait: Callable[[], None] = lambda: None,
-        poll_s: float = 1.0,
-    ) -> None:
-        self.commit, self.background, self.on_wait, self.poll_s = commit, background, on_wait, poll_s
+    def __init__(self, commit: Commit, *, background: bool, poll_s: float = 1.0) -> None:
+        self.commit, self.background, self.poll_s = commit, background, poll_s
         self.write_seconds = 0.0
         """Time spent encoding, fsyncing and linking."""
         self.waited_seconds = 0.0
@@ -120,9 +113,11 @@ class VideoWriter:
         with self._cond:
             while not ready() and self._error is None and (self._thread is None or self._thread.is_alive()):
                 self._cond.wait(self.poll_s)
-                self.on_wait()
+            stopped = not ready() and self._error is None
         self.waited_seconds += time.perf_counter() - start
         self._raise_error()
+        if stopped:
+            raise RuntimeError("the mp4 writer's thread stopped with videos still to write")
 
     def _raise_error(self) -> None:
         if self._error is not None:
