@@ -10,12 +10,15 @@ from __future__ import annotations
 import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from hvbatch.config_checks import check_config, check_overrides, preset_problem
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL_PRESET = "hunyuan-video-t2v-720p"
 
@@ -127,6 +130,10 @@ class ModelConfig:
     """Dtype of both text encoders (the reference runs them in float16)."""
     vae_dtype: str = "float16"
     """Dtype of the VAE decoder (the reference decodes in float16)."""
+    text_encoder_offload: str = "cpu"
+    """Where the text encoders wait while videos denoise: `cpu` (moved to host memory after each
+    encoding window, back to the GPU for the next; the planner then counts them only while they
+    encode) or `keep` (resident on the GPU). A no-op on CPU runs."""
     attention: str = "auto"
     """Attention kernel: auto (by GPU: FA3/FA4 when installed, else cuDNN on Hopper/Blackwell; flash on
     Ampere/Ada; the default on CPU), default, cudnn, flash, efficient, math, fa3, fa4 or sage (FP8
@@ -167,6 +174,13 @@ class SamplingConfig:
     """True classifier-free guidance; > 1 runs a negative-prompt branch too."""
     negative_prompt: str = ""
     flow_shift: float = 7.0
+    cache: str = "none"
+    """Step caching: `none`, `teacache` or `fbcache` (README "Step caching"); skipped steps reuse
+    the transformer blocks' residual of the last computed step."""
+    cache_threshold: float = 0.1
+    """Skip while the cache's relative change stays under this (0 never skips; larger is faster)."""
+    cache_max_skips: int = 3
+    """Most steps skipped in a row."""
 
 
 @dataclass
@@ -192,6 +206,13 @@ class ParallelConfig:
     """Ulysses degree (all-to-all over heads, inside a node), or `auto`."""
     ring: str = "auto"
     """Ring degree (rotating keys and values, may cross nodes), or `auto`."""
+    cfg: str = "auto"
+    """CFG-parallel degree: 2 runs the unconditional and conditional branches on two halves of a
+    video's GPUs (only with sampling.cfg_scale > 1), 1 runs both as one batch, or `auto`."""
+    comm_dtype: str = "none"
+    """`fp8` sends the sequence-parallel attention transfers (Ulysses all-to-all, ring K/V) as float8
+    e4m3 with per-token, per-head scales (about half the bytes of bf16, slightly less accurate);
+    `none` sends them exact."""
     gpus_per_node: int = 8
     """GPUs per node the planner may use (a job's own count overrides it at run time)."""
     num_nodes: int = 1
@@ -258,6 +279,12 @@ class BatchConfig:
     """At least this many shards (more jobs in flight on a large cluster)."""
     executor: str = "auto"
     """`auto` (Slurm where sbatch exists, else local), `slurm` or `local`."""
+    encode_window: int = 64
+    """Videos whose prompts a dp group encodes in one go before denoising them (each distinct
+    prompt once, kept for the job); the text encoders then leave the GPU until the next window."""
+    overlap_writes: bool = True
+    """Encode and write each mp4 in a background thread while the next video denoises (at most one
+    video waiting); false writes it between videos."""
 
 
 @dataclass
@@ -307,6 +334,8 @@ class Config:
 
 def torch_dtype(name: str) -> torch.dtype:
     """A dtype config value (`bfloat16`, `float16`, `float32`) as a torch.dtype."""
+    import torch  # here, not at the top: `hvbatch --help` and the control commands never need torch
+
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(dtypes)}")
@@ -357,6 +386,34 @@ def _split_model_override(overrides: list[str]) -> tuple[str | None, list[str]]:
     return preset, rest
 
 
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
+def _load_yaml_file(path: str | Path) -> DictConfig:
+    """A user's YAML file as plain data: no `!!python/...` objects (omegaconf loads with a safe
+    loader) and no aliases (`*name`: a few lines of them expand to billions of nodes)."""
+    where = f"config file {path}"
+    try:
+        if Path(path).stat().st_size > MAX_CONFIG_FILE_BYTES:
+            raise ValueError(f"{where} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB; is it a config?")
+        with open(path, encoding="utf-8") as handle:
+            for event in yaml.parse(handle, Loader=yaml.SafeLoader):
+                if isinstance(event, yaml.AliasEvent):
+                    line = event.start_mark.line + 1 if event.start_mark else "?"
+                    raise ValueError(
+                        f"{where}, line {line}: YAML aliases (*{event.anchor}) are not supported; "
+                        "write the values out"
+                    )
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where} cannot be read: {err}") from err
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{where} must hold a mapping (e.g. `sampling: {{seed: 3}}`), not a list")
+    return loaded
+
+
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build the resolved config: defaults, then preset, then `config_file`, then `overrides`.
 
@@ -365,7 +422,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
     layers: list[Any] = [OmegaConf.structured(Config)]
-    file_cfg = OmegaConf.load(config_file) if config_file is not None else OmegaConf.create()
+    file_cfg = _load_yaml_file(config_file) if config_file is not None else OmegaConf.create()
     if preset is None:
         preset = OmegaConf.select(file_cfg, "model.name") or DEFAULT_MODEL_PRESET
     layers.append(OmegaConf.create({"model": _preset_yaml(preset)}))

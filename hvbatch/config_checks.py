@@ -76,6 +76,8 @@ BOUNDS: dict[str, Bound] = {
     "sampling.num_inference_steps": AT_LEAST_1,
     "sampling.seed": Bound(0, INT64_MAX),
     "sampling.flow_shift": POSITIVE,
+    "sampling.cache_threshold": NON_NEGATIVE,
+    "sampling.cache_max_skips": AT_LEAST_1,
     "vae.tile_latent_size": AT_LEAST_1,
     "vae.tile_latent_frames": AT_LEAST_1,
     "vae.tile_latent_overlap": NON_NEGATIVE,
@@ -95,6 +97,7 @@ BOUNDS: dict[str, Bound] = {
     "slurm.max_array_size": OPTIONAL_AT_LEAST_1,
     "batch.seconds_per_cost_unit": POSITIVE,
     "batch.min_shards": AT_LEAST_1,
+    "batch.encode_window": AT_LEAST_1,
     "retry.max_attempts": AT_LEAST_1,
     "retry.max_prompt_attempts": AT_LEAST_1,
     "retry.max_walltime_requeues": NON_NEGATIVE,
@@ -104,14 +107,18 @@ DTYPES = ("bfloat16", "float16", "float32")
 X264_PRESETS = "ultrafast superfast veryfast faster fast medium slow slower veryslow placebo"
 CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.cfg": ("auto", "1", "2"),
+    "parallel.comm_dtype": ("none", "fp8"),  # as hvbatch.parallel.attention.COMM_DTYPES
     "batch.executor": ("auto", "slurm", "local"),
     "model.dtype": DTYPES,
     "model.text_encoder_dtype": DTYPES,
     "model.vae_dtype": DTYPES,
+    "model.text_encoder_offload": ("cpu", "keep"),
     "video.preset": tuple(X264_PRESETS.split()),
     # As hvbatch.models.attention_backends.BACKEND_CHOICES (a test keeps the two equal).
     "model.attention": ("auto", "default", "cudnn", "flash", "efficient", "math", "fa3", "fa4", "sage"),
     "model.quantize": ("none", "fp8"),
+    "sampling.cache": ("none", "teacache", "fbcache"),  # as hvbatch.sampling.cache.CACHE_MODES
 }
 PARALLEL_MODES = ("throughput", "latency")
 # Sections whose strings go into job scripts or the job's environment.
@@ -225,6 +232,11 @@ def cross_field_problems(config: Any) -> list[str]:
     if retry.max_backoff_s < retry.backoff_s:
         problems.append(
             f"retry.max_backoff_s={retry.max_backoff_s!r} must be >= retry.backoff_s={retry.backoff_s!r}"
+        )
+    if str(config.parallel.cfg).strip() == "2" and config.sampling.cfg_scale <= 1:
+        problems.append(
+            f"parallel.cfg=2 needs two CFG branches, but sampling.cfg_scale={config.sampling.cfg_scale!r} "
+            "<= 1 runs one: use parallel.cfg=auto (or 1), or sampling.cfg_scale > 1"
         )
     interval, peer = getattr(retry, "heartbeat_interval_s", None), getattr(retry, "peer_timeout_s", None)
     if interval is not None and peer is not None and 0 < peer <= interval:

@@ -11,18 +11,19 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from hvbatch.config import Config, load_config, save_config
 from hvbatch.parallel.dims import ParallelDims, build_groups
-from hvbatch.parallel.launch import dist_env_from, setup_rank, spawn_local, teardown_rank
 from hvbatch.parallel.plan import parse_degree
 from hvbatch.parallel.planner import auto_ulysses
-from hvbatch.parallel.runner import SequenceParallelTransformer
-from hvbatch.pipeline import GeneratedVideo, Pipeline, Timings
-from hvbatch.sampling import latent_shape
-from hvbatch.video import write_mp4
+from hvbatch.sampling.sizes import latent_shape
+
+if TYPE_CHECKING:
+    from hvbatch.pipeline import GeneratedVideo, Timings
+
+# The model, launch and video modules (torch, safetensors, imageio) are imported where a video is
+# made, so that `hvbatch --help` and the argument checks do not wait for torch.
 
 
 def default_output(prompt: str, seed: int) -> Path:
@@ -71,6 +72,8 @@ def _check_request(prompt: str, out: Path, latents_out: Path | None, config: Con
 
 
 def _save_latents(latents_path: Path, generated_latents: object) -> None:
+    from safetensors.torch import save_file
+
     tmp = latents_path.with_name(f".{latents_path.name}.tmp")
     latents_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"latents": generated_latents.contiguous()}, str(tmp))  # type: ignore[attr-defined]
@@ -102,6 +105,8 @@ def generate_layout(config: Config, world_size: int, gpus_per_node: int) -> Para
 def _write_outputs(
     request: GenerateRequest, generated: GeneratedVideo, timings: Timings, device: object
 ) -> None:
+    from hvbatch.video import write_mp4
+
     assert generated.frames is not None
     config = request.config
     with timings.measure("write", device):  # type: ignore[arg-type]
@@ -119,6 +124,10 @@ def _write_outputs(
 
 def generate_on_this_rank(request: GenerateRequest) -> None:
     """Run one generation as this process's rank (a single process when no distributed env is set)."""
+    from hvbatch.parallel.launch import setup_rank, teardown_rank
+    from hvbatch.parallel.runner import SequenceParallelTransformer
+    from hvbatch.pipeline import Pipeline, Timings
+
     config = request.config
     setup = setup_rank(config.parallel, config.device)
     env, device, distributed = setup.env, setup.device, setup.distributed
@@ -151,6 +160,8 @@ def generate_on_this_rank(request: GenerateRequest) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from hvbatch.parallel.launch import dist_env_from, spawn_local
+
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else default_output(args.prompt, config.sampling.seed)
     latents_out = Path(args.save_latents) if args.save_latents else None

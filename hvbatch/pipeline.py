@@ -20,8 +20,15 @@ from hvbatch.models.runtime import configure_transformer
 from hvbatch.models.vae import AutoencoderKLCausal3D, VaeConfig
 from hvbatch.models.vae_loading import load_vae
 from hvbatch.models.vae_tiling import VaeTilingConfig
-from hvbatch.sampling import latent_shape, sample
-from hvbatch.text_encoders import EncodedPrompts, HunyuanTextEncoder, load_text_encoder, tiny_text_encoder
+from hvbatch.sampling import TextConditioning, latent_shape, new_step_cache, sample
+from hvbatch.text_encoders import (
+    EncodedPrompts,
+    HunyuanTextEncoder,
+    PromptStore,
+    conditioning_key,
+    load_text_encoder,
+    tiny_text_encoder,
+)
 from hvbatch.video import frames_to_uint8
 
 # The tiny preset's VAE: the released structure (4 levels, causal 3D convs, mid attention) at
@@ -124,14 +131,41 @@ class _Stage:
 
 
 @dataclass
+class Conditioning:
+    """One video's text conditioning, ready for the sampler."""
+
+    positive: TextConditioning
+    negative: TextConditioning | None
+    """The negative prompt's, with true CFG (`cfg_scale > 1`)."""
+    truncated: bool
+
+
+def negative_text(sampling: SamplingConfig) -> str:
+    return sampling.negative_prompt or " "
+
+
+VideoDecoder = Callable[[AutoencoderKLCausal3D, torch.Tensor, VaeTilingConfig], "torch.Tensor | None"]
+"""`decoder(vae, latents, tiling)` -> float32 video in [0, 1]; None on a rank that only helps decode."""
+
+
+def decode_here(vae: AutoencoderKLCausal3D, latents: torch.Tensor, tiling: VaeTilingConfig) -> torch.Tensor:
+    """The default decoder: the whole (tiled) decode on this rank."""
+    return vae.decode_latents(latents, tiling)
+
+
+@dataclass
 class GeneratedVideo:
     latents: torch.Tensor
     """Final latents `[1, C, T, Hh, Ww]`, float32, on the CPU."""
     frames: np.ndarray | None
-    """`[F, H, W, 3]` uint8 (None when decoding was skipped: sequence-parallel ranks but the leader)."""
+    """`[F, H, W, 3]` uint8; None when decoding was skipped, and on every rank of a video but its leader."""
     truncated: bool
     """The prompt was cut at the text encoders' token limit."""
     timings: Timings
+    steps_computed: int | None = None
+    """Denoising steps the transformer computed (all of them without step caching)."""
+    steps_skipped: int | None = None
+    """Steps that reused the cached residual (`sampling.cache`); 0 without step caching."""
 
 
 class Pipeline:
@@ -147,6 +181,8 @@ class Pipeline:
         self.config, self.device = config, device
         self.attention_backend = ""
         """The attention kernel the transformer runs, in words (e.g. `cudnn (auto)`); set by `load`."""
+        self.decoder: VideoDecoder = decode_here
+        """Latents -> video; `hvbatch.parallel.vae_decode` installs one that splits the tiles over a group."""
 
     @classmethod
     def load(
@@ -161,8 +197,58 @@ class Pipeline:
         pipeline.attention_backend = backend
         return pipeline
 
-    def encode(self, prompts: list[str], num_frames: int) -> EncodedPrompts:
-        return self.text_encoder.encode(prompts, num_frames)
+    def encode(self, prompts: list[str], num_frames: int, *, allow_blank: bool = False) -> EncodedPrompts:
+        return self.text_encoder.encode(prompts, num_frames, allow_blank=allow_blank)
+
+    def encode_prompts(self, requests: list[tuple[str, SamplingConfig]], store: PromptStore) -> int:
+        """Encode what `store` lacks for these videos (prompt, and the negative prompt with true CFG),
+        each distinct one once; returns how many were encoded. The text encoders come to the device
+        for it and, with `model.text_encoder_offload=cpu`, go back to host memory afterwards. An
+        encoding that raises is kept in `store.errors` (raised again by `conditioning`)."""
+        keys, negatives = [], set()
+        for prompt, sampling in requests:
+            keys.append(conditioning_key(prompt, sampling.num_frames))
+            if sampling.cfg_scale > 1.0:
+                negatives.add(conditioning_key(negative_text(sampling), sampling.num_frames))
+                keys.append(conditioning_key(negative_text(sampling), sampling.num_frames))
+        todo = store.missing(keys)
+        if not todo:
+            return 0
+        self.text_encoder.to(self.device)
+        try:
+            for key in todo:
+                prompt, video = key
+                try:
+                    store.put(key, self.encode([prompt], 2 if video else 1, allow_blank=key in negatives))
+                except Exception as err:  # the video that needs it fails, not the whole window
+                    store.errors[key] = err
+        finally:
+            self.release_text_encoders()
+        return len(todo)
+
+    def release_text_encoders(self) -> None:
+        """Move the text encoders to host memory if `model.text_encoder_offload` says so (GPU only)."""
+        if self.config.model.text_encoder_offload == "cpu" and self.device.type != "cpu":
+            self.text_encoder.to(torch.device("cpu"))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def conditioning(
+        self, prompt: str, sampling: SamplingConfig, store: PromptStore | None = None
+    ) -> Conditioning:
+        """The video's conditioning from `store` (encoded now if missing), on the CPU."""
+        store = PromptStore() if store is None else store
+        keys = [conditioning_key(prompt, sampling.num_frames)]
+        if sampling.cfg_scale > 1.0:
+            keys.append(conditioning_key(negative_text(sampling), sampling.num_frames))
+        if any(key not in store.entries and key not in store.errors for key in keys):
+            self.encode_prompts([(prompt, sampling)], store)  # a failed encoding is not retried here
+        positive = store.get(conditioning_key(prompt, sampling.num_frames))
+        negative = None
+        if sampling.cfg_scale > 1.0:
+            negative = store.get(conditioning_key(negative_text(sampling), sampling.num_frames))
+        assert positive is not None and (negative is not None or sampling.cfg_scale <= 1.0)
+        return Conditioning(positive.conditioning, negative and negative.conditioning, positive.truncated[0])
 
     def tiling(self) -> VaeTilingConfig:
         v = self.config.vae
@@ -183,35 +269,39 @@ class Pipeline:
         on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
         decode: bool = True,
+        conditioning: Conditioning | None = None,
     ) -> GeneratedVideo:
+        """`conditioning` precomputed (the batch job's encoding window), else encoded here."""
         sampling = sampling or self.config.sampling
         timings = timings or Timings()
         latent_shape(sampling.height, sampling.width, sampling.num_frames)  # fail before any work
-        with timings.measure("encode", self.device):
-            encoded = self.encode([prompt], sampling.num_frames)
-            negative = None
-            if sampling.cfg_scale > 1.0:
-                negative = self.encode([sampling.negative_prompt or " "], sampling.num_frames).conditioning
+        if conditioning is None:
+            with timings.measure("encode", self.device):
+                conditioning = self.conditioning(prompt, sampling)
+        step_cache = new_step_cache(sampling)
         with timings.measure("denoise", self.device):
             latents = sample(
                 self.transformer,
-                encoded.conditioning,
+                conditioning.positive,
                 sampling,
-                negative=negative,
+                negative=conditioning.negative,
                 latent_channels=self.transformer.config.in_channels,
                 device=self.device,
                 on_step=on_step,
+                step_cache=step_cache,
             )
         if not torch.isfinite(latents).all():
             raise FloatingPointError("the denoised latents contain NaN or Inf")
         frames = None
         if decode:
             with timings.measure("decode", self.device):
-                video = self.vae.decode_latents(latents, self.tiling())
-                if not torch.isfinite(video).all():
+                video = self.decoder(self.vae, latents, self.tiling())
+                if video is not None and not torch.isfinite(video).all():
                     raise FloatingPointError("the decoded video contains NaN or Inf")
-                frames = frames_to_uint8(video)
-        return GeneratedVideo(latents.cpu(), frames, encoded.truncated[0], timings)
+                frames = None if video is None else frames_to_uint8(video)
+        steps = sampling.num_inference_steps
+        computed, skipped = (steps, 0) if step_cache is None else (step_cache.computed, step_cache.skipped)
+        return GeneratedVideo(latents.cpu(), frames, conditioning.truncated, timings, computed, skipped)
 
 
 def _load_components(

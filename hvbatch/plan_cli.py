@@ -8,6 +8,7 @@ import json
 from hvbatch.config import load_config
 from hvbatch.parallel.plan import plan_for_config, plan_header, plan_to_dict, video_tokens
 from hvbatch.parallel.planner import format_plan
+from hvbatch.sampling.estimates import speedup_line
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -35,6 +36,8 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(plan_header(config, config.sampling))
         print(format_plan(plan))
+        if config.sampling.cache != "none":
+            print(speedup_line(config.sampling.cache, config.sampling.cache_threshold))
     return 0
 
 

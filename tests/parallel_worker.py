@@ -15,7 +15,7 @@ from hvbatch.models import random_transformer
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.measure import count_flops
 from hvbatch.parallel.runner import SequenceParallelTransformer
-from hvbatch.sampling import TextConditioning, denoise, initial_noise
+from hvbatch.sampling import TextConditioning, denoise, initial_noise, new_step_cache
 
 # 5 x 7 x 1 = 35 image tokens: not divisible by 2, 3, 4, 6 or 8.
 LATENT_SHAPE = (1, 16, 5, 14, 2)
@@ -37,6 +37,33 @@ CASES = {
         conditioning(3, 5),
     ),
 }
+
+
+CACHE_CASES = {
+    # name: (sampling, cond, negative); thresholds chosen so that step 1 is skipped, far from the edge
+    "teacache": (
+        SamplingConfig(num_inference_steps=4, seed=1, cache="teacache", cache_threshold=0.1),
+        conditioning(1, 9),
+        None,
+    ),
+    "fbcache-cfg": (
+        SamplingConfig(num_inference_steps=4, seed=2, cfg_scale=3.0, cache="fbcache", cache_threshold=0.45),
+        conditioning(2, 12),
+        conditioning(3, 5),
+    ),
+}
+
+
+def run_cached_cases(model: Callable[..., torch.Tensor]) -> dict[str, tuple[torch.Tensor, list[bool]]]:
+    """Latents and per-step computed/skipped history of each step-caching case."""
+    out = {}
+    for name, (sampling, cond, negative) in CACHE_CASES.items():
+        cache = new_step_cache(sampling)
+        noise = initial_noise(LATENT_SHAPE, sampling.seed)
+        latents = denoise(model, noise, cond, sampling, negative=negative, step_cache=cache)  # type: ignore[arg-type]
+        assert cache is not None
+        out[name] = (latents, cache.history)
+    return out
 
 
 def run_cases(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,6 +105,8 @@ def equivalence_worker(
             gathered = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(gathered, local)
             latents["text_agrees"] = torch.tensor(all(torch.equal(g, gathered[0]) for g in gathered))
+            if world <= 4:  # step caching at P = 2, 3, 4 (every layout of the world)
+                latents["cached"] = run_cached_cases(runner)  # type: ignore[assignment]
             torch.save(latents, Path(out_dir) / f"u{ulysses}r{ring}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()

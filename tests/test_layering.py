@@ -90,3 +90,25 @@ def test_batch_folders_say_where_code_runs() -> None:
     assert control and runtime
     offenders = {name: sorted(graph[name] & runtime) for name in control}
     assert not any(offenders.values()), offenders
+
+
+def test_every_package_folder_ships_in_a_regular_install() -> None:
+    """A regular (non-editable) install takes only the packages pyproject.toml lists."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        p.parent.relative_to(root).as_posix().replace("/", ".") for p in (root / "hvbatch").rglob("*.py")
+    }
+    assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"
+
+
+def test_the_command_line_parser_does_not_import_torch() -> None:
+    """`hvbatch --help` (and every argument error) answers without waiting seconds for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys; from hvbatch.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

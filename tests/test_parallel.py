@@ -13,7 +13,13 @@ from hvbatch.config import transformer_preset
 from hvbatch.models import random_transformer
 from hvbatch.parallel.dims import ParallelDims
 from tests.helpers import rel_err
-from tests.parallel_worker import count_forward_flops, equivalence_worker, run_cases, work_split_worker
+from tests.parallel_worker import (
+    count_forward_flops,
+    equivalence_worker,
+    run_cached_cases,
+    run_cases,
+    work_split_worker,
+)
 
 
 def free_port() -> int:
@@ -32,8 +38,19 @@ def reference() -> dict[str, torch.Tensor]:
     return run_cases(random_transformer(transformer_preset("tiny"), seed=0))
 
 
+@pytest.fixture(scope="module")
+def cached_reference() -> dict[str, tuple[torch.Tensor, list[bool]]]:
+    return run_cached_cases(random_transformer(transformer_preset("tiny"), seed=0))
+
+
 @pytest.mark.parametrize("world", [2, 3, 4, 6, 8])
-def test_n_ranks_equal_one_rank(tmp_path: Path, reference: dict[str, torch.Tensor], world: int) -> None:
+def test_n_ranks_equal_one_rank(
+    tmp_path: Path,
+    reference: dict[str, torch.Tensor],
+    cached_reference: dict[str, tuple[torch.Tensor, list[bool]]],
+    world: int,
+) -> None:
+    """Also with step caching (P <= 4; 35 tokens: padded shards): the same steps skipped as on 1 rank."""
     layouts = layouts_for(world)
     assert len(layouts) >= 2
     mp.spawn(equivalence_worker, args=(world, free_port(), str(tmp_path), layouts), nprocs=world, join=True)
@@ -44,6 +61,12 @@ def test_n_ranks_equal_one_rank(tmp_path: Path, reference: dict[str, torch.Tenso
             assert rel_err(got, expected) <= 1e-5, (ulysses, ring, name, rel_err(got, expected))
             assert all(torch.equal(p[name], got) for p in per_rank), "ranks disagree"
         assert all(bool(p["text_agrees"]) for p in per_rank)
+        for name, (latents, history) in cached_reference.items() if world <= 4 else ():
+            assert not all(history) and history[0] and history[-1], (name, history)
+            for got_latents, got_history in (p["cached"][name] for p in per_rank):
+                assert got_history == history, (ulysses, ring, name, got_history, history)
+                err = rel_err(got_latents, latents)
+                assert err <= 1e-5, (ulysses, ring, name, err)
 
 
 def test_layout_validation_names_every_factor() -> None:
@@ -59,7 +82,7 @@ def test_rank_layout() -> None:
     assert dims.ulysses_ranks(7) == [6, 7]
     assert dims.ring_ranks(7) == [7, 9, 11]
     assert dims.sp_ranks(7) == [6, 7, 8, 9, 10, 11]
-    assert dims.coordinates(9) == (1, 1, 1)
+    assert dims.coordinates(9) == (1, 0, 1, 1)  # (dp, cfg, ring, ulysses)
 
 
 @pytest.mark.parametrize(("ulysses", "ring"), [(2, 1), (1, 2), (2, 2)])

@@ -463,3 +463,13 @@ def test_200k_rows_read_validate_and_shard_quickly(tmp_path: Path) -> None:
     assert table.num_rows == n + int(np.sum(columns["num_videos"] == 2))
     assert sum(s.num_rows for s in shards) == table.num_rows
     assert elapsed < 15, f"{elapsed:.1f} s"
+
+
+def test_true_cfg_doubles_the_work_and_a_cfg_group_shares_it(tmp_path: Path) -> None:
+    """Shards are sized for two CFG branches per video, divided by the GPUs of the video's group."""
+    from hvbatch.batch.control.commands import gpu_seconds_per_cost
+    from hvbatch.config import load_config
+
+    plain = load_config(None, ["model=tiny"])
+    cfg = load_config(None, ["model=tiny", "sampling.cfg_scale=5"])
+    assert gpu_seconds_per_cost(cfg) == 2 * gpu_seconds_per_cost(plain)

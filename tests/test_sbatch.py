@@ -14,9 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hvbatch.batch.control.commands import create_run, job_plan
+from hvbatch.batch.control.commands import create_run, job_plan, plan_shards
 from hvbatch.batch.control.prompts import read_prompts
-from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_videos
 from hvbatch.batch.executors.sbatch import render
 from hvbatch.batch.rundir import RunDir
 from hvbatch.cli import main
@@ -41,12 +40,7 @@ def make_run(root: Path, overrides: list[str] | None = None, **slurm: object) ->
     for key, value in slurm.items():
         setattr(config.slurm, key, value)
     videos = read_prompts(EXAMPLE_PROMPTS, config.sampling)
-    plan = job_plan(config, videos)
-    b = config.batch
-    max_cost = max_shard_cost_for_walltime(
-        config.slurm.time_min, b.seconds_per_cost_unit / plan.sp, plan.dp, b.reserve_s
-    )
-    shards = shard_videos(videos, max_shard_cost=max_cost, min_shards=b.min_shards)
+    shards = plan_shards(config, videos, job_plan(config, videos))
     run = RunDir(root)
     create_run(run, config, EXAMPLE_PROMPTS, shards, "slurm")
     return run

@@ -19,7 +19,8 @@ from hvbatch.batch.videos import sampling_for
 from hvbatch.config import SamplingConfig, load_config, transformer_preset
 from hvbatch.models import random_transformer
 from hvbatch.sampling import denoise, initial_noise, new_step_cache
-from hvbatch.sampling.cache import CachePolicy, StepCache, expected_speedup
+from hvbatch.sampling.cache import CachePolicy, StepCache
+from hvbatch.sampling.estimates import expected_speedup
 from tests.helpers import rel_err
 from tests.parallel_worker import LATENT_SHAPE, conditioning
 

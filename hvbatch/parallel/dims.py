@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch.distributed is imported where groups are made: the planner needs no torch
+    import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None
     `timeout` bounds every collective of the groups; pass the job's (new groups do not inherit the
     default group's timeout).
     """
+    import torch.distributed as dist
+
     made: dict[str, dist.ProcessGroup | None] = {"ulysses": None, "ring": None, "sp": None, "cfg": None}
     blocks = {
         "ulysses": sorted({tuple(dims.ulysses_ranks(r)) for r in range(dims.world_size)}),
@@ -175,6 +179,8 @@ def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None
 
 def destroy_groups(groups: ParallelGroups) -> None:
     """Destroy the groups `build_groups` made for this rank (before groups of another layout)."""
+    import torch.distributed as dist
+
     if groups.dims.world_size == 1:
         return
     made = (groups.ulysses, groups.ring, groups.sp, groups.cfg)

@@ -17,7 +17,7 @@ FP8_SUFFIX = "_fp8.pt"
 
 
 def parse_degree(value: object, key: str) -> int | None:
-    """A `parallel.ulysses` / `parallel.ring` value: `auto` -> None, else a positive integer."""
+    """A `parallel.ulysses` / `ring` / `cfg` value: `auto` -> None, else a positive integer."""
     text = str(value).strip()
     if text.lower() == "auto":
         return None
@@ -55,11 +55,16 @@ def plan_for_config(config: Config, sampling: SamplingConfig | None = None) -> P
     p = config.parallel
     ulysses = parse_degree(p.ulysses, "parallel.ulysses")
     ring = parse_degree(p.ring, "parallel.ring")
+    cfg = parse_degree(p.cfg, "parallel.cfg")
     model = ModelSize.from_config(config.model.transformer, config.model.dtype, fp8=uses_fp8(config))
     if config.model.random_weights:
         components = NO_COMPONENTS
     else:
-        components = ComponentMemory.hunyuan(config.model.text_encoder_dtype, config.model.vae_dtype)
+        components = ComponentMemory.hunyuan(
+            config.model.text_encoder_dtype,
+            config.model.vae_dtype,
+            offloaded=config.model.text_encoder_offload == "cpu",
+        )
     plan = plan_parallel(
         model,
         image_tokens=video_tokens(config, sampling),
@@ -72,6 +77,7 @@ def plan_for_config(config: Config, sampling: SamplingConfig | None = None) -> P
         ring=ring,
         batch=2 if sampling.cfg_scale > 1 else 1,
         components=components,
+        cfg=cfg,
     )
     if not config.vae.tiling:
         note = (

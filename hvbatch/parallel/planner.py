@@ -41,7 +41,7 @@ from hvbatch.parallel.memory import (
     ModelSize,
     estimate_memory,
 )
-from hvbatch.sampling import latent_shape
+from hvbatch.sampling.sizes import latent_shape
 
 
 def image_tokens(height: int, width: int, num_frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:

@@ -2,6 +2,7 @@
 
 `SequenceParallelTransformer` has the model's forward signature, so the sampler runs it
 unchanged. The model file is untouched: only its `attention_fn` is swapped for `USPAttention`.
+`CfgParallelTransformer` splits a CFG batch of 2 over the two SP blocks of a cfg 2 layout.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hvbatch.config import TransformerConfig
-from hvbatch.models.transformer import HunyuanVideoTransformer
-from hvbatch.parallel.attention import USPAttention
+from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
+from hvbatch.parallel.attention import CommStats, USPAttention
 from hvbatch.parallel.dims import ParallelGroups
+from hvbatch.sampling.cache import StepCache
 
 
 class SequenceParallelTransformer:
@@ -24,11 +26,14 @@ class SequenceParallelTransformer:
     Every rank of the group receives the same inputs and returns the same full velocity.
     """
 
-    def __init__(self, model: HunyuanVideoTransformer, groups: ParallelGroups) -> None:
+    def __init__(
+        self, model: HunyuanVideoTransformer, groups: ParallelGroups, comm_dtype: str = "none"
+    ) -> None:
         self.model = model
         self.groups = groups
         # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too.
-        self.attention = USPAttention(groups, backend=getattr(model.attention_fn, "backend", None))
+        backend = getattr(model.attention_fn, "backend", None)
+        self.attention = USPAttention(groups, backend=backend, comm_dtype=comm_dtype)
         self.single_device_attention_fn = model.attention_fn
         model.attention_fn = self.attention
 
@@ -53,6 +58,12 @@ class SequenceParallelTransformer:
         self.attention.stats.add("gather", shard_BLC.numel() * shard_BLC.element_size() * (len(chunks) - 1))
         return torch.cat(chunks, dim=1)[:, :num_tokens]
 
+    def _reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.groups.sp)
+        if self.groups.cfg is not None:  # cfg 2: add the other CFG branch's half of the video
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.groups.cfg)
+        return sums
+
     def __call__(
         self,
         x: torch.Tensor,
@@ -61,6 +72,7 @@ class SequenceParallelTransformer:
         text_mask: torch.Tensor | None,
         text_states_2: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        step_cache: StepCache | None = None,
     ) -> torch.Tensor:
         model = self.model
         grid = model.token_grid(x.shape)
@@ -69,6 +81,9 @@ class SequenceParallelTransformer:
         num_tokens = img_BLD.shape[1]
         shard_len = math.ceil(num_tokens / self.groups.dims.sp)
         self.attention.set_sequence(num_tokens, shard_len)
+        if step_cache is not None:  # the cache decides on sums over the whole video, padding left out
+            step_cache.valid_tokens = max(0, min(shard_len, num_tokens - self.groups.sp_index * shard_len))
+            step_cache.reduce_sums = self._reduce_sums
         out_BLP = model.forward_tokens(
             self._shard(img_BLD, shard_len),
             (self._shard(cos_LD, shard_len), self._shard(sin_LD, shard_len)),
@@ -77,26 +92,95 @@ class SequenceParallelTransformer:
             text_mask,
             text_states_2,
             guidance,
+            step_cache,
         )
         self.attention.stats.calls += 1
         return model.unpatchify(self._gather(out_BLP, num_tokens), grid)
 
 
-def parallelize(
-    model: HunyuanVideoTransformer, groups: ParallelGroups
-) -> HunyuanVideoTransformer | SequenceParallelTransformer:
-    """The model as this rank's SP group runs it: itself for sp 1, else a sequence-parallel wrapper.
+def _branch(value: torch.Tensor | TextLengths | None, index: int) -> torch.Tensor | TextLengths | None:
+    """Batch element `index` of a model input (a tensor, `TextLengths` or None)."""
+    if value is None:
+        return None
+    if isinstance(value, TextLengths):
+        return TextLengths((value.lengths[index],), value.padded_length)
+    return value[index : index + 1]
+
+
+class CfgParallelTransformer:
+    """`model(...)` for cfg 2: each SP block runs one element of the CFG batch of 2 (0 unconditional,
+    1 conditional) and the cfg group all-gathers the two velocities, so every rank returns the full
+    batch, as one rank would. A batch of 1 (a video without CFG) runs whole on both blocks.
+    """
+
+    def __init__(
+        self, inner: HunyuanVideoTransformer | SequenceParallelTransformer, groups: ParallelGroups
+    ) -> None:
+        self.inner = inner
+        self.groups = groups
+        self.stats = inner.attention.stats if isinstance(inner, SequenceParallelTransformer) else CommStats()
+
+    @property
+    def model(self) -> HunyuanVideoTransformer:
+        return self.inner.model if isinstance(self.inner, SequenceParallelTransformer) else self.inner
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.inner.config
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.inner.compute_dtype
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | TextLengths | None,
+        text_states_2: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        step_cache: StepCache | None = None,
+    ) -> torch.Tensor:
+        cache = {} if step_cache is None else {"step_cache": step_cache}
+        if step_cache is not None and not isinstance(self.inner, SequenceParallelTransformer):
+            step_cache.reduce_sums = self._reduce_sums  # (the SP runner sets its own, cfg included)
+        if x.shape[0] != self.groups.dims.cfg:
+            return self.inner(x, t, text_states, text_mask, text_states_2, guidance, **cache)
+        i = self.groups.cfg_index
+        inputs = (x, t, text_states, text_mask, text_states_2, guidance)
+        own = self.inner(*(_branch(value, i) for value in inputs), **cache).contiguous()
+        chunks = [torch.empty_like(own) for _ in range(self.groups.dims.cfg)]
+        dist.all_gather(chunks, own, group=self.groups.cfg)
+        self.stats.add("cfg", own.numel() * own.element_size() * (len(chunks) - 1))
+        return torch.cat(chunks)
+
+    def _reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.groups.cfg)
+        return sums
+
+
+Runner = HunyuanVideoTransformer | SequenceParallelTransformer | CfgParallelTransformer
+
+
+def parallelize(model: HunyuanVideoTransformer, groups: ParallelGroups, comm_dtype: str = "none") -> Runner:
+    """The model as this rank's video block runs it: itself for sp 1 and cfg 1, else wrapped in a
+    sequence-parallel runner (sp > 1, its attention transfers in `comm_dtype`: `none` or `fp8`)
+    and/or a cfg-parallel one (cfg 2).
 
     Undo with `unparallelize` before the model is parallelized for another layout.
     """
     assert not isinstance(model.attention_fn, USPAttention), "unparallelize the model first"
-    return SequenceParallelTransformer(model, groups) if groups.dims.sp > 1 else model
+    runner: HunyuanVideoTransformer | SequenceParallelTransformer = model
+    if groups.dims.sp > 1:
+        runner = SequenceParallelTransformer(model, groups, comm_dtype)
+    return CfgParallelTransformer(runner, groups) if groups.dims.cfg > 1 else runner
 
 
-def unparallelize(
-    runner: HunyuanVideoTransformer | SequenceParallelTransformer,
-) -> HunyuanVideoTransformer:
+def unparallelize(runner: Runner) -> HunyuanVideoTransformer:
     """The plain model again, with the attention it had before `parallelize`."""
+    if isinstance(runner, CfgParallelTransformer):
+        runner = runner.inner
     if isinstance(runner, SequenceParallelTransformer):
         runner.model.attention_fn = runner.single_device_attention_fn
         return runner.model

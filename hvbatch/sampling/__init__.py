@@ -1,29 +1,34 @@
-"""Flow-matching sampling for HunyuanVideo."""
+"""Flow-matching sampling for HunyuanVideo.
 
-from hvbatch.sampling.cache import CachePolicy, StepCache, expected_speedup
-from hvbatch.sampling.sampler import (
-    TextConditioning,
-    denoise,
-    embedded_guidance,
-    initial_noise,
-    latent_shape,
-    new_step_cache,
-    sample,
-)
-from hvbatch.sampling.scheduler import FlowMatchSchedule, euler_step, flow_match_schedule
+Names are imported on first use (PEP 562), so `hvbatch.sampling.sizes` and
+`hvbatch.sampling.estimates` serve the control plane without importing torch.
+"""
 
-__all__ = [
-    "CachePolicy",
-    "FlowMatchSchedule",
-    "StepCache",
-    "TextConditioning",
-    "denoise",
-    "embedded_guidance",
-    "euler_step",
-    "expected_speedup",
-    "flow_match_schedule",
-    "initial_noise",
-    "latent_shape",
-    "new_step_cache",
-    "sample",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "CachePolicy": "cache",
+    "StepCache": "cache",
+    "expected_speedup": "estimates",
+    "TextConditioning": "sampler",
+    "denoise": "sampler",
+    "embedded_guidance": "sampler",
+    "initial_noise": "sampler",
+    "new_step_cache": "sampler",
+    "sample": "sampler",
+    "latent_shape": "sizes",
+    "FlowMatchSchedule": "scheduler",
+    "euler_step": "scheduler",
+    "flow_match_schedule": "scheduler",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

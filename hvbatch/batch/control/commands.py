@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from hvbatch.batch import ledger
+from hvbatch.batch.control.progress import wait_with_progress, watch_run
 from hvbatch.batch.control.prompts import read_prompts
 from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
 from hvbatch.batch.control.status import RunSnapshot, format_status, run_status, video_table
@@ -24,6 +26,7 @@ from hvbatch.batch.files import (
     CorruptRunFile,
     make_dirs,
     read_parquet,
+    tmp_sibling,
     write_json_atomic,
     write_json_exclusive,
     write_parquet_atomic,
@@ -33,8 +36,12 @@ from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config, save_config
 from hvbatch.parallel.plan import plan_for_job
 from hvbatch.parallel.planner import ParallelPlan, format_plan
+from hvbatch.sampling.estimates import saving_line
+from hvbatch.text import printable, printable_lines
 
 CLAIM_NAME = ".hvbatch-claim"
+LARGE_BATCH_VIDEOS = 100_000  # a dry run above either size warns
+LARGE_BATCH_GPU_HOURS = 10_000.0
 
 
 def job_plan(config: Config, videos: pa.Table) -> ParallelPlan:
@@ -44,21 +51,37 @@ def job_plan(config: Config, videos: pa.Table) -> ParallelPlan:
     return plan_for_job(config, sampling, config.slurm.tasks_per_node, config.slurm.nodes)
 
 
-def _shards_for(config: Config, videos: pa.Table, plan: ParallelPlan) -> list[pa.Table]:
+def gpu_seconds_per_cost(config: Config) -> float:
+    """GPU-seconds per cost unit (image token x step): true CFG (cfg_scale > 1) runs two branches."""
+    return config.batch.seconds_per_cost_unit * (2 if config.sampling.cfg_scale > 1.0 else 1)
+
+
+def plan_shards(config: Config, videos: pa.Table, plan: ParallelPlan) -> list[pa.Table]:
     b = config.batch
+    # A group of `plan.group` GPUs (cfg x ulysses x ring) makes one video that much faster.
     max_cost = max_shard_cost_for_walltime(
-        config.slurm.time_min, b.seconds_per_cost_unit / plan.sp, plan.dp, b.reserve_s
+        config.slurm.time_min, gpu_seconds_per_cost(config) / plan.group, plan.dp, b.reserve_s
     )
     return shard_videos(videos, max_shard_cost=max_cost, min_shards=b.min_shards)
 
 
 def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards: list[pa.Table]) -> None:
     total_cost = float(pc.sum(videos["cost"]).as_py())
-    gpu_hours = total_cost * config.batch.seconds_per_cost_unit / 3600.0
+    gpu_hours = total_cost * gpu_seconds_per_cost(config) / 3600.0
     print(f"{videos.num_rows} videos in {len(shards)} shards (one {config.slurm.nodes}-node job each)")
     print(format_plan(plan))
     unit = config.batch.seconds_per_cost_unit
-    print(f"estimated GPU-hours: {gpu_hours:,.1f} (batch.seconds_per_cost_unit={unit:g})")
+    branches = " x 2 CFG branches" if config.sampling.cfg_scale > 1.0 else ""
+    print(f"estimated GPU-hours: {gpu_hours:,.1f} (batch.seconds_per_cost_unit={unit:g}{branches})")
+    if videos.num_rows > LARGE_BATCH_VIDEOS or gpu_hours > LARGE_BATCH_GPU_HOURS:
+        print(
+            f"warning: a very large batch ({videos.num_rows:,} videos, {gpu_hours:,.0f} GPU-hours): check "
+            "the prompts file (num_videos, height / width / num_frames columns) and the config's sampling "
+            "sizes before submitting"
+        )
+    if config.sampling.cache != "none":
+        costs, thresholds = videos["cost"].to_pylist(), videos["cache_threshold"].to_pylist()
+        print(saving_line(config.sampling.cache, gpu_hours, costs, thresholds))
     summary = shard_summary(shards)
     for entry in summary[:20]:
         print(f"  shard {entry['index']:>5}: {entry['num_videos']} videos, cost {entry['cost']:.3g}")
@@ -92,9 +115,16 @@ def claim_run_dir(run: RunDir) -> None:
     if run.root.exists() and not run.root.is_dir():
         raise ValueError(f"--run-dir {run.root} is a file, not a directory; choose another --run-dir")
     existed = run.root.is_dir()
-    make_dirs(run.root, PRIVATE_DIR_MODE)
     claim = run.root / CLAIM_NAME
-    if not write_json_exclusive(claim, {"pid": os.getpid(), "at": time.time()}):
+    try:
+        make_dirs(run.root, PRIVATE_DIR_MODE)
+        claimed = write_json_exclusive(claim, {"pid": os.getpid(), "at": time.time()})
+    except OSError as err:
+        raise ValueError(
+            f"--run-dir {run.root} cannot be created or written ({err.strerror or err}); choose a "
+            "--run-dir on a writable filesystem"
+        ) from err
+    if not claimed:
         raise ValueError(
             f"{run.root} is being created by another `hvbatch submit` (or one that stopped half-way: "
             "then remove the folder); choose another --run-dir"
@@ -139,36 +169,16 @@ def create_run(run: RunDir, config: Config, prompts: Path, shards: list[pa.Table
 def wait_for_run(
     run: RunDir, poll_s: float = 5.0, timeout_s: float | None = None, exit_grace_s: float = 120.0
 ) -> bool:
-    """Poll until every shard is complete and its jobs have exited, or no job is alive.
-
-    True when all shards are complete. Jobs get `exit_grace_s` after the last marker to finish
-    writing metrics and exit, so that a `retry` right after `--wait` does not find them alive.
-    A scheduler that cannot answer counts as "still alive": waiting goes on.
-    """
-    start = time.time()
-    complete_since: float | None = None
-    num_shards = run.num_shards()
-    while True:
-        complete = len(run.completed_shards()) == num_shards
-        try:
-            live = live_states(run, list(latest_records(run).values()))
-        except SchedulerUnavailable:
-            live = {"?": "UNKNOWN"}
-        if complete:
-            complete_since = complete_since or time.time()
-            if not live or time.time() - complete_since > exit_grace_s:
-                return True
-        elif not live and time.time() - start > poll_s:
-            return len(run.completed_shards()) == num_shards
-        if timeout_s is not None and time.time() - start > timeout_s:
-            return complete
-        time.sleep(min(poll_s, 1.0) if complete else poll_s)
+    """Poll until every shard is complete and its jobs have exited, or no job is alive (no
+    progress shown); True when all shards are complete. See `progress.watch_run`."""
+    return watch_run(run, None, poll_s, timeout_s, exit_grace_s)
 
 
 def _wait_or_stop(run: RunDir) -> int:
-    """`--wait`; Ctrl-C stops local jobs (recorded `cancelled`) and leaves Slurm jobs running."""
+    """`--wait` with progress and a summary; Ctrl-C stops local jobs (recorded `cancelled`) and
+    leaves Slurm jobs running."""
     try:
-        return 0 if wait_for_run(run) else 1
+        return 0 if wait_with_progress(run) else 1
     except KeyboardInterrupt:
         records = list(latest_records(run).values())
         complete = run.completed_shards()
@@ -190,7 +200,7 @@ def dry_run(config: Config, prompts: str | Path) -> int:
     """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
     videos = read_prompts(Path(prompts), config.sampling)
     plan = job_plan(config, videos)
-    _print_dry_run(config, videos, plan, _shards_for(config, videos, plan))
+    _print_dry_run(config, videos, plan, plan_shards(config, videos, plan))
     return 0
 
 
@@ -204,7 +214,7 @@ def run_submit(args: argparse.Namespace) -> int:
     check_run_dir_name(run.root)
     kind = resolve_executor(args.executor or config.batch.executor)
     plan = job_plan(config, videos)
-    shards = _shards_for(config, videos, plan)
+    shards = plan_shards(config, videos, plan)
     create_run(run, config, prompts, shards, kind)
     records = executor_for(kind, run, config).submit(list(range(len(shards))))
     jobs = ", ".join(sorted({r.job_id for r in records}))
@@ -215,8 +225,26 @@ def run_submit(args: argparse.Namespace) -> int:
 def run_status_command(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir).require()
     status = run_status(run)
-    print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(run, status))
+    text = json.dumps(status.to_dict(), indent=2) if args.json else format_status(run, status)
+    print(printable_lines(text))
     return 0
+
+
+def write_manifest_file(path: Path, table: pa.Table) -> None:
+    """`manifest --out`: Parquet or CSV by the file's suffix, written atomically."""
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise ValueError(f"--out {path}: the manifest is written as .parquet or .csv; name the file so")
+    if suffix == ".parquet":
+        write_parquet_atomic(path, table)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        pa_csv.write_csv(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_manifest(args: argparse.Namespace) -> int:
@@ -224,14 +252,14 @@ def run_manifest(args: argparse.Namespace) -> int:
     if args.failed:
         table = table.filter(pc.equal(table["status"], "failed"))
     if args.out:
-        write_parquet_atomic(Path(args.out), table)
-        print(f"wrote {args.out} ({table.num_rows} rows)")
+        write_manifest_file(Path(args.out), table)
+        print(f"wrote {printable(args.out)} ({table.num_rows} rows)")
     elif args.json:
         print(json.dumps(table.to_pylist(), indent=2))
     else:
         for row in table.to_pylist():
-            where = row["path"] or row["error"] or ""
-            print(f"{row['status']:<8} {row['attempts']}  {row['video_id']}  {where}")
+            where = printable(row["path"] or row["error"] or "")
+            print(f"{row['status']:<8} {row['attempts']}  {printable(row['video_id'])}  {where}")
     return 0
 
 
@@ -289,10 +317,10 @@ def run_retry(args: argparse.Namespace) -> int:
         if not todo:
             print(f"run {run.root}: nothing to retry (every shard is complete or still queued)")
             return 0
+        kind = resolve_executor(args.executor or run.read_run()["executor"])  # refuse before writing
         # Attempts whose job ended unseen (scancel, a lost node) are closed by the next attempt of
         # their shard when it starts (`ledger.reconcile`), not here: retry stays O(shards).
         ledger.reopen_failed_shards(run, todo)
-        kind = resolve_executor(args.executor or run.read_run()["executor"])
         new = executor_for(kind, run, config).submit(todo)
     print(f"run {run.root}: resubmitted shards {todo} as {', '.join(sorted({r.job_id for r in new}))}")
     return _wait_or_stop(run) if args.wait else 0
@@ -372,7 +400,7 @@ def add_batch_parsers(commands: argparse._SubParsersAction) -> None:
     manifest.add_argument("--failed", action="store_true", help="only failed videos")
     group = manifest.add_mutually_exclusive_group()
     group.add_argument("--json", action="store_true")
-    group.add_argument("--out", help="write the merged manifest to this .parquet file")
+    group.add_argument("--out", help="write the merged manifest to this .parquet or .csv file")
     manifest.set_defaults(func=run_manifest)
     retry = commands.add_parser("retry", help="resubmit the failed or unfinished shards of a run")
     retry.add_argument("run_dir")

@@ -12,6 +12,7 @@ default from the `SamplingConfig` passed in):
     num_inference_steps  integer  >= 1
     guidance_scale       number   >= 0
     flow_shift           number   > 0
+    cache_threshold      number   >= 0: the row's `sampling.cache_threshold` (step caching)
     num_videos           integer  1..100,000 (default 1): videos made from the row
 
 Integer columns may be any intN/uintN type, or floats holding whole numbers (pandas writes an
@@ -21,7 +22,8 @@ right name, and `cfg_scale`, which is a per-batch setting (`sampling.cfg_scale`)
 
 The default id is the first 16 hex digits of a BLAKE2b hash of the row's content as written in the
 file (prompt, negative_prompt, seed, sizes, steps, guidance_scale, flow_shift; a missing column
-counts as null; texts as UTF-8, numbers exactly: 720 and 720.0 alike, floats by their bits), so a
+counts as null; cache_threshold only where given, so rows without it keep the ids they had before it
+existed; texts as UTF-8, numbers exactly: 720 and 720.0 alike, floats by their bits), so a
 row keeps its id when rows are reordered, added or removed, and when config defaults change. `num_videos` is
 not hashed: rows that differ only in it ask for the same videos and are reported as duplicates.
 Explicit ids must be unique, non-empty, at most 200 bytes, and free of `#` and control characters
@@ -37,7 +39,7 @@ import difflib
 import hashlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +49,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hvbatch.config import SamplingConfig
-from hvbatch.sampling.sampler import SIZE_MULTIPLE, VAE_SPATIAL_RATIO, VAE_TEMPORAL_RATIO
+from hvbatch.sampling.sizes import SIZE_MULTIPLE, VAE_SPATIAL_RATIO, VAE_TEMPORAL_RATIO
 
 INT_COLUMNS = ("seed", "height", "width", "num_frames", "num_inference_steps", "num_videos")
-FLOAT_COLUMNS = ("guidance_scale", "flow_shift")
+FLOAT_COLUMNS = ("guidance_scale", "flow_shift", "cache_threshold")
 TEXT_COLUMNS = ("prompt", "negative_prompt")
 KNOWN_COLUMNS = ("id", *TEXT_COLUMNS, *INT_COLUMNS, *FLOAT_COLUMNS)
 HASHED_COLUMNS = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames")
@@ -59,7 +61,8 @@ VIDEO_SCHEMA = pa.schema(
     [("video_id", pa.string()), ("prompt_id", pa.string()), ("row", pa.int64()), ("video_index", pa.int32())]
     + [("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64())]
     + [(name, pa.int32()) for name in ("height", "width", "num_frames", "num_inference_steps")]
-    + [("guidance_scale", pa.float64()), ("flow_shift", pa.float64()), ("cost", pa.float64())]
+    + [("guidance_scale", pa.float64()), ("flow_shift", pa.float64()), ("cache_threshold", pa.float64())]
+    + [("cost", pa.float64())]
 )
 """`read_prompts`' output: one row per video, in file order (row, then video_index).
 
@@ -249,6 +252,7 @@ def _rules(name: str) -> list[_Rule]:
         "seed": [(lambda v: v < 0, "negative (must be >= 0)", None)],
         "guidance_scale": [(lambda v: v < 0, "negative (must be >= 0)", None)],
         "flow_shift": [(lambda v: v <= 0, "not positive (must be > 0)", None)],
+        "cache_threshold": [(lambda v: v < 0, "negative (must be >= 0)", None)],
     }[name]
 
 
@@ -353,7 +357,12 @@ def _canonical(columns: dict[str, pa.Array]) -> pa.Array:
         if name in TEXT_COLUMNS:
             arr = pc.binary_join_element_wise(pc.cast(pc.binary_length(arr), pa.string()), arr, ":")
         parts.append(pc.fill_null(pc.cast(arr, pa.string()), "~"))
-    return pc.binary_join_element_wise(*parts, "|")
+    joined = pc.binary_join_element_wise(*parts, "|")
+    threshold = columns.get("cache_threshold")
+    if threshold is None or threshold.null_count == len(threshold):
+        return joined
+    with_threshold = pc.binary_join_element_wise(joined, pc.cast(threshold, pa.string()), "|cache_threshold=")
+    return pc.if_else(threshold.is_valid(), with_threshold, joined)
 
 
 def _hash_ids(canonical: pa.Array) -> pa.Array:
@@ -463,6 +472,21 @@ def _check_duplicates(ids: pa.ChunkedArray, explicit: np.ndarray, problems: _Pro
         )
 
 
+def _batches(parquet: pq.ParquetFile, path: str | Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The file's record batches; a page that cannot be decoded names the file instead of a traceback."""
+    batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as err:
+            raise PromptFileError(
+                path, [f"{path}: is corrupt: a data page cannot be read ({err}); write the file again"]
+            ) from err
+        if batch is None:
+            return
+        yield batch
+
+
 def read_prompts(path: str | Path, defaults: SamplingConfig) -> pa.Table:
     """Read and validate a prompt Parquet file; return one row per video (schema: `VIDEO_SCHEMA`).
 
@@ -485,7 +509,7 @@ def read_prompts(path: str | Path, defaults: SamplingConfig) -> pa.Table:
     explicit: list[np.ndarray] = []
     videos: list[pa.RecordBatch] = []
     offset = 0
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=usable) if usable else ():
+    for batch in _batches(parquet, path, usable) if usable else ():
         b = _read_batch(batch, offset, defaults, used, problems)
         ids.append(b.ids)
         explicit.append(b.explicit)

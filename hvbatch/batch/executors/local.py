@@ -36,7 +36,6 @@ from hvbatch.batch.executors.base import Executor, JobRecord, RunProbe, record_s
 from hvbatch.batch.files import read_parquet, write_json_exclusive
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config
-from hvbatch.parallel.launch import free_local_port
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -200,6 +199,8 @@ class LocalShardJob:
             time.sleep(delay)
 
     def _start_ranks(self, run: RunDir, shards: list[int]) -> None:
+        from hvbatch.parallel.launch import free_local_port  # imports torch: only the supervisor needs it
+
         port = free_local_port()
         self.ranks = []
         for rank in range(self.nproc):

@@ -42,7 +42,6 @@ from hvbatch.batch.executors.base import (
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import load_config
-from hvbatch.parallel.launch import export_submitit_environment
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -205,6 +204,7 @@ class SlurmShardJob:
 
     def __call__(self, run_dir: str, shards: list[int]) -> list[dict[str, Any]]:
         from hvbatch.batch.runtime.job import run_shards_job
+        from hvbatch.parallel.launch import export_submitit_environment
 
         export_submitit_environment()  # RANK and MASTER_*; CUDA_VISIBLE_DEVICES left as Slurm set it
         return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)

@@ -3,13 +3,15 @@
 Ranks come from the submitit / Slurm / torchrun environment. The job loads the model once; per
 shard it chooses the planner's layout (dp groups x ulysses x ring), parallelizes the model for it,
 and each dp group works through its share of the shard's videos in file order, skipping those
-already done. Per video the group's leader writes a `started` row, then the mp4 (attempt-unique
-temporary name, hard-linked to its final name), then the `done` or `failed` row. A video that fails
+already done. The group encodes its videos' prompts a window at a time (`batch.encode_window`),
+the text encoders off the GPU in between. Per video the group's leader writes a `started` row,
+then its background writer (`writer.py`) the mp4 (attempt-unique temporary name, hard-linked to
+its final name) while the next video denoises, then the `done` or `failed` row. A video that fails
 on any rank fails for the whole group; a failed video is tried again, in this job, until
 `retry.max_prompt_attempts`.
 
 Every wait between ranks outside the denoising loop (the group agreeing after a video while its
-leader decodes and writes, dp replicas meeting at the end of a shard) goes through
+leader decodes, the leader draining its writer, dp replicas meeting at the end of a shard) goes through
 `hvbatch.parallel.liveness`: no deadline while the peers' heartbeats come, an error as soon as one
 stops. A failure of the group itself (a collective that times out, a rank that dies) ends the
 attempt: the error is recorded and the process exits non-zero.
@@ -43,13 +45,16 @@ from hvbatch.batch.runtime.support import (
     peak_memory_bytes,
     recover_orphans,
 )
+from hvbatch.batch.runtime.writer import COMMITTED_ELSEWHERE, VideoWriter, WriteOutcome, WriteRequest
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config
 from hvbatch.parallel.dims import ParallelGroups, build_groups, destroy_groups
 from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
 from hvbatch.parallel.liveness import Liveness, PeerLostError
 from hvbatch.parallel.runner import parallelize, unparallelize
-from hvbatch.pipeline import Pipeline, Timings
+from hvbatch.parallel.vae_decode import ParallelVaeDecoder, video_decoder
+from hvbatch.pipeline import Pipeline, Timings, decode_here
+from hvbatch.text_encoders import PromptStore
 
 logger = logging.getLogger(__name__)
 PROMPT_ERRORS = (ValueError, RuntimeError, FloatingPointError, OSError, torch.cuda.OutOfMemoryError)
@@ -90,6 +95,8 @@ class JobContext:
     watchdog: Watchdog
     liveness: Liveness | None
     load_seconds: float
+    prompts: PromptStore = dataclasses.field(default_factory=PromptStore)
+    """Encoded prompts, kept for the job's lifetime (`Pipeline.encode_prompts`)."""
 
     @property
     def rank(self) -> int:
@@ -117,6 +124,8 @@ class ShardContext:
     shard: int
     groups: ParallelGroups
     attempt: int
+    writer: VideoWriter | None = None
+    """The leader's mp4 writer (None on the other ranks of the group)."""
 
     @property
     def scope(self) -> str:
@@ -124,7 +133,7 @@ class ShardContext:
 
 
 def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults | None) -> dict[str, Any]:
-    """Make (and, on the leader, commit) one video; the manifest fields of the outcome."""
+    """Make one video (decoded on the leader: `frames`); the manifest fields of the outcome."""
     job = ctx.job
     start = time.perf_counter()
     leader = ctx.groups.is_sp_leader
@@ -141,19 +150,14 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
     if faults is not None and faults.nan:
         sampling = dataclasses.replace(sampling, guidance_scale=float("nan"))
     try:
+        conditioning = job.pipeline.conditioning(video["prompt"], sampling, job.prompts)
         generated = job.pipeline.generate(
-            video["prompt"], sampling, on_step=on_step, decode=leader, timings=Timings()
-        )
-        status, path = VideoStatus.DONE, None
-        if leader:
-            assert generated.frames is not None
-            job.doing(f"writing {video['video_id']}")
-            committed = commit_video(
-                job.run, video["video_id"], generated.frames, job.config.video, job.identity.key, faults
-            )
-            status = VideoStatus.DONE if committed else "committed-elsewhere"
-            path = str(job.run.video_path(video["video_id"]).relative_to(job.run.root))
-        result = dict(status=status, path=path, truncated=generated.truncated)
+            video["prompt"], sampling, on_step=on_step, timings=Timings(),
+            decode=leader or isinstance(job.pipeline.decoder, ParallelVaeDecoder),
+            conditioning=conditioning,
+        )  # fmt: skip
+        result = dict(status=VideoStatus.DONE, truncated=generated.truncated, frames=generated.frames)
+        result |= dict(steps_computed=generated.steps_computed, steps_skipped=generated.steps_skipped)
     except PROMPT_ERRORS as err:
         if is_communication_error(err):
             raise
@@ -170,9 +174,9 @@ def _agree_on_outcome(ctx: ShardContext, result: dict[str, Any]) -> dict[str, An
     """Every rank of the SP group learns whether the video failed anywhere (and the leader why)."""
     groups = ctx.groups
     own = (str(result["status"]), result.get("error"))
-    outcomes = ctx.job.exchange(f"{ctx.scope}.outcome", groups.sp_ranks, own)
-    leader_status = outcomes[groups.sp_ranks[0]][0]
-    if leader_status in (VideoStatus.DONE, "committed-elsewhere"):  # the mp4 is committed: done
+    outcomes = ctx.job.exchange(f"{ctx.scope}.outcome", groups.video_ranks, own)
+    leader_status = outcomes[groups.video_ranks[0]][0]
+    if leader_status == VideoStatus.DONE:  # decoded: the leader's writer commits the mp4
         return result | dict(status=leader_status, error=None)
     failures = [error for rank, (status, error) in sorted(outcomes.items()) if status == VideoStatus.FAILED]
     if not failures:
@@ -200,27 +204,49 @@ def _run_video(
         )
     result = _agree_on_outcome(ctx, _generate_one(ctx, video, faults))
     job.watchdog.touch()
-    progress.seconds.append(result["seconds"])
     first_step_at = result.pop("first_step_at", None)
     progress.first_step_at = progress.first_step_at or first_step_at
     history.attempts = attempt
-    if result["status"] == "committed-elsewhere":
-        history.done = True
-        progress.drop(video["video_id"])
+    frames = result.pop("frames", None)
+    if ctx.writer is None or result["status"] != VideoStatus.DONE:
+        _finish_video(ctx, video, history, progress, row_of | result)
         return
+    job.doing(f"queueing the mp4 of {video['video_id']}")
+
+    def on_written(outcome: WriteOutcome) -> None:  # in the writer's thread, right after the link
+        if outcome.status == COMMITTED_ELSEWHERE:
+            history.done = True
+            progress.drop(video["video_id"])
+            return
+        path = str(job.run.video_path(video["video_id"]).relative_to(job.run.root))
+        seconds = result["seconds"] + outcome.seconds
+        written = dict(status=outcome.status, error=outcome.error, seconds=seconds)
+        written |= dict(path=path) if outcome.status == VideoStatus.DONE else {}
+        _finish_video(ctx, video, history, progress, row_of | result | written)
+
+    ctx.writer.submit(WriteRequest(video["video_id"], frames, faults, on_written))
+
+
+def _finish_video(
+    ctx: ShardContext, video: dict[str, Any], history: VideoHistory, progress: ShardProgress,
+    result: dict[str, Any],
+) -> None:  # fmt: skip
+    """Record a video's outcome: its history in this attempt and (on the leader) its manifest row."""
+    job, key, attempt = ctx.job, ctx.job.identity.key, result["attempt"]
+    progress.seconds.append(result["seconds"])
     history.done = result["status"] == VideoStatus.DONE
     history.final = not history.done and attempt >= job.config.retry.max_prompt_attempts
     history.last_error = result.get("error")
-    row = manifest_row(video, ctx.shard, key, **row_of | result | {"final": history.final})
+    row = manifest_row(video, ctx.shard, key, **result | {"final": history.final})
     progress.put(video["video_id"], row)
-    if groups.is_sp_leader:
-        per_step = result["seconds"] / max(1, sampling_for(video, job.config.sampling).num_inference_steps)
+    if ctx.groups.is_sp_leader:
+        steps = sampling_for(video, job.config.sampling).num_inference_steps
         logger.info(
-            "video %s: %s in %.1f s (%.2f s/step), peak memory %.2f GiB",
+            "video %s: %s in %.1f s (%.2f steps/s), peak memory %.2f GiB",
             video["video_id"],
             row["status"],
             result["seconds"],
-            per_step,
+            steps / max(result["seconds"], 1e-9),
             peak_memory_bytes(job.pipeline.device) / 2**30,
         )
 
@@ -262,16 +288,58 @@ def _process_videos(ctx: ShardContext) -> ShardProgress:
     mine = [i for i in range(len(videos)) if i % groups.dims.dp == groups.dp_index]
     leader = groups.is_sp_leader
     progress = ShardProgress(job.run, ctx.shard, job.identity.key, groups.dp_index, leader)
-    for _ in range(job.config.retry.max_prompt_attempts):
-        todo = _leader_todo(ctx, videos, mine, histories, progress) if leader else None
-        # The group follows its leader's list (ranks reading the manifest could see different states).
-        todo = ctx.job.exchange(f"{ctx.scope}.todo", groups.sp_ranks, todo)[groups.sp_ranks[0]]
-        if not todo:
-            break
-        for index in todo:
-            video = videos[index]
-            _run_video(ctx, index, video, histories.setdefault(video["video_id"], VideoHistory()), progress)
+    ctx.writer = _writer(job) if leader else None
+    try:
+        for _ in range(job.config.retry.max_prompt_attempts):
+            todo = _leader_todo(ctx, videos, mine, histories, progress) if leader else None
+            # The group follows its leader's list (ranks reading the manifest could see different states).
+            todo = ctx.job.exchange(f"{ctx.scope}.todo", groups.video_ranks, todo)[groups.video_ranks[0]]
+            if not todo:
+                break
+            window = job.config.batch.encode_window
+            for start in range(0, len(todo), window):
+                _encode_window(ctx, [videos[i] for i in todo[start : start + window]])
+                for index in todo[start : start + window]:
+                    video = videos[index]
+                    history = histories.setdefault(video["video_id"], VideoHistory())
+                    _run_video(ctx, index, video, history, progress)
+            if ctx.writer is not None:
+                job.doing("waiting for the last mp4 write")
+                ctx.writer.drain()  # this pass's outcomes are in `histories` before the next pass
+    finally:
+        if ctx.writer is not None:
+            ctx.writer.close()  # also when the attempt ends early: a linked video gets its row
+            _log_writes(ctx.writer)
     return progress
+
+
+def _writer(job: JobContext) -> VideoWriter:
+    def commit(video_id: str, frames: Any, faults: VideoFaults | None) -> bool:
+        return commit_video(job.run, video_id, frames, job.config.video, job.identity.key, faults)
+
+    # Waiting for the writer is no progress: a write that hangs must still trip the watchdog.
+    return VideoWriter(commit, background=job.config.batch.overlap_writes)
+
+
+def _log_writes(writer: VideoWriter) -> None:
+    hidden = writer.hidden_share
+    logger.info(
+        "mp4 writes: %.2f s writing, %.2f s waited for, %s hidden (batch.overlap_writes=%s)",
+        writer.write_seconds,
+        writer.waited_seconds,
+        "n/a" if hidden is None else f"{hidden:.0%}",
+        writer.background,
+    )
+
+
+def _encode_window(ctx: ShardContext, videos: list[dict[str, Any]]) -> None:
+    """Encode the prompts these videos need that the job has not encoded yet (text encoders on the
+    device only meanwhile; a prompt that fails to encode fails its video in `_generate_one`)."""
+    job = ctx.job
+    job.doing(f"encoding the prompts of {len(videos)} videos")
+    requests = [(video["prompt"], sampling_for(video, job.config.sampling)) for video in videos]
+    encoded = job.pipeline.encode_prompts(requests, job.prompts)
+    logger.debug("encoded %d prompts for %d videos", encoded, len(videos))
 
 
 def _attempt_number(run: RunDir, shard: int, identity: JobIdentity) -> int:
@@ -301,7 +369,8 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
     shard_start = time.time()
     dims = choose_layout(job.config, run.read_shard(shard), job.setup.env)
     groups = build_groups(dims, rank, timedelta(seconds=job.config.parallel.timeout_s))
-    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups)
+    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups, job.config.parallel.comm_dtype)
+    job.pipeline.decoder = video_decoder(groups) or decode_here  # the video's ranks share its decode
     if job.pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.pipeline.device)  # the shard's own peak
     try:
@@ -311,8 +380,8 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
             ledger.reconcile(run, [shard], probe, key)
             ledger.begin(run, shard, key, _begin_row(job, groups, attempt) | {"started_at": shard_start})
             logger.info(
-                "%s %s (attempt %d): layout dp %d x ulysses %d x ring %d, attention %s",
-                shard_name(shard), key, attempt, dims.dp, dims.ulysses, dims.ring,
+                "%s %s (attempt %d): layout dp %d x cfg %d x ulysses %d x ring %d, attention %s",
+                shard_name(shard), key, attempt, dims.dp, dims.cfg, dims.ulysses, dims.ring,
                 job.pipeline.attention_backend,
             )  # fmt: skip
         job.exchange(f"{shard_name(shard)}.begin", job.world_ranks)  # the ledger is up to date
@@ -323,6 +392,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
         )
     finally:
         job.pipeline.transformer = unparallelize(job.pipeline.transformer)
+        job.pipeline.decoder = decode_here
     destroy_groups(groups)  # not after a failure: tearing down a broken group can block
     complete = False
     if rank == 0:
