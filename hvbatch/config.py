@@ -278,7 +278,7 @@ class BatchConfig:
     min_shards: int = 1
     """At least this many shards (more jobs in flight on a large cluster)."""
     executor: str = "auto"
-    """`auto` (Slurm where sbatch exists, else local), `slurm` or `local`."""
+    """`auto` (Slurm where a controller answers `scontrol ping`, else local), `slurm` or `local`."""
     encode_window: int = 64
     """Videos whose prompts a dp group encodes in one go before denoising them (each distinct
     prompt once, kept for the job); the text encoders then leave the GPU until the next window."""

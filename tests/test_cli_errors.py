@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hvbatch import generate, plan_cli
+from hvbatch import plan_cli
 from hvbatch.batch.control import commands
 from hvbatch.batch.control.prompts import read_prompts
 from hvbatch.batch.control.shards import shard_videos
@@ -28,6 +28,7 @@ from hvbatch.batch.rundir import RunDir
 from hvbatch.cli import main
 from hvbatch.config import load_config, transformer_preset
 from hvbatch.models.loading import open_checkpoint
+from hvbatch.pipeline import Pipeline
 from hvbatch.text import printable
 from tests.batch_helpers import REPO
 from tests.fault_helpers import FAULT_PROMPTS, write_prompts
@@ -200,7 +201,7 @@ def test_generate_checks_out_before_the_model_loads(
     def no_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(generate.Pipeline, "load", no_load)
+    monkeypatch.setattr(Pipeline, "load", no_load)
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
     cases = {

@@ -194,8 +194,8 @@ def test_wait_shows_progress_and_a_summary_and_the_log_one_layout_per_shard(
     run_dir = tmp_path / "run"
     argv = ["submit", str(tmp_path / "prompts.parquet"), "--config", str(EXAMPLE_CONFIG), "--executor",
             "local", "--run-dir", str(run_dir), "--wait", "sampling.height=16", "sampling.width=16",
-            "sampling.num_frames=1", "sampling.num_inference_steps=2", "slurm.tasks_per_node=2",
-            "batch.min_shards=2"]  # fmt: skip
+            "sampling.num_frames=1", "sampling.num_inference_steps=3", "slurm.tasks_per_node=2",
+            "batch.min_shards=2", "sampling.cache=teacache", "sampling.cache_threshold=1e9"]  # fmt: skip
     assert main(argv) == 0
     captured = capsys.readouterr()
     progress_lines = [
@@ -216,6 +216,10 @@ def test_wait_shows_progress_and_a_summary_and_the_log_one_layout_per_shard(
     per_video = re.findall(r"video (v\d): done in [\d.]+ s \(([\d.]+) steps/s\), peak memory [\d.]+ GiB", log)
     assert sorted(v for v, _ in per_video) == ["v0", "v1", "v2"] and all(float(r) > 0 for _, r in per_video)
     assert run_status(RunDir(run_dir)).stopped == []
+    # Step caching reaches the merged manifest: the middle step reused, first and last computed.
+    assert main(["manifest", str(run_dir), "--json"]) == 0
+    videos = json.loads(capsys.readouterr().out)
+    assert [(v["steps_computed"], v["steps_skipped"]) for v in videos] == [(2, 1)] * 3
 
 
 def test_status_lists_failed_videos_in_the_wait_summary(

@@ -106,6 +106,8 @@ def video_table(run: RunDir, snapshot: RunSnapshot | None = None) -> pa.Table:
                 "path": row.get("path") if status == "done" else None,
                 "seconds": row.get("seconds"),
                 "error": None if status == "done" else error,
+                "steps_computed": row.get("steps_computed") if status == "done" else None,
+                "steps_skipped": row.get("steps_skipped") if status == "done" else None,
             }
         )
     return pa.Table.from_pylist(out, schema=VIDEO_TABLE_SCHEMA)
@@ -122,6 +124,8 @@ VIDEO_TABLE_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("error", pa.string()),
         ("shard", pa.int32()),
+        ("steps_computed", pa.int32()),  # with step caching: denoising steps run / reused (null otherwise)
+        ("steps_skipped", pa.int32()),
     ]
 )
 

@@ -54,6 +54,7 @@ from hvbatch.parallel.liveness import Liveness, PeerLostError
 from hvbatch.parallel.runner import parallelize, unparallelize
 from hvbatch.parallel.vae_decode import ParallelVaeDecoder, video_decoder
 from hvbatch.pipeline import Pipeline, Timings, decode_here
+from hvbatch.text import printable
 from hvbatch.text_encoders import PromptStore
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
     except PROMPT_ERRORS as err:
         if is_communication_error(err):
             raise
-        logger.error("video %s failed:\n%s", video["video_id"], traceback.format_exc())
+        logger.error("video %s failed:\n%s", printable(video["video_id"]), traceback.format_exc())
         result = dict(status=VideoStatus.FAILED, error=f"{type(err).__name__}: {err}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -243,7 +244,7 @@ def _finish_video(
         steps = sampling_for(video, job.config.sampling).num_inference_steps
         logger.info(
             "video %s: %s in %.1f s (%.2f steps/s), peak memory %.2f GiB",
-            video["video_id"],
+            printable(video["video_id"]),
             row["status"],
             result["seconds"],
             steps / max(result["seconds"], 1e-9),

@@ -26,6 +26,7 @@ from hvbatch.config import Config, VideoConfig
 from hvbatch.parallel.dims import ParallelDims
 from hvbatch.parallel.launch import DistEnv
 from hvbatch.parallel.plan import plan_for_job
+from hvbatch.text import printable
 from hvbatch.video import encode_mp4
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def commit_video(
         try:
             os.link(tmp, final)
         except FileExistsError:
-            logger.warning("video %s was committed by another attempt; keeping that one", video_id)
+            logger.warning("video %s was committed by another attempt; keeping that one", printable(video_id))
             return False
         except OSError:  # no hard links on this filesystem: rename, unless the final name exists
             if final.exists():

@@ -24,6 +24,7 @@ import numpy as np
 
 from hvbatch.batch.attempt import VideoStatus
 from hvbatch.batch.runtime.faults import VideoFaults
+from hvbatch.text import printable
 
 logger = logging.getLogger(__name__)
 COMMITTED_ELSEWHERE = "committed-elsewhere"
@@ -148,14 +149,15 @@ class VideoWriter:
             committed = self.commit(request.video_id, request.frames, request.faults)
             status, error = (VideoStatus.DONE if committed else COMMITTED_ELSEWHERE), None
         except Exception as err:  # the video failed, not the attempt: retried like any failed video
-            logger.error("writing video %s failed:\n%s", request.video_id, traceback.format_exc())
+            logger.error("writing video %s failed:\n%s", printable(request.video_id), traceback.format_exc())
             status, error = VideoStatus.FAILED, f"{type(err).__name__}: {err}"
         seconds = time.perf_counter() - start
         self.write_seconds += seconds
         try:
             request.on_done(WriteOutcome(str(status), error, seconds))
         except Exception as err:  # handed to the caller's thread
-            logger.error("recording video %s failed:\n%s", request.video_id, traceback.format_exc())
+            video = printable(request.video_id)
+            logger.error("recording video %s failed:\n%s", video, traceback.format_exc())
             with self._cond:
                 self._error = err
                 self._cond.notify_all()
