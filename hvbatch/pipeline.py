@@ -54,7 +54,7 @@ class ComponentPaths:
     tokenizer_2: Path | None = None
 
 
-def _layout_under(root: Path) -> dict[str, Path]:
+def layout_under(root: Path) -> dict[str, Path]:
     """Component folders implied by a weights root of either layout (empty if neither)."""
     if (root / "transformer").is_dir():
         names = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -72,7 +72,7 @@ def _layout_under(root: Path) -> dict[str, Path]:
 
 def resolve_paths(model: ModelConfig) -> ComponentPaths:
     """Where each component's weights are; every missing one is named in one error."""
-    found = _layout_under(Path(model.path).expanduser()) if model.path else {}
+    found = layout_under(Path(model.path).expanduser()) if model.path else {}
     if model.path and not found:
         raise ValueError(f"model.path={model.path} is not a recognised weights folder: {EXPECTED_LAYOUT}")
     overrides = {

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hvbatch.batch.files import write_text_atomic
 from hvbatch.batch.rundir import RunDir
 from hvbatch.cli import main
 from hvbatch.report import ReportData, render_html
-from hvbatch.report.page import write_text_atomic
 from hvbatch.report.svg import EXIT_COLOURS
 from hvbatch.report.thumbnails import first_frame_jpeg
 from tests.browser import load_page

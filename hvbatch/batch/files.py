@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,27 +93,30 @@ def write_json_exclusive(path: Path, payload: Any) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary sibling, fsync it, rename it to `path`, fsync the folder: a crash
+    leaves the old file or the new one, never a short one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(path)
     try:
-        _write_bytes_durably(tmp, json.dumps(payload, indent=2, sort_keys=True).encode())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    try:
-        pq.write_table(table, tmp)
+        write(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(json.dumps(payload, indent=2, sort_keys=True).encode()))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_json(path: Path) -> Any:

@@ -44,12 +44,12 @@ def check_weights(model: ModelConfig) -> list[Check]:
 
 
 def _layout_words(model: ModelConfig) -> str:
-    from hvbatch.pipeline import _layout_under
+    from hvbatch.pipeline import layout_under
 
     words = []
     if model.path:
         root = Path(model.path).expanduser()
-        kind = "diffusers folder" if "tokenizer" in _layout_under(root) else "official ckpts/ folder"
+        kind = "diffusers folder" if "tokenizer" in layout_under(root) else "official ckpts/ folder"
         words.append(f"{kind} {root}")
     fields = ("transformer_path", "vae_path", "text_encoder_path", "text_encoder_2_path")
     overrides = [f"model.{name}={getattr(model, name)}" for name in fields if getattr(model, name)]
@@ -60,24 +60,19 @@ def _layout_words(model: ModelConfig) -> str:
 
 def check_transformer(path: Path, model: ModelConfig) -> Check:
     """Every tensor the model expects is in the checkpoint at `path`, with the model's shape."""
-    import torch
 
-    from hvbatch.models.fp8 import swap_in_fp8_linears
-    from hvbatch.models.loading import _check_against_model, _fp8_module_names, open_checkpoint
-    from hvbatch.models.transformer import HunyuanVideoTransformer
+    from hvbatch.models.loading import inspect_transformer
 
     fix = (
         "use the checkpoint of the configured architecture (model=<preset>), re-download or re-convert "
         "the file, or point model.transformer_path at the right one"
     )
     try:
-        source = open_checkpoint(path, config=model.transformer, load_key=model.transformer_load_key)
+        source, meta_model = inspect_transformer(
+            path, config=model.transformer, load_key=model.transformer_load_key, origin=f"model={model.name}"
+        )
         diffusers = source.format_name == "diffusers folder"
         origin = "the checkpoint's config.json" if diffusers else f"model={model.name}"
-        with torch.device("meta"):
-            meta_model = HunyuanVideoTransformer(source.config)
-        swap_in_fp8_linears(meta_model, _fp8_module_names(source))
-        _check_against_model(source, meta_model, origin)
     except ValueError as err:
         return Check("transformer", "fail", one_line(str(err)), fix)
     count = len(meta_model.state_dict())
@@ -116,31 +111,19 @@ def _differs(a: TransformerConfig, b: TransformerConfig) -> bool:
 
 def check_vae(path: Path) -> Check:
     """The VAE folder's config and every tensor's name and shape (as `load_vae` checks them)."""
-    import torch
 
-    from hvbatch.models import vae_loading as vl
-    from hvbatch.models.state_dict_check import check_state_dict
-    from hvbatch.models.vae import AutoencoderKLCausal3D, VaeConfig
+    from hvbatch.models.vae_loading import inspect_vae
 
     try:
-        folder = vl._resolve_folder(Path(path))
-        weights_name = vl._detect_weights(folder)
-        config_path = folder / vl.CONFIG_NAME
-        config = VaeConfig.from_diffusers_config(vl._read_json(config_path), source=str(config_path))
-        with torch.device("meta"):
-            expected = {k: v.shape for k, v in AutoencoderKLCausal3D(config).state_dict().items()}
-        if weights_name == vl.OFFICIAL_WEIGHTS:
-            ckpt = vl._open_official(folder / vl.OFFICIAL_WEIGHTS)
-        else:
-            ckpt = vl._open_diffusers(folder, sharded=weights_name == vl.DIFFUSERS_INDEX)
-        check_state_dict(expected, ckpt.shapes, format_name=ckpt.format_name, path=ckpt.weights_path)
+        vae, ckpt = inspect_vae(Path(path))
     except ValueError as err:
         fix = "point model.vae_path (or model.path) at the HunyuanVideo vae/ folder, re-downloaded if damaged"
         return Check("vae", "fail", one_line(str(err)), fix)
     return Check(
         "vae",
         "ok",
-        f"{ckpt.format_name} {folder}: all {len(expected)} tensors present with the model's shapes",
+        f"{ckpt.format_name} {ckpt.weights_path}: all {len(vae.state_dict())} tensors present with the "
+        "model's shapes",
     )
 
 

@@ -333,6 +333,24 @@ def _set_fp8_scales(model: HunyuanVideoTransformer, source: CheckpointSource) ->
         module.set_scale(scales[name], name)
 
 
+def inspect_transformer(
+    path: str | Path, *, config: TransformerConfig, load_key: str = "module", origin: str = "the config"
+) -> tuple[CheckpointSource, HunyuanVideoTransformer]:
+    """The checkpoint at `path` and a meta-device model it fits (names and shapes checked, no
+    tensor read): ValueError naming what is missing, unexpected or mis-shaped.
+
+    `config`/`origin` are the architecture for layouts that carry none, and where it came from.
+    """
+    source = open_checkpoint(path, config=config, load_key=load_key)
+    if source.format_name == "diffusers folder":
+        origin = "the checkpoint's config.json"
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer(source.config)
+    swap_in_fp8_linears(model, _fp8_module_names(source))
+    _check_against_model(source, model, origin)
+    return source, model
+
+
 def load_transformer(
     path: str | Path,
     *,
@@ -349,13 +367,7 @@ def load_transformer(
     """
     arch = config if config is not None else transformer_preset(preset)
     origin = "the config passed in" if config is not None else f"preset {preset!r}"
-    source = open_checkpoint(path, config=arch, load_key=load_key)
-    if source.format_name == "diffusers folder":
-        origin = "the checkpoint's config.json"
-    with torch.device("meta"):
-        model = HunyuanVideoTransformer(source.config)
-    swap_in_fp8_linears(model, _fp8_module_names(source))
-    _check_against_model(source, model, origin)
+    source, model = inspect_transformer(path, config=arch, load_key=load_key, origin=origin)
     state = {}
     for key, param in model.state_dict(keep_vars=True).items():
         target = FP8_DTYPE if param.dtype == FP8_DTYPE else dtype

@@ -53,26 +53,7 @@ def load_vae(
     """
     if not dtype.is_floating_point:
         raise ValueError(f"load_vae: dtype must be a floating dtype such as torch.float16, got {dtype}")
-    folder = _resolve_folder(Path(path))
-    weights_name = _detect_weights(folder)
-    config_path = folder / CONFIG_NAME
-    cfg = VaeConfig.from_diffusers_config(_read_json(config_path), source=str(config_path))
-    with torch.device("meta"):
-        model = AutoencoderKLCausal3D(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-
-    if weights_name == OFFICIAL_WEIGHTS:
-        ckpt = _open_official(folder / OFFICIAL_WEIGHTS)
-    else:
-        ckpt = _open_diffusers(folder, sharded=weights_name == DIFFUSERS_INDEX)
-    check_state_dict(
-        expected,
-        ckpt.shapes,
-        format_name=ckpt.format_name,
-        path=ckpt.weights_path,
-        hint=f"  config: {config_path}; is this the HunyuanVideo VAE with this config?",
-    )
-
+    model, ckpt = inspect_vae(path)
     state: dict[str, torch.Tensor] = {}
 
     def sink(key: str, tensor: torch.Tensor) -> None:
@@ -81,6 +62,29 @@ def load_vae(
     ckpt.read_all(sink)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def inspect_vae(path: str | Path) -> tuple[AutoencoderKLCausal3D, _Checkpoint]:
+    """A meta-device VAE built from the folder's config and the checkpoint it fits (names and shapes
+    checked from the headers, no tensor read); ValueError naming the folder and what is wrong."""
+    folder = _resolve_folder(Path(path))
+    weights_name = _detect_weights(folder)
+    config_path = folder / CONFIG_NAME
+    cfg = VaeConfig.from_diffusers_config(_read_json(config_path), source=str(config_path))
+    with torch.device("meta"):
+        model = AutoencoderKLCausal3D(cfg)
+    if weights_name == OFFICIAL_WEIGHTS:
+        ckpt = _open_official(folder / OFFICIAL_WEIGHTS)
+    else:
+        ckpt = _open_diffusers(folder, sharded=weights_name == DIFFUSERS_INDEX)
+    check_state_dict(
+        {k: v.shape for k, v in model.state_dict().items()},
+        ckpt.shapes,
+        format_name=ckpt.format_name,
+        path=ckpt.weights_path,
+        hint=f"  config: {config_path}; is this the HunyuanVideo VAE with this config?",
+    )
+    return model, ckpt
 
 
 def _resolve_folder(path: Path) -> Path:

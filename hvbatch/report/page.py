@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import time
 from html import escape
@@ -12,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hvbatch.batch.files import fsync_dir, tmp_sibling
+from hvbatch.batch.files import write_text_atomic
 from hvbatch.batch.rundir import RunDir
 from hvbatch.report.data import ReportData, collect
 from hvbatch.report.svg import legend_html, throughput_svg, timeline_svg
@@ -116,20 +115,6 @@ def render_html(data: ReportData) -> str:
         "js": _asset("report.js"),
     }
     return SLOT.sub(lambda match: slots[match.group(1)], _asset("template.html"))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(run: RunDir, out: Path, thumbnails: bool = True) -> ReportData:

@@ -26,7 +26,7 @@ from hvbatch.batch.files import (
     CorruptRunFile,
     make_dirs,
     read_parquet,
-    tmp_sibling,
+    write_atomic,
     write_json_atomic,
     write_json_exclusive,
     write_parquet_atomic,
@@ -238,13 +238,7 @@ def write_manifest_file(path: Path, table: pa.Table) -> None:
     if suffix == ".parquet":
         write_parquet_atomic(path, table)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    try:
-        pa_csv.write_csv(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: pa_csv.write_csv(table, tmp))
 
 
 def run_manifest(args: argparse.Namespace) -> int:

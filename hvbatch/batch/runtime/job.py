@@ -10,8 +10,9 @@ its final name) while the next video denoises, then the `done` or `failed` row. 
 on any rank fails for the whole group; a failed video is tried again, in this job, until
 `retry.max_prompt_attempts`.
 
-Every wait between ranks outside the denoising loop (the group agreeing after a video while its
-leader decodes, the leader draining its writer, dp replicas meeting at the end of a shard) goes through
+The video's ranks share its VAE decode (`hvbatch.parallel.vae_decode`; the leader gets the frames).
+Every wait between ranks outside the denoising loop and that decode (the group agreeing after a
+video, the leader draining its writer, dp replicas meeting at the end of a shard) goes through
 `hvbatch.parallel.liveness`: no deadline while the peers' heartbeats come, an error as soon as one
 stops. A failure of the group itself (a collective that times out, a rank that dies) ends the
 attempt: the error is recorded and the process exits non-zero.
@@ -52,7 +53,7 @@ from hvbatch.parallel.dims import ParallelGroups, build_groups, destroy_groups
 from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
 from hvbatch.parallel.liveness import Liveness, PeerLostError
 from hvbatch.parallel.runner import parallelize, unparallelize
-from hvbatch.parallel.vae_decode import ParallelVaeDecoder, video_decoder
+from hvbatch.parallel.vae_decode import video_decoder
 from hvbatch.pipeline import Pipeline, Timings, decode_here
 from hvbatch.text import printable
 from hvbatch.text_encoders import PromptStore
@@ -137,7 +138,6 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
     """Make one video (decoded on the leader: `frames`); the manifest fields of the outcome."""
     job = ctx.job
     start = time.perf_counter()
-    leader = ctx.groups.is_sp_leader
     first_step: list[float] = []
 
     def on_step(step: int, total: int) -> None:
@@ -152,11 +152,11 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
         sampling = dataclasses.replace(sampling, guidance_scale=float("nan"))
     try:
         conditioning = job.pipeline.conditioning(video["prompt"], sampling, job.prompts)
+        # Every rank of the video calls the shard's decoder: the leader's alone, or the parallel
+        # decoder, which returns the frames on the leader only.
         generated = job.pipeline.generate(
-            video["prompt"], sampling, on_step=on_step, timings=Timings(),
-            decode=leader or isinstance(job.pipeline.decoder, ParallelVaeDecoder),
-            conditioning=conditioning,
-        )  # fmt: skip
+            video["prompt"], sampling, on_step=on_step, timings=Timings(), conditioning=conditioning
+        )
         result = dict(status=VideoStatus.DONE, truncated=generated.truncated, frames=generated.frames)
         result |= dict(steps_computed=generated.steps_computed, steps_skipped=generated.steps_skipped)
     except PROMPT_ERRORS as err:
