@@ -1,0 +1,1 @@
+"""The HunyuanVideo-1.5 family (transformer, VAE, encoders, variants)."""
