@@ -22,6 +22,7 @@ from hvbatch.models.hunyuan_video_15.glyph import (
     GLYPH_CHECKPOINT,
     extract_glyph_texts,
     glyph_prompt,
+    inspect_glyph_official,
     read_glyph_state_dict,
 )
 from hvbatch.models.hunyuan_video_15.text_encoders import (
@@ -242,6 +243,9 @@ def test_official_glyph_checkpoint_is_checked_strictly(folders: dict[str, Path],
     wrapped = folders["official-wrapped"] / "text_encoder/Glyph-SDXL-v2" / GLYPH_CHECKPOINT
     bare, unwrapped = read_glyph_state_dict(checkpoint), read_glyph_state_dict(wrapped)
     assert bare.keys() == unwrapped.keys() and "embed_tokens.weight" in bare
+    model, shapes = inspect_glyph_official(checkpoint.parents[2] / "byt5-small", checkpoint.parents[1])
+    assert model.encoder.final_layer_norm.weight.is_meta and shapes == {k: v.shape for k, v in bare.items()}
+    del model, shapes  # memory-mapped: let go of the file before it is rewritten below
     bad = {k: v for k, v in bare.items() if k != "final_layer_norm.weight"}
     bad["block.0.layer.0.SelfAttention.q.weight"] = torch.zeros(3, 3)
     torch.save(bad, checkpoint)

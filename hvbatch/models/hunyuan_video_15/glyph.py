@@ -125,13 +125,18 @@ def _t5_encoder_config(byt5_dir: Path, vocab_size: int) -> Any:
     return config
 
 
-def read_glyph_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_glyph_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The encoder stack's tensors from an official `byt5_model.pt` (bare, or wrapped as training saves it).
 
     Like the official loader, a wrapped checkpoint keeps only the `module.text_tower.encoder.` keys.
+    `mmap=True` maps the file (where its format allows) so that listing it reads no values; the
+    tensors are then backed by the file, which must not change while they live.
     """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"glyph encoder: cannot read {path} with weights_only=True: {err}") from err
     if "state_dict" in checkpoint:
@@ -150,15 +155,10 @@ def glyph_tokenizer(byt5_dir: str | Path, glyph_dir: str | Path) -> Any:
     return tokenizer
 
 
-def load_glyph_official(
-    byt5_dir: str | Path,
-    glyph_dir: str | Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> GlyphEncoder:
-    """`ckpts/text_encoder/byt5-small` + `ckpts/text_encoder/Glyph-SDXL-v2`, strict, weights_only."""
-    byt5_dir, glyph_dir = Path(byt5_dir), Path(glyph_dir)
+def _official_parts(
+    byt5_dir: Path, glyph_dir: Path, *, mmap: bool
+) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """The tokenizer, the encoder on the meta device and the checkpoint's tensors, checked strictly."""
     for needed in (byt5_dir / "config.json", glyph_dir / COLOR_ASSET, glyph_dir / FONT_ASSET):
         if not needed.is_file():
             raise ValueError(
@@ -172,15 +172,35 @@ def load_glyph_official(
     tokenizer = glyph_tokenizer(byt5_dir, glyph_dir)
     with torch.device("meta"):
         model = transformers_module().T5EncoderModel(_t5_encoder_config(byt5_dir, len(tokenizer)))
-    state = read_glyph_state_dict(checkpoint)
-    expected = {k: v.shape for k, v in model.encoder.state_dict().items()}
+    state = read_glyph_state_dict(checkpoint, mmap=mmap)
     check_state_dict(
-        expected,
+        {k: v.shape for k, v in model.encoder.state_dict().items()},
         {k: v.shape for k, v in state.items()},
         format_name="official Glyph-SDXL-v2 byT5 encoder",
         path=checkpoint,
         hint=f"  the model's vocabulary ({len(tokenizer)}) is byT5's plus the assets' colour/font tokens",
     )
+    return tokenizer, model, state
+
+
+def inspect_glyph_official(byt5_dir: str | Path, glyph_dir: str | Path) -> tuple[Any, dict[str, torch.Size]]:
+    """For doctor: the encoder on the meta device and the checkpoint's shapes (no values read).
+
+    Raises the loader's ValueError when a file is missing or the tensors do not fit.
+    """
+    _, model, state = _official_parts(Path(byt5_dir), Path(glyph_dir), mmap=True)
+    return model, {k: v.shape for k, v in state.items()}
+
+
+def load_glyph_official(
+    byt5_dir: str | Path,
+    glyph_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> GlyphEncoder:
+    """`ckpts/text_encoder/byt5-small` + `ckpts/text_encoder/Glyph-SDXL-v2`, strict, weights_only."""
+    tokenizer, model, state = _official_parts(Path(byt5_dir), Path(glyph_dir), mmap=False)
     model.encoder.load_state_dict(state, strict=True, assign=True)
     model.set_input_embeddings(model.encoder.embed_tokens)  # re-tie `shared` (assign replaced it)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
