@@ -23,6 +23,7 @@ from hvbatch.models.hunyuan_video_15.transformer_names import official_to_diffus
 from hvbatch.sampling.cache import CachePolicy, StepCache
 from tests.helpers import rel_err
 from tests.hv15_helpers import ODD, SMALL, Inputs, make_inputs, randomize_fan_in_
+from tests.test_compile import sync_calls  # noqa: F401 (the fixture)
 
 FLAVORS = {
     "small": SMALL,
@@ -368,3 +369,20 @@ def test_meanflow_needs_the_next_timestep() -> None:
         ValueError, match="latent has 65 channels, the model expects 32 noisy latent channels"
     ):
         model(torch.zeros(1, 65, 1, 2, 2), inputs.t, inputs.cond(), t_next_B=inputs.t_next)
+
+
+def test_forward_has_no_host_sync(sync_calls: list[str]) -> None:  # noqa: F811 (the imported fixture)
+    """With the conditioning built (lengths read once), a forward never waits for the device,
+    batch 2 with ragged lengths, image tokens and MeanFlow included."""
+    model = random_transformer(HunyuanVideo15TransformerConfig.tiny(use_meanflow=True), seed=0)
+    inputs = make_inputs(model.config, grid=(2, 3, 3), text_lens=[5, 9], glyph_lens=[0, 3], image=True)
+    cond = HunyuanVideo15Conditioning.from_masks(
+        inputs.text_states, inputs.text_mask, inputs.glyph_states, inputs.glyph_mask,
+        inputs.image_embeds, inputs.cond_latents,
+    )  # fmt: skip
+    cache = StepCache(CachePolicy("fbcache", 0.1, 1), num_steps=4)
+    sync_calls.clear()
+    with torch.no_grad():
+        model(inputs.x, inputs.t, cond, t_next_B=inputs.t_next)
+        model(inputs.x, inputs.t, cond, t_next_B=inputs.t_next, step_cache=cache)
+    assert sync_calls == []
