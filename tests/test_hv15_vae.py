@@ -171,7 +171,10 @@ def test_decode_latents_divides_by_the_scaling_factor(ours: AutoencoderKLConv3D)
         16,
         4,
     )
-    assert ours.scaling_factor == 1.03682 and ours.shift_factor == 0.0
+    assert (
+        ours.scaling_factor == TINY.scaling_factor == 1.03682
+        and ours.shift_factor == TINY.shift_factor == 0.0
+    )
 
 
 # ---------------------------------------------------------------- tiling

@@ -165,7 +165,7 @@ class AutoencoderKLConv3D(nn.Module):
     @property
     def shift_factor(self) -> float:
         """Added after dividing by the scaling factor: none for this VAE."""
-        return 0.0
+        return self.config.shift_factor
 
     def encode(self, x_BCTHW: torch.Tensor) -> DiagonalGaussian:
         """Video in [-1, 1] with T = 1 + 4k frames and H, W multiples of 16 -> posterior over raw z."""

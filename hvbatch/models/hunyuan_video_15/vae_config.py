@@ -41,6 +41,11 @@ class HunyuanVideo15VaeConfig:
     """The DiT works on z * scaling_factor (no shift)."""
 
     @property
+    def shift_factor(self) -> float:
+        """Added to the latents after dividing by scaling_factor: none for this VAE."""
+        return 0.0
+
+    @property
     def spatial_levels(self) -> int:
         """Encoder levels that halve H and W (the first ones)."""
         return int(math.log2(self.spatial_compression_ratio))
