@@ -144,6 +144,18 @@ def schedule(num_inference_steps: int, shift: float) -> tuple[torch.Tensor, torc
     return sigmas, (sigmas[:-1] * 1000).to(dtype=torch.float32)
 
 
+def resize_and_upsample(
+    lq_latents: torch.Tensor, latents: torch.Tensor, upsampler: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`__call__`: the base latents resized to the starting latents' grid, through the upsampler."""
+    tgt_shape = latents.shape[-2:]
+    bsz = lq_latents.shape[0]
+    lq_latents = rearrange(lq_latents, "b c f h w -> (b f) c h w")
+    lq_latents = F.interpolate(lq_latents, size=tgt_shape, mode="bilinear", align_corners=False)
+    lq_latents = rearrange(lq_latents, "(b f) c h w -> b c f h w", b=bsz)
+    return upsampler(lq_latents.to(dtype=torch.float32))
+
+
 def sr_condition(
     lq_latents: torch.Tensor,
     noise: torch.Tensor,
@@ -153,12 +165,7 @@ def sr_condition(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`__call__` from the resize to `zero_lq_condition`: (condition, zero_lq_condition). `latents`
     are the starting latents (their dtype and shape), `noise` what `torch.randn_like` would draw."""
-    tgt_shape = latents.shape[-2:]
-    bsz = lq_latents.shape[0]
-    lq_latents = rearrange(lq_latents, "b c f h w -> (b f) c h w")
-    lq_latents = F.interpolate(lq_latents, size=tgt_shape, mode="bilinear", align_corners=False)
-    lq_latents = rearrange(lq_latents, "(b f) c h w -> b c f h w", b=bsz)
-    lq_latents = upsampler(lq_latents.to(dtype=torch.float32))
+    lq_latents = resize_and_upsample(lq_latents, latents, upsampler)
     lq_latents = lq_latents.to(dtype=latents.dtype)
 
     noise_scale = 0.7  # add_noise_to_lq(lq_latents, noise_scale)
