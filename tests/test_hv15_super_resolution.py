@@ -104,6 +104,7 @@ def test_sr_inputs_match_the_official_pipeline(kind: str, image: bool) -> None:
     assert torch.equal(inputs.sigmas, sigmas) and torch.equal(inputs.timesteps, timesteps)
     drop = next(i for i, t in enumerate(timesteps) if t < 1000 * 0.7)
     assert inputs.drop_step == drop == {"720p": 3, "1080p": 4}[kind]  # 666.7 and 666.7 are the first below
+    assert inputs.must_compute_steps == {0, drop, sr.default_steps - 1}
 
 
 class _Recorder:

@@ -145,6 +145,12 @@ class SuperResolutionInputs:
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
 
+    @property
+    def must_compute_steps(self) -> frozenset[int]:
+        """Steps a step cache must not skip: the first, the last, and the first with the dropped
+        condition (its input changes there; a residual cached before it saw the lq latents)."""
+        return frozenset({0, self.drop_step, self.num_steps - 1} & set(range(self.num_steps)))
+
     def condition_at(self, step: int) -> torch.Tensor:
         return self.dropped_condition if step >= self.drop_step else self.condition
 
