@@ -34,6 +34,7 @@ import enum
 import functools
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hvbatch.batch.files import write_atomic
+from hvbatch.batch.files import tmp_sibling, write_atomic
 
 FORMAT_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp"}
 """Pillow's format name -> the extension a frozen file gets."""
@@ -306,11 +307,21 @@ def load_image(value: Any, *, base_dir: str | Path = ".", min_side: int = 1) -> 
 
 
 class ImageStore:
-    """Content-addressed image files of a run: `<root>/images/<sha[:2]>/<sha>.<ext>`, each written once
-    (atomically, by `files.write_atomic`); a content already there is not written again."""
+    """Content-addressed image files: `<folder>/<sha[:2]>/<sha>.<ext>` (`folder` is the run's
+    `images/`), each content written once; `freeze` returns the path relative to the run directory.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    `sync_each=True`: every file through `files.write_atomic` (temporary name, fsync, rename, fsync
+    of its folder): durable one by one, ~17 ms a file on the development machine. `sync_each=False`:
+    temporary name and rename only (a final name never holds a partial file), for a folder made
+    durable at once afterwards (one filesystem sync for thousands of files, as the control plane
+    writes its frozen shards): ~1 ms a file. Either way a file already there with the content's
+    size is kept (a crash before the sync can only leave a shorter one, which is written again), and
+    jobs check every byte against the hash when they read it (`read_frozen`).
+    """
+
+    def __init__(self, folder: str | Path, *, sync_each: bool = True) -> None:
+        self.folder = Path(folder)
+        self.sync_each = sync_each
         self.written = 0
         self.reused = 0
         self.bytes_written = 0
@@ -320,20 +331,34 @@ class ImageStore:
         return f"{IMAGES_DIR}/{sha256[:2]}/{sha256}.{extension}"
 
     def freeze(self, data: bytes, extension: str | None = None) -> str:
-        """Store `data` (a checked image's original bytes); its path relative to `root`."""
+        """Store `data` (a checked image's original bytes); its path relative to the run directory."""
         if extension is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 extension = FORMAT_EXTENSIONS[str(Image.open(io.BytesIO(data)).format)]
         relative = self.relative_path(content_hash(data), extension)
-        path = self.root / relative
+        path = self.folder / relative.removeprefix(f"{IMAGES_DIR}/")
         if path.is_file() and path.stat().st_size == len(data):
             self.reused += 1
             return relative
-        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+        if self.sync_each:
+            write_atomic(path, lambda tmp: tmp.write_bytes(data))
+        else:
+            _write_renamed(path, data)
         self.written += 1
         self.bytes_written += len(data)
         return relative
+
+
+def _write_renamed(path: Path, data: bytes) -> None:
+    """`data` under a temporary name, then renamed to `path` (no fsync: the caller syncs the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_frozen(run_dir: str | Path, relative: str, sha256: str, *, min_side: int = 1) -> LoadedImage:

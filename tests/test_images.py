@@ -239,8 +239,9 @@ def test_image_column_types() -> None:
 # -- the store -----------------------------------------------------------------------------------
 
 
-def test_freezing_stores_each_distinct_content_once(tmp_path: Path) -> None:
-    store = ImageStore(tmp_path / "run")
+@pytest.mark.parametrize("sync_each", [True, False])
+def test_freezing_stores_each_distinct_content_once(tmp_path: Path, sync_each: bool) -> None:
+    store = ImageStore(tmp_path / "run" / "images", sync_each=sync_each)
     first = _encoded(_noise(16, 16), "PNG")
     second = _encoded(_noise(16, 16, seed=5), "JPEG")
     path_a = store.freeze(first)
@@ -256,12 +257,14 @@ def test_freezing_stores_each_distinct_content_once(tmp_path: Path) -> None:
     one_byte_changed = bytearray(first)
     one_byte_changed[-5] ^= 1
     assert store.freeze(bytes(one_byte_changed)) != path_a
+    (tmp_path / "run" / path_a).write_bytes(first[:10])  # what a crash before the folder's sync can leave
+    assert store.freeze(first) == path_a and (tmp_path / "run" / path_a).read_bytes() == first
 
 
 def test_check_images_freezes_while_checking_and_reads_a_repeated_path_once(tmp_path: Path) -> None:
     data = _encoded(_noise(20, 20), "PNG")
     (tmp_path / "a.png").write_bytes(data)
-    store = ImageStore(tmp_path / "run")
+    store = ImageStore(tmp_path / "run" / "images")
     values = ["a.png", "a.png", {"bytes": data, "path": None}, str(tmp_path / "a.png")]
     infos, problems = check_images(values, base_dir=tmp_path, store=store)
     assert not problems
@@ -277,7 +280,7 @@ def test_a_frozen_image_is_what_was_submitted(tmp_path: Path) -> None:
     data = _encoded(_noise(20, 20), "PNG")
     source.write_bytes(data)
     run = tmp_path / "run"
-    (info,), _ = check_images(["a.png"], base_dir=tmp_path, store=ImageStore(run))
+    (info,), _ = check_images(["a.png"], base_dir=tmp_path, store=ImageStore(run / "images"))
     assert info is not None and info.frozen is not None
     source.write_bytes(_encoded(_noise(20, 20, seed=9), "PNG"))  # the user edits the file after submit
     frozen = read_frozen(run, info.frozen, info.sha256)
