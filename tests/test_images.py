@@ -103,6 +103,15 @@ def test_png_jpeg_and_webp_decode_as_pillow_does(fmt: str, kwargs: dict[str, obj
     assert np.array_equal(np.asarray(loaded.image), np.asarray(source)) == lossless
 
 
+def test_a_multi_picture_jpeg_gives_its_first_picture() -> None:
+    """Phones write MPO (a JPEG followed by more pictures): Pillow opens it as format MPO."""
+    black, white = _noise(16, 16).point(lambda _: 0), _noise(16, 16).point(lambda _: 255)
+    data = _encoded(black, "MPO", save_all=True, append_images=[white])
+    loaded = load_image(data)
+    assert (loaded.info.format, loaded.info.extension) == ("MPO", "jpg")
+    assert np.asarray(loaded.image).max() < 8
+
+
 @pytest.mark.filterwarnings("ignore:Palette images with Transparency")  # the official call warns
 def test_rgba_palette_and_grey_convert_to_rgb_as_the_official_code() -> None:
     rgba = Image.fromarray(
