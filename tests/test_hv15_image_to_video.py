@@ -230,6 +230,35 @@ def test_condition_latents_and_mask_are_exactly_diffusers(dtype: torch.dtype) ->
     torch.testing.assert_close(ours, torch.cat([cond, mask], dim=1), rtol=1e-5, atol=1e-5)
 
 
+def test_with_the_1_5_vae_the_condition_matches_diffusers_with_its_vae(tmp_path: Path) -> None:
+    """hvbatch's HunyuanVideo-1.5 VAE and diffusers' AutoencoderKLHunyuanVideo15 on the same random
+    weights: the condition latents agree to the VAE's encode parity, the mask exactly."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    from hvbatch.models.hunyuan_video_15.vae_config import HunyuanVideo15VaeConfig
+    from hvbatch.models.hunyuan_video_15.vae_loading import load_vae
+
+    config = HunyuanVideo15VaeConfig.tiny()
+    kwargs = {k: v for k, v in config.to_diffusers_config().items() if not k.startswith("_")}
+    reference = AutoencoderKLHunyuanVideo15(**kwargs).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            scale = 0.2 if param.ndim <= 1 else 1 / param[0].numel() ** 0.5
+            param.copy_(1.0 + 0.2 * noise if name.endswith("gamma") else scale * noise)
+    reference.save_pretrained(tmp_path / "vae")
+    ours_vae = load_vae(tmp_path / "vae")
+    image = variants.IMAGE_SIZING.fit(_image(50, 70, seed=4), 32, 48)
+    latents = torch.zeros(1, 32, 3, 2, 3)
+    cond, mask = _diffusers_cond(reference, image, latents, 1, torch.float32)
+    ours = image_condition_latents(ours_vae, [model_pixels(image)], 3)
+    assert ours.shape == (1, 33, 3, 2, 3)
+    assert torch.equal(ours[:, 32:], mask) and not ours[:, :32, 1:].any()
+    relative = ((ours[:, :32] - cond).norm() / cond.norm()).item()
+    assert relative <= 1e-4 and cond.abs().mean() > 0.01
+
+
 def test_condition_latents_as_the_official_pipeline_builds_them() -> None:
     """Official `_prepare_cond_latents`: repeat the image latent over T, zero frames 1..; mask from
     `get_task_mask("i2v")` (1 on frame 0) merged over the frames."""
