@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +232,19 @@ def test_a_single_bad_value_raises_an_image_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="too small"):
         load_image(_encoded(_noise(10, 30), "PNG"), min_side=11)
     assert load_image(_encoded(_noise(10, 30), "PNG"), min_side=10).info.height == 10
+
+
+def test_a_decompression_bomb_is_refused_before_decoding() -> None:
+    """A 20000x20000 PNG header (Pillow refuses above 2 x MAX_IMAGE_PIXELS) costs nothing to reject."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    with pytest.raises(ImageError) as caught:
+        load_image(data)
+    assert caught.value.kind is ImageProblemKind.TOO_LARGE and "400000000 pixels" in caught.value.reason
 
 
 def test_image_column_types() -> None:
