@@ -4,6 +4,7 @@ only here), text in full, the attention mode per checkpoint, the model wired to 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -325,3 +326,21 @@ def test_attention_mode_follows_the_checkpoint(tmp_path: Path) -> None:
     assert isinstance(dense.attention_fn, LocalAttention)
     with pytest.raises(ValueError, match=r"model.attention_mode='sparse' is not one of auto, dense, ssta"):
         resolve_attention_mode("sparse", None)
+
+
+def test_ssta_phase_cpu_smoke() -> None:
+    """benchmarks/ssta_phase.py's function (gpu_check's SSTA phase) runs on the CPU at tiny sizes."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ssta_phase.py"
+    spec = importlib.util.spec_from_file_location("ssta_phase", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = module.ssta_phase(
+        device="cpu", dtype=torch.float32, grid=(5, 6, 9), heads=2, head_dim=16, text_tokens=8,
+        params=TEST_PARAMS, repeats=1, budget_s=30.0,
+    )  # fmt: skip
+    assert (record["tiles"], record["topk"], record["tiles_per_query_max"]) == (27, 2, 11)
+    assert record["tile_share_min"] <= record["attended_tile_share"] <= record["tile_share_max"]
+    assert record["dense_ms"] > 0 and record["portable"]["ms"] > 0 and "official" not in record
+    bounds = module.share_bounds(module.GRID_720P)
+    assert (bounds["tiles"], bounds["topk"], bounds["tile_share_max"]) == (360, 32, round(59 / 360, 4))

@@ -131,6 +131,10 @@ class SstaAttention:
     def __init__(self, params: SstaParams, backend: AttentionBackend, kernel: str = "auto") -> None:
         if kernel not in KERNELS:
             raise ValueError(f"SSTA kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+        if kernel == "official" and official_kernel() is None:
+            raise ValueError(
+                "SSTA kernel 'official' needs the flex-block-attn package: pip install flex-block-attn"
+            )
         self.params = params
         self.backend = backend
         self.kernel = kernel
@@ -150,6 +154,8 @@ class SstaAttention:
         assert plan.num_tokens == num_image_tokens, f"grid {self.grid} != {num_image_tokens} image tokens"
         return plan
 
+    # Inside compiled blocks (model.compile) the data-dependent selection runs eagerly: dynamo stops here.
+    @torch.compiler.disable
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text_tokens: int = 0
     ) -> torch.Tensor:
