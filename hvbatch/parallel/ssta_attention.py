@@ -11,8 +11,10 @@ tokens per tile, I / J the query / key tiles a block touches.
   float64 over the ring group, to the whole grid's; every ring rank then selects the same tiles.
   The K/V blocks rotate as for dense attention; on each block a rank's query tiles attend only the
   key tiles they selected that the block holds (its tokens placed in their tiles, positions the
-  block does not hold masked), so key tiles no query needs are never computed. Zero-padded tokens
-  are not in any block: their logit-0, value-0 share is added once at the end, from the count of
+  block does not hold masked). Without a device sync the slots per block are bounded on the host
+  (top-k plus the window tiles the block holds, at most its tiles): rows that selected fewer tiles
+  there fill the rest with masked slots, so a block costs that bound, not its size. Zero-padded
+  tokens are not in any block: their logit-0, value-0 share is added once at the end, from the count of
   padded tokens in the selected tiles (text queries: all of them), as the official layout has it.
 """
 
@@ -130,7 +132,7 @@ class SstaUSPAttention(USPAttention):
                 v_tiles,
                 selected[:, :, first_q:last_q, first_k:last_k],
                 backend,
-                max_slots=plan.max_slots,
+                max_slots=plan.max_slots_between((first_q, last_q), (first_k, last_k)),
                 key_present_JV=present.reshape(-1, volume),
             )
             out = out_t.reshape(batch, heads, -1, dim).index_select(2, q_index)

@@ -171,6 +171,12 @@ class TilePlan:
         window = int(_window_np(self).sum(1).max()) if self.use_window else 0
         return min(self.num_tiles, min(self.topk, self.num_tiles) + window)
 
+    def max_slots_between(self, query_tiles: tuple[int, int], key_tiles: tuple[int, int]) -> int:
+        """Most key tiles in the range `key_tiles` one query tile of `query_tiles` can select."""
+        window = _window_np(self)[slice(*query_tiles), slice(*key_tiles)]
+        most = int(window.sum(1).max()) if self.use_window and window.size else 0
+        return min(key_tiles[1] - key_tiles[0], min(self.topk, self.num_tiles) + most)
+
     @property
     def min_slots(self) -> int:
         """Fewest key tiles any query tile selects: slots below this are valid in every row."""
