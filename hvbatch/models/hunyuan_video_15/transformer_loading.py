@@ -60,7 +60,10 @@ class CheckpointFacts:
     """`t2v` / `i2v`: official `ideal_task`, diffusers `task_type` (its conversion script writes
     `i2v` for the 480p text-to-video model: do not rely on it alone)."""
     sparse_attention: bool
-    """Official `attn_mode: flex-block-attn` or a `*_sparse` folder (SSTA; not implemented here)."""
+    """Official `attn_mode: flex-block-attn` or a `*_sparse` folder: the checkpoint runs SSTA
+    (`hvbatch.models.hunyuan_video_15.ssta_attention.resolve_attention_mode`)."""
+    attn_param: dict[str, Any] | None = field(default=None, compare=False)
+    """The official config's `attn_param` (SSTA's tile, window, top-k); None: the official defaults."""
 
 
 @dataclass
@@ -201,6 +204,7 @@ def _facts(
             or next((r for r in ("480p", "720p") if folder.name.startswith(r)), None),
             raw.get("ideal_task") or next((t for t in ("t2v", "i2v") if f"_{t}" in folder.name), None),
             raw.get("attn_mode") == "flex-block-attn" or folder.name.endswith("_sparse"),
+            raw.get("attn_param") if isinstance(raw.get("attn_param"), dict) else None,
         )
     target = raw.get("target_size")
     return CheckpointFacts(

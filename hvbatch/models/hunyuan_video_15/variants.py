@@ -83,8 +83,6 @@ class Variant15:
         """Why hvbatch cannot run this variant yet, or None."""
         if not self.released:
             return f"{self.name} is listed by Tencent but not released yet"
-        if self.sparse_attention:
-            return f"{self.name} needs SSTA sparse attention, which hvbatch does not implement yet"
         if self.task is Task.IMAGE_TO_VIDEO:
             return f"{self.name} is image-to-video (SigLIP tokens, first-frame latent): not in hvbatch yet"
         return None
