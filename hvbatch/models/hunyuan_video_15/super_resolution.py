@@ -12,7 +12,8 @@ Transcribed from the official `HunyuanVideo_1_5_SR_Pipeline.__call__`
    noise; the result is float32 (bfloat16 tensors times a float32 tensor);
 5. condition `[image latents (32) | image mask (1) | noised lq (32) | ones (1)]`: for
    text-to-video the first 33 channels are zeros (`_prepare_cond_latents`), for image-to-video the
-   image's latent in frame 0 with mask 1 there; `_prepare_lq_cond_latents` gives the last 33;
+   image's latent in frame 0 with mask 1 there (`image_condition.condition_from_latents`, the image
+   encoded at the SR size); `_prepare_lq_cond_latents` gives the last 33;
 6. the dropped condition: a copy with the lq latents and their mask zeroed, the image part kept;
 7. per step: from the first timestep below `1000 * 0.7` on, the dropped condition; the model input
    is `cat([latents, condition])`; CFG 1 (no negative pass), flow shift 2, the base's Euler step;
@@ -35,6 +36,7 @@ from typing import Protocol
 import torch
 
 from hvbatch.models.hunyuan_video_15.conditioning import HunyuanVideo15Conditioning
+from hvbatch.models.hunyuan_video_15.image_condition import condition_from_latents
 from hvbatch.models.hunyuan_video_15.sampling import NOISE_DTYPE, flow_schedule, next_timesteps
 from hvbatch.models.hunyuan_video_15.upsampler import Upsampler, resize_latents
 from hvbatch.models.hunyuan_video_15.variants import SPATIAL_MULTIPLE, SRVariant15, sr_target_size
@@ -96,18 +98,17 @@ def sr_condition(lq_BCTHW: torch.Tensor, image_latents_BC1HW: torch.Tensor | Non
     """`[B, 2C + 2, T, H, W]`: image latents and mask (zeros for text-to-video; image-to-video: the
     image's latent in frame 0, mask 1 there), then the noised lq latents and a mask of ones."""
     batch, channels, frames, height, width = lq_BCTHW.shape
-    image = lq_BCTHW.new_zeros((batch, channels, frames, height, width))
-    image_mask = lq_BCTHW.new_zeros((batch, 1, frames, height, width))
-    if image_latents_BC1HW is not None:
-        if tuple(image_latents_BC1HW.shape) != (batch, channels, 1, height, width):
-            raise ValueError(
-                f"image latents have shape {tuple(image_latents_BC1HW.shape)}, expected "
-                f"{(batch, channels, 1, height, width)} (the image encoded at the SR size)"
-            )
-        image[:, :, :1] = image_latents_BC1HW.to(image)
-        image_mask[:, :, 0] = 1.0
+    if image_latents_BC1HW is None:
+        image = lq_BCTHW.new_zeros((batch, channels + 1, frames, height, width))
+    elif tuple(image_latents_BC1HW.shape) != (batch, channels, 1, height, width):
+        raise ValueError(
+            f"image latents have shape {tuple(image_latents_BC1HW.shape)}, expected "
+            f"{(batch, channels, 1, height, width)} (the image encoded at the SR size)"
+        )
+    else:
+        image = condition_from_latents(image_latents_BC1HW.to(lq_BCTHW.device), frames, dtype=lq_BCTHW.dtype)
     lq_mask = lq_BCTHW.new_ones((batch, 1, frames, height, width))
-    return torch.cat([image, image_mask, lq_BCTHW, lq_mask], dim=1)
+    return torch.cat([image, lq_BCTHW, lq_mask], dim=1)
 
 
 def drop_low_res_condition(condition_BCTHW: torch.Tensor) -> torch.Tensor:

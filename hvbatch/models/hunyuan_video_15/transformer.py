@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from hvbatch.models.attention import AttentionFn, joint_attention, sdpa_attention
+from hvbatch.models.attention import AttentionFn, joint_attention, sdpa_attention, set_token_grid
 from hvbatch.models.hunyuan_video_15.conditioning import HunyuanVideo15Conditioning
 from hvbatch.models.hunyuan_video_15.config import HunyuanVideo15TransformerConfig
 from hvbatch.models.layers import (
@@ -393,6 +393,7 @@ class HunyuanVideo15Transformer(nn.Module):
     ) -> torch.Tensor:
         """Velocity `[B, out_channels, T, H, W]` for noisy latents at timesteps `t_B` (0..1000)."""
         grid = self.token_grid(x_BCTHW.shape)
+        set_token_grid(self.attention_fn, grid)
         img_BLD = self.embed_image(x_BCTHW, cond)
         out_BLP = self.forward_tokens(
             img_BLD, self.rope(grid, x_BCTHW.device), t_B, cond, t_next_B=t_next_B, step_cache=step_cache

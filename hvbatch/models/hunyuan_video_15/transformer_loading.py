@@ -63,7 +63,10 @@ class CheckpointFacts:
     """`t2v` / `i2v`: official `ideal_task`, diffusers `task_type` (its conversion script writes
     `i2v` for the 480p text-to-video model: do not rely on it alone)."""
     sparse_attention: bool
-    """Official `attn_mode: flex-block-attn` or a `*_sparse` folder (SSTA; not implemented here)."""
+    """Official `attn_mode: flex-block-attn` or a `*_sparse` folder: the checkpoint runs SSTA
+    (`hvbatch.models.hunyuan_video_15.ssta_attention.resolve_attention_mode`)."""
+    attn_param: dict[str, Any] | None = field(default=None, compare=False)
+    """The official config's `attn_param` (SSTA's tile, window, top-k); None: the official defaults."""
     super_resolution: bool = False
     """An SR transformer (98 input channels in its config: the low-resolution latents and mask too)."""
 
@@ -205,7 +208,8 @@ def _facts(
             raw.get("ideal_resolution") or next((r for r in _RESOLUTIONS if folder.name.startswith(r)), None),
             raw.get("ideal_task") or next((t for t in ("t2v", "i2v") if f"_{t}" in folder.name), None),
             raw.get("attn_mode") == "flex-block-attn" or folder.name.endswith("_sparse"),
-            config.is_super_resolution,
+            raw.get("attn_param") if isinstance(raw.get("attn_param"), dict) else None,
+            super_resolution=config.is_super_resolution,
         )
     target = raw.get("target_size")
     return CheckpointFacts(
@@ -216,7 +220,7 @@ def _facts(
         _TARGET_SIZE_RESOLUTION.get(int(target)) if isinstance(target, int | float) else None,
         raw.get("task_type"),
         False,
-        config.is_super_resolution,
+        super_resolution=config.is_super_resolution,
     )
 
 

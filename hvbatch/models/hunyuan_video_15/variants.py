@@ -17,6 +17,8 @@ import functools
 from dataclasses import dataclass
 from enum import Enum
 
+from hvbatch.images import ClosestRule, ImageSizing, ResizeMode, closest_bucket, crop_size_list
+
 DEFAULT_NUM_FRAMES = 121
 FPS = 24
 DEFAULT_ASPECT_RATIO = "16:9"
@@ -27,6 +29,16 @@ BUCKET_BASE_SIZE = {"480p": 640, "720p": 960}
 SPATIAL_MULTIPLE = 16
 """The 1.5 VAE downsamples 16x and the transformer's patch is 1x1x1."""
 TEMPORAL_RATIO = 4
+IMAGE_SIZING = ImageSizing(
+    tuple(BUCKET_BASE_SIZE.items()),
+    BUCKET_STRIDE,
+    ClosestRule.NEAREST,
+    ResizeMode.COVER_LANCZOS,
+    BUCKET_MAX_RATIO,
+)
+"""Image-to-video: the bucket nearest the image's aspect ratio, and the official Lanczos resize and
+centre crop to it (the pipeline's `get_closest_resolution_given_reference_image` and
+`get_image_condition_latents`, `hyvideo/utils/data_utils.py` `resize_and_center_crop`)."""
 
 
 class Task(str, Enum):
@@ -72,8 +84,6 @@ class Variant15:
         """Why hvbatch cannot run this variant yet, or None."""
         if not self.released:
             return f"{self.name} is listed by Tencent but not released yet"
-        if self.sparse_attention:
-            return f"{self.name} needs SSTA sparse attention, which hvbatch does not implement yet"
         if self.task is Task.IMAGE_TO_VIDEO:
             return f"{self.name} is image-to-video (SigLIP tokens, first-frame latent): not in hvbatch yet"
         return None
@@ -187,22 +197,8 @@ def variant_from_diffusers_config(
 def generate_crop_size_list(
     base_size: int, stride: int = BUCKET_STRIDE, max_ratio: float = BUCKET_MAX_RATIO
 ) -> tuple[tuple[int, int], ...]:
-    """The official bucket list: every `(a, b)` multiple of `stride` with `(a/stride)*(b/stride)`
-    about `(base/stride)**2` and aspect within `max_ratio`, walked from wide-first to tall-first.
-
-    The official code reads each pair as `(height, width)`.
-    """
-    num_patches = round((base_size / stride) ** 2)
-    sizes: list[tuple[int, int]] = []
-    first, second = num_patches, 1
-    while first > 0:
-        if max(first, second) / min(first, second) <= max_ratio:
-            sizes.append((first * stride, second * stride))
-        if (second + 1) * first <= num_patches:
-            second += 1
-        else:
-            first -= 1
-    return tuple(sizes)
+    """The official bucket list (`hvbatch.images.crop_size_list`); each pair is `(height, width)`."""
+    return crop_size_list(base_size, stride, max_ratio)
 
 
 def parse_aspect_ratio(aspect_ratio: str) -> tuple[int, int]:
@@ -225,9 +221,7 @@ def bucket_for(aspect_ratio: str | tuple[int, int], resolution: str) -> tuple[in
         raise ValueError(f"resolution={resolution!r}: HunyuanVideo-1.5 has {' and '.join(BUCKET_BASE_SIZE)}")
     width, height = parse_aspect_ratio(aspect_ratio) if isinstance(aspect_ratio, str) else aspect_ratio
     buckets = generate_crop_size_list(BUCKET_BASE_SIZE[resolution])
-    target = float(height) / float(width)
-    distances = [abs(round(float(h) / float(w), 5) - target) for h, w in buckets]
-    return buckets[distances.index(min(distances))]
+    return closest_bucket(width, height, buckets, IMAGE_SIZING.closest)
 
 
 def _nearest_multiples(value: int, multiple: int) -> str:
