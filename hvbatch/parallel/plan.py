@@ -1,7 +1,8 @@
 """The layout a config leads to: `ParallelPlan`s from the config tree, for a video or a job.
 
 Nothing is loaded: the plan comes from the config tree alone (`parallel.*`, `sampling.*`,
-`model=`, `model.dtype`, and whether `model.transformer_path` is an `_fp8.pt` checkpoint).
+`model=`, `model.dtype`, and whether the block linears run in FP8: `model.quantize=fp8`, or a
+`model.transformer_path` that is an `_fp8.pt` checkpoint).
 Used by `hvbatch plan`, `submit --dry-run` and inside every shard job.
 """
 
@@ -37,8 +38,8 @@ def plan_mode(config: Config) -> str:
 
 
 def uses_fp8(config: Config) -> bool:
-    """Whether the transformer checkpoint keeps its block linears in float8 (`*_fp8.pt`)."""
-    return str(config.model.transformer_path or "").endswith(FP8_SUFFIX)
+    """Whether the block linears run in float8: `model.quantize=fp8`, or an `*_fp8.pt` checkpoint."""
+    return config.model.quantize == "fp8" or str(config.model.transformer_path or "").endswith(FP8_SUFFIX)
 
 
 def video_tokens(config: Config, sampling: SamplingConfig) -> int:
