@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 
 from hvbatch.config import load_config, transformer_preset
 from hvbatch.models import random_transformer
-from hvbatch.parallel.attention import SCALE_BYTES, USPAttention, pack_fp8, unpack_fp8
-from hvbatch.parallel.dims import ParallelDims, build_groups, destroy_groups
+from hvbatch.parallel.attention import SCALE_BYTES, USPAttention, pack_fp8, resolve_comm_dtype, unpack_fp8
+from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from tests.helpers import rel_err
 from tests.parallel_worker import run_cases
@@ -42,7 +42,6 @@ def compression_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 model.attention_fn = runner.single_device_attention_fn
             torch.save(result, Path(out_dir) / f"u{ulysses}r{ring}-rank{rank}.pt")
             dist.barrier()
-            destroy_groups(groups)
     finally:
         dist.destroy_process_group()
 
@@ -83,8 +82,31 @@ def test_pack_round_trip() -> None:
 
 
 def test_comm_dtype_is_validated() -> None:
-    with pytest.raises(ValueError, match=r"parallel\.comm_dtype='int4' is not one of none, fp8"):
+    with pytest.raises(ValueError, match=r"parallel\.comm_dtype='int4' is not one of auto, none, fp8"):
         load_config(overrides=["parallel.comm_dtype=int4"])
     dims = ParallelDims(dp=1, ulysses=1, ring=1, world_size=1)
     with pytest.raises(ValueError, match=r"parallel\.comm_dtype='fp16' is not one of none, fp8"):
         USPAttention(build_groups(dims, 0), comm_dtype="fp16")
+
+
+@pytest.mark.parametrize(
+    ("dp", "ulysses", "ring", "gpus_per_node", "expected"),
+    [
+        (1, 8, 1, 8, "none"),  # one node: NVLink, packing costs more than it saves
+        (2, 4, 1, 8, "none"),
+        (1, 8, 2, 8, "fp8"),  # the ring spans the two nodes
+        (1, 4, 4, 8, "fp8"),  # u4 x r4 on 2 x 8: the ring groups {0, 4, 8, 12} cross nodes
+        (2, 4, 2, 8, "none"),  # 16 GPUs, each video inside one node
+        (1, 2, 2, 2, "fp8"),  # 2 GPUs per node: the ring crosses
+        (1, 16, 1, 8, "fp8"),  # a Ulysses group across nodes (only by an explicit setting)
+        (8, 1, 1, 8, "none"),  # no sequence parallelism: nothing to compress
+    ],
+)
+def test_comm_dtype_auto_compresses_only_across_nodes(
+    dp: int, ulysses: int, ring: int, gpus_per_node: int, expected: str
+) -> None:
+    dims = ParallelDims(dp=dp, ulysses=ulysses, ring=ring, world_size=dp * ulysses * ring)
+    assert resolve_comm_dtype("auto", dims, gpus_per_node) == expected
+    assert resolve_comm_dtype("none", dims, gpus_per_node) == "none"
+    assert resolve_comm_dtype("fp8", dims, gpus_per_node) == "fp8"
+    assert load_config().parallel.comm_dtype == "auto"  # the default
