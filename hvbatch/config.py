@@ -259,7 +259,9 @@ class SlurmConfig:
     """Ranks per node: one per GPU."""
     cpus_per_task: int | None = None
     mem_gb: int | None = None
-    """Memory per node; None lets the cluster's default apply."""
+    """Host memory per node in GB. None: from the memory model (`hvbatch.parallel.plan.slurm_mem_gb`:
+    each rank's offloaded text encoders, 15.3 GB, plus 4 GiB per rank and 10%: 173 GB for 8 ranks);
+    the cluster's default only for the random-weight presets."""
     array_parallelism: int = 256
     """Most array elements running at once."""
     max_array_size: int | None = None
@@ -274,9 +276,13 @@ class SlurmConfig:
 class BatchConfig:
     """How prompts become shards and jobs."""
 
-    seconds_per_cost_unit: float = 3.3e-4
-    """Estimated GPU-seconds per (image token x step) for one SP group; 720p x 129 frames x 50 steps on
-    one H100 is about 1904 s (published), i.e. 3.2e-4 s per token-step."""
+    seconds_per_cost_unit: float | None = None
+    """GPU-seconds per (image token x step) on one GPU, what shards and walltimes are sized from. None:
+    from the table by `batch.gpu_type` and the kernel `model.attention` runs there (H100: 3.3e-4 with
+    FlashAttention-2, the official 1904 s for 720p x 129 x 50 steps; 1.85e-4 with cuDNN or FA3), and
+    for jobs submitted after some videos are done (retry, resubmission) the run's own median."""
+    gpu_type: str = "h100"
+    """The GPU the jobs run on, for the default `seconds_per_cost_unit`: h100, h200, b200, a100, l40s."""
     reserve_s: float = 600.0
     """Seconds of each job kept for start-up, loading and the last video's write."""
     min_shards: int = 1

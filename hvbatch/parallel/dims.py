@@ -168,7 +168,8 @@ class ProcessGroups:
     A one-rank set gets no group (None) and the full world the default group: only the other sets
     become communicators, each created the first time a layout needs it and reused by every later
     shard. All ranks must ask for the same layouts in the same order (as the shards of a job do):
-    `torch.distributed.new_group` is collective over the world. `new_group` is injectable for tests.
+    `torch.distributed.new_group` is collective over the world. `new_group` and `world_group` (the
+    default group's stand-in) are injectable for tests.
     """
 
     def __init__(
@@ -177,9 +178,10 @@ class ProcessGroups:
         rank: int,
         timeout: timedelta | None = None,
         new_group: Callable[..., dist.ProcessGroup] | None = None,
+        world_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.world_size, self.rank, self.timeout = world_size, rank, timeout
-        self._new_group = new_group
+        self._new_group, self._world_group = new_group, world_group
         self._made: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
     @property
@@ -191,6 +193,8 @@ class ProcessGroups:
         if len(members) == 1:
             return None
         if len(members) == self.world_size:
+            if self._world_group is not None:
+                return self._world_group
             import torch.distributed as dist
 
             return dist.group.WORLD

@@ -294,3 +294,17 @@ def estimate_memory(
         "fp8_temporaries_gib": fp8_temporaries,
     }
     return MemoryEstimate(**parts, margin_gib=margin * sum(parts.values()), tokens_per_rank=tokens)
+
+
+# --- Host memory of a node ------------------------------------------------------------------------
+HOST_PER_RANK_GIB = 4.0
+"""Host memory of one rank besides offloaded weights: Python, torch and CUDA's host side, NCCL and
+pinned buffers, the decoded frames of the video being written (1.4 GB float32 at 720p x 129)."""
+
+
+def host_memory_gib(components: ComponentMemory, ranks_per_node: int, margin: float = SAFETY_MARGIN) -> float:
+    """Host memory one node's ranks need: each rank keeps its own copy of the text encoders in host
+    memory while they are offloaded (`model.text_encoder_offload=cpu`: 15.3 GB in float16, 122 GB for
+    8 ranks), plus `HOST_PER_RANK_GIB` each, plus the margin."""
+    offloaded = components.text_encoders_gib if components.text_encoders_offloaded else 0.0
+    return ranks_per_node * (offloaded + HOST_PER_RANK_GIB) * (1 + margin)
