@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from hvbatch.config import load_config, transformer_preset
 from hvbatch.models import random_transformer
+from hvbatch.parallel import transport
 from hvbatch.parallel.attention import SCALE_BYTES, USPAttention, pack_fp8, resolve_comm_dtype, unpack_fp8
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.runner import SequenceParallelTransformer
@@ -30,16 +31,22 @@ def compression_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from tests.parallel_worker import init_gloo
 
     init_gloo(rank, world, port)
+    real_staged = transport.staged
     try:
         model = random_transformer(transformer_preset("tiny"), seed=0)
         for ulysses, ring in LAYOUTS:
             groups = build_groups(ParallelDims(dp=1, ulysses=ulysses, ring=ring, world_size=world), rank)
             result = {}
-            for comm_dtype in ("none", "fp8"):
-                runner = SequenceParallelTransformer(model, groups, comm_dtype)
+            for comm_dtype in ("none", "fp8", "staged"):
+                if comm_dtype == "staged":  # the host staging path of gloo with CUDA tensors, forced
+                    transport.staged = lambda tensor, group: True
+                runner = SequenceParallelTransformer(
+                    model, groups, "none" if comm_dtype == "staged" else comm_dtype
+                )
                 latents = run_cases(runner)
                 result[comm_dtype] = {"latents": latents, "bytes": dict(runner.attention.stats.bytes_sent)}
                 model.attention_fn = runner.single_device_attention_fn
+            transport.staged = real_staged
             torch.save(result, Path(out_dir) / f"u{ulysses}r{ring}-rank{rank}.pt")
             dist.barrier()
     finally:
@@ -67,6 +74,10 @@ def test_fp8_transfers_are_close_and_smaller(tmp_path: Path) -> None:
             for exact_kind in ("text", "gather"):  # the text tokens and the final gather stay exact
                 assert fp8["bytes"][exact_kind] == exact["bytes"][exact_kind]
         assert torch.equal(per_rank[0]["fp8"]["latents"]["cfg"], per_rank[1]["fp8"]["latents"]["cfg"])
+        for result in per_rank:  # staged through host buffers: the same bits
+            assert all(
+                torch.equal(result["staged"]["latents"][n], result["none"]["latents"][n]) for n in reference
+            )
 
 
 def test_pack_round_trip() -> None:
