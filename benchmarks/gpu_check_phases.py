@@ -197,12 +197,17 @@ def phase_dispatch(ctx: Context, rec: Recorder) -> None:
     s = ctx.sizes
     q, k, v = qkv(s, 500 if s.device == "cuda" else 30, 512 if s.device == "cuda" else 33)
     torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    order = [str(torch.nn.attention.SDPBackend(i)).split(".")[-1] for i in torch._C._get_sdp_priority_order()]
     info = device_info(s.device)
-    rec["sdpa_priority"] = order
-    rec["torch_prefers_cudnn"] = order[0] == "CUDNN_ATTENTION"
     rec["our_rule_trusts_cudnn"] = info.cudnn_trusted
-    rec["rule_agrees"] = s.device != "cuda" or rec["torch_prefers_cudnn"] == info.cudnn_trusted
+    try:
+        priority = torch._C._get_sdp_priority_order()
+    except AttributeError:  # a torch without it: the rest of the phase still runs
+        rec["sdpa_priority"] = "unavailable in this torch"
+    else:
+        order = [str(torch.nn.attention.SDPBackend(i)).split(".")[-1] for i in priority]
+        rec["sdpa_priority"] = order
+        rec["torch_prefers_cudnn"] = order[0] == "CUDNN_ATTENTION"
+        rec["rule_agrees"] = s.device != "cuda" or rec["torch_prefers_cudnn"] == info.cudnn_trusted
     auto = AttentionBackend(auto_choice(info, s.dtype, s.head_dim), info)
     rec["auto_backend"] = auto.name
     q_BLHD, k_BLHD, v_BLHD = (t.transpose(1, 2) for t in (q, k, v))

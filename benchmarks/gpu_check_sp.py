@@ -117,6 +117,8 @@ def run(ctx: Context, rec: Recorder) -> None:
     s = ctx.sizes
     rec["proves"], rec["does_not_prove"] = PROVES, DOES_NOT_PROVE
     rec["video"] = list(s.sp_video)
+    if s.device == "cuda":  # first: seconds, and nothing else in this process has touched NCCL
+        _nccl_world_of_one(rec)
     model = build_transformer(s, 1, 1)
     args, kwargs = step_inputs(s, s.sp_video)
     with torch.no_grad():
@@ -140,5 +142,3 @@ def run(ctx: Context, rec: Recorder) -> None:
                 key = f"u{ulysses}r{ring}"
                 results = [torch.load(Path(out_dir) / f"{key}-rank{r}.pt") for r in range(world)]
                 rec[key] = _compare(results, plain, world, seconds)
-    if s.device == "cuda" and ctx.left() > 10:
-        _nccl_world_of_one(rec)

@@ -398,3 +398,21 @@ def test_model_runs_the_configured_backend() -> None:
     model.attention_fn = LocalAttention(backend)
     one_forward(model)
     assert backend.calls["attention"] == model.config.num_double_blocks + model.config.num_single_blocks
+
+
+def test_fallbacks_are_taken_per_shard_for_the_metrics() -> None:
+    """What a shard records in the metrics column `attention_fallbacks`: its own calls, summed over ranks."""
+    import json
+
+    from hvbatch.batch.runtime.job import _merged_fallbacks
+    from hvbatch.batch.runtime.support import take_attention_fallbacks
+
+    model = random_transformer(transformer_preset("tiny"), seed=0)
+    model.attention_fn = LocalAttention(AttentionBackend("cudnn", H100))  # a CPU run: cuDNN cannot serve
+    one_forward(model)
+    blocks = model.config.num_double_blocks + model.config.num_single_blocks
+    counts = take_attention_fallbacks(model)
+    assert counts == {"cudnn -> default: cudnn needs a CUDA GPU": blocks}
+    assert take_attention_fallbacks(model) == {}  # the next shard starts from zero
+    assert json.loads(_merged_fallbacks([counts, {}, counts]) or "") == {next(iter(counts)): 2 * blocks}
+    assert _merged_fallbacks([{}, {}]) is None

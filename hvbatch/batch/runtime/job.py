@@ -46,12 +46,12 @@ from hvbatch.batch.runtime.support import (
     JobIdentity,
     ShardProgress,
     Watchdog,
-    attention_fallbacks,
     choose_layout,
     commit_video,
     manifest_row,
     peak_memory_bytes,
     recover_orphans,
+    take_attention_fallbacks,
     warm_up_inputs,
 )
 from hvbatch.batch.runtime.writer import COMMITTED_ELSEWHERE, VideoWriter, WriteOutcome, WriteRequest
@@ -420,7 +420,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
         job.exchange(f"{shard_name(shard)}.begin", job.world_ranks)  # the ledger is up to date
         progress = _process_videos(ctx)
         job.doing(f"{shard_name(shard)} done, waiting for the other dp groups")
-        own = (peak_memory_bytes(job.pipeline.device), attention_fallbacks(job.pipeline.transformer))
+        own = (peak_memory_bytes(job.pipeline.device), take_attention_fallbacks(job.pipeline.transformer))
         ends = job.exchange(f"{shard_name(shard)}.end", job.world_ranks, own)
     finally:
         job.pipeline.transformer = unparallelize(job.pipeline.transformer)

@@ -129,8 +129,9 @@ def warm_up_inputs(
     return x, t, text, TextLengths((text_len,) * batch, text_len), pooled, guidance
 
 
-def attention_fallbacks(transformer: Any) -> dict[str, int]:
-    """Calls whose attention kernel fell back, by reason, over the kernels this rank's model used."""
+def take_attention_fallbacks(transformer: Any) -> dict[str, int]:
+    """Calls whose attention kernel fell back since the last call, by reason, over the kernels this
+    rank's model used (the counts are reset: each shard reports its own)."""
     model = getattr(transformer, "model", transformer)
     inner = getattr(transformer, "inner", None)
     candidates = [getattr(model.attention_fn, "backend", None), getattr(transformer, "attention", None)]
@@ -140,6 +141,8 @@ def attention_fallbacks(transformer: Any) -> dict[str, int]:
     for backend in backends.values():
         for reason, count in getattr(backend, "fallbacks", {}).items():
             total[reason] = total.get(reason, 0) + count
+        if hasattr(backend, "fallbacks"):
+            backend.fallbacks.clear()
     return total
 
 
