@@ -249,3 +249,14 @@ def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None
     default group's timeout).
     """
     return ProcessGroups(dims.world_size, rank, timeout).for_layout(dims)
+
+
+def destroy_groups(groups: ParallelGroups) -> None:
+    """Destroy the groups `build_groups` made for this rank (a job keeps its `ProcessGroups` instead);
+    the default group stays."""
+    import torch.distributed as dist
+
+    made = (groups.ulysses, groups.ring, groups.sp, groups.cfg, groups.video)
+    for group in {id(g): g for g in made if g is not None}.values():
+        if group is not dist.group.WORLD and group != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)
