@@ -276,7 +276,9 @@ def _ssta_step_speedup(results: dict[str, dict[str, Any]], ssta: dict[str, Any],
     for video in step_record.values():
         if not (_ok(video) and video.get("grid") == ssta.get("grid") and _ok(video.get("no_cfg"))):
             continue
-        step = video["no_cfg"][f"s_per_step_{depth}"]
+        step = video["no_cfg"].get(f"s_per_step_{depth}")
+        if not step:
+            return None
         sparse = step - depth * (ssta["dense_ms"] - ms) / 1e3
         return step / sparse if sparse > 0 else None
     return None
