@@ -5,7 +5,9 @@
                supervisor, the Slurm job script after srun, a USR2 handler, `hvbatch cancel`, or a
                later reader that finds the attempt's job gone); a reason once set is kept
     finish     after a failed attempt: record why, then retry each unfinished shard after a backoff
-               or give up on it (its unfinished videos get a final failed row)
+               or give up on it (its unfinished videos get a final failed row), or, when the
+               last attempt failed for a reason outside the videos (load, port, supervisor,
+               disk full), stop it with its videos left pending
     complete   the completion marker, written after the shard's last manifest row
 
 Budgets count only what happened since the shard's last manual submission (`submit`, `retry`, a
@@ -35,7 +37,7 @@ from hvbatch.batch.attempt import (
     classify_exit,
 )
 from hvbatch.batch.files import write_json_atomic, write_parquet_atomic
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, RunDir
+from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, RunDir, shard_name
 from hvbatch.config import RetryConfig
 
 logger = logging.getLogger(__name__)
@@ -282,11 +284,17 @@ def _fate(run: RunDir, retry: RetryConfig, shard: int, key: AttemptKey, view: Le
             return ShardFate.REQUEUED
     if last == ExitReason.CANCELLED:
         return ShardFate.LEFT
-    charged = [a for a in attempts if ExitReason(a["exit_reason"]).charges_videos]
-    if len(charged) >= retry.max_attempts or last in (ExitReason.WALLTIME, ExitReason.PREEMPTED):
-        give_up(run, shard, key, f"gave up after {len(attempts)} attempts (last: {last}: {detail})")
-        return ShardFate.GAVE_UP
-    return ShardFate.RETRY
+    charged = [a for a in attempts if ExitReason(a["exit_reason"]).charges_shard]
+    if len(charged) < retry.max_attempts and last not in (ExitReason.WALLTIME, ExitReason.PREEMPTED):
+        return ShardFate.RETRY
+    if last.outside_the_videos:  # not the videos' fault: they stay pending for `hvbatch retry`
+        logger.error(
+            "%s stopped after %d attempts (last: %s: %s); its videos are not marked failed: fix the "
+            "cause and run `hvbatch retry %s`", shard_name(shard), len(attempts), last, detail, run.root,
+        )  # fmt: skip
+        return ShardFate.STOPPED
+    give_up(run, shard, key, f"gave up after {len(attempts)} attempts (last: {last}: {detail})")
+    return ShardFate.GAVE_UP
 
 
 def finish(
@@ -298,13 +306,19 @@ def finish(
     *,
     scheduler_state: str | None = None,
     resubmit: Callable[[list[int], float], None] | None = None,
+    cause: tuple[ExitReason, str] | None = None,
 ) -> dict[int, ShardFate]:
     """Record how the attempt ended and decide each unfinished shard's fate.
 
-    With `resubmit`, the shards to retry are passed to it with the backoff delay; without it the
-    caller retries them (the local supervisor's loop).
+    `cause` is a reason the caller knows itself (the local supervisor's own failure); otherwise
+    it comes from the exit status, the ranks' reports and the scheduler. With `resubmit`, the
+    shards to retry are passed to it with the backoff delay; without it the caller retries them
+    (the local supervisor's loop).
     """
-    reason, detail = classify_exit(exit_code, rank_errors(run, key), scheduler_state)
+    if cause is not None:
+        reason, detail = cause
+    else:
+        reason, detail = classify_exit(exit_code, rank_errors(run, key), scheduler_state)
     complete = run.completed_shards()
     unfinished = [shard for shard in shards if shard not in complete]
     fates = {shard: ShardFate.COMPLETE for shard in shards if shard not in unfinished}

@@ -119,7 +119,8 @@ def render_html(data: ReportData) -> str:
 
 def write_report(run: RunDir, out: Path, thumbnails: bool = True) -> ReportData:
     """Read the run, make the thumbnails (cached in the run) and write the page to `out` atomically."""
-    out = out.expanduser().resolve()
+    out = out.expanduser()
+    out = out.parent.resolve() / out.name  # a link at `out` itself is replaced, never followed
     data = collect(run, out)
     if thumbnails:
         add_thumbnails(run, data.videos)
