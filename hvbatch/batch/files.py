@@ -53,6 +53,10 @@ _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
+class DiskFullError(OSError):
+    """A write in the run found no space (ENOSPC or EDQUOT); the message names the file."""
+
+
 class UnsafePath(ValueError):
     """A write that would go through a symbolic link hvbatch did not make."""
 
@@ -115,18 +119,24 @@ def open_folder(folder: Path) -> int:
 def fresh_file(path: Path, tag: str = "") -> Iterator[tuple[int, str, BinaryIO]]:
     """(folder descriptor, temporary name, its file) of a new temporary sibling of `path`, made with
     O_EXCL | O_NOFOLLOW (never an existing file or a link); removed on the way out unless renamed."""
-    dir_fd = open_folder(path.parent)
     try:
-        name = tmp_name(path.name, tag)
-        handle = os.fdopen(os.open(name, _FILE_FLAGS, 0o666, dir_fd=dir_fd), "w+b")
+        dir_fd = open_folder(path.parent)
         try:
-            yield dir_fd, name, handle
+            name = tmp_name(path.name, tag)
+            handle = os.fdopen(os.open(name, _FILE_FLAGS, 0o666, dir_fd=dir_fd), "w+b")
+            try:
+                yield dir_fd, name, handle
+            finally:
+                with contextlib.suppress(OSError):  # flushing what a full disk refused fails again
+                    handle.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
         finally:
-            handle.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=dir_fd)
-    finally:
-        os.close(dir_fd)
+            os.close(dir_fd)
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(err.errno, f"no space left to write {path} ({err.strerror or err})") from err
+        raise
 
 
 def _flush_durably(handle: BinaryIO) -> None:

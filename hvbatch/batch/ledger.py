@@ -18,6 +18,7 @@ the number of shards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -36,11 +37,12 @@ from hvbatch.batch.attempt import (
     VideoStatus,
     classify_exit,
 )
-from hvbatch.batch.files import write_json_atomic, write_parquet_atomic
+from hvbatch.batch.files import is_disk_full, write_json_atomic, write_parquet_atomic
 from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, RunDir, shard_name
 from hvbatch.config import RetryConfig
 
 logger = logging.getLogger(__name__)
+CHARGING = tuple(reason for reason in ExitReason if reason.charges_shard)
 
 
 class JobProbe(Protocol):
@@ -254,6 +256,19 @@ def mark_complete_if_done(run: RunDir, shard: int, key: AttemptKey) -> bool:
     return True
 
 
+def complete(run: RunDir, shard: int, key: AttemptKey, measured: dict[str, Any]) -> bool:
+    """Rank 0 finished the shard: its attempt `completed`, then the marker if every video is done.
+    A marker that finds no space turns the attempt into `disk-full` (when that still fits)."""
+    end(run, shard, key, ExitReason.COMPLETED, None, measured)
+    try:
+        return mark_complete_if_done(run, shard, key)
+    except OSError as err:
+        if is_disk_full(err):
+            with contextlib.suppress(OSError):
+                end(run, shard, key, ExitReason.DISK_FULL, f"rank 0: {type(err).__name__}: {err}", measured)
+        raise
+
+
 def give_up(run: RunDir, shard: int, key: AttemptKey, why: str) -> None:
     """Attempts used up: every video without a done or final row gets a final failed row."""
     histories = video_histories(run, shard, None)
@@ -284,7 +299,8 @@ def _fate(run: RunDir, retry: RetryConfig, shard: int, key: AttemptKey, view: Le
             return ShardFate.REQUEUED
     if last == ExitReason.CANCELLED:
         return ShardFate.LEFT
-    charged = [a for a in attempts if ExitReason(a["exit_reason"]).charges_shard]
+    # A `completed` attempt that left the shard unfinished counts too, so that nothing loops.
+    charged = [a for a in attempts if ExitReason(a["exit_reason"]) in (ExitReason.COMPLETED, *CHARGING)]
     if len(charged) < retry.max_attempts and last not in (ExitReason.WALLTIME, ExitReason.PREEMPTED):
         return ShardFate.RETRY
     if last.outside_the_videos:  # not the videos' fault: they stay pending for `hvbatch retry`

@@ -449,8 +449,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
             "gpu_seconds": wall * dims.world_size,
             "peak_memory_bytes": [int(peaks[r]) for r in sorted(peaks)],
         }
-        ledger.end(run, shard, key, ExitReason.COMPLETED, None, measured)
-        complete = ledger.mark_complete_if_done(run, shard, key)
+        complete = ledger.complete(run, shard, key, measured)
     return {"shard": shard, "rank": rank, "videos": len(progress.seconds), "complete": complete}
 
 
