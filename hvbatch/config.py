@@ -441,6 +441,6 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML with the run's atomic writer (unique temporary name,
     never through a symbolic link)."""
-    from hvbatch.batch.files import write_text_atomic
+    from hvbatch.batch.files import named_by_user, write_text_atomic
 
-    write_text_atomic(Path(path), OmegaConf.to_yaml(OmegaConf.structured(config)))
+    write_text_atomic(named_by_user(Path(path)), OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -61,6 +61,13 @@ class UnsafePath(ValueError):
     """A write that would go through a symbolic link hvbatch did not make."""
 
 
+def named_by_user(path: Path) -> Path:
+    """A path the user typed (`--out`): its folder resolved (links in it are the user's own), its
+    last component kept, so that a link there is replaced by the file, never followed."""
+    path = path.expanduser()
+    return path.parent.resolve() / path.name
+
+
 def tmp_name(name: str, tag: str = "") -> str:
     """A hidden, unique temporary name beside `name`: `.<name>.[<tag>.]<host>.<pid>.<random>.tmp`."""
     middle = f"{tag}." if tag else ""

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from hvbatch.batch import ledger
+from hvbatch.batch.attempt import EXIT_DISK_FULL
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
 from hvbatch.batch.control.prompts import read_prompts
 from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
@@ -26,7 +27,9 @@ from hvbatch.batch.executors.registry import executor_for, live_states, resolve_
 from hvbatch.batch.files import (
     PRIVATE_DIR_MODE,
     CorruptRunFile,
+    is_disk_full,
     make_dirs,
+    named_by_user,
     read_parquet,
     write_atomic,
     write_json_atomic,
@@ -267,6 +270,7 @@ def run_status_command(args: argparse.Namespace) -> int:
 
 def write_manifest_file(path: Path, table: pa.Table) -> None:
     """`manifest --out`: Parquet or CSV by the file's suffix, written atomically."""
+    path = named_by_user(path)
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out {path}: the manifest is written as .parquet or .csv; name the file so")
@@ -388,7 +392,7 @@ def run_sbatch(args: argparse.Namespace) -> int:
     text = sbatch_jobs.render(run, args.template, shards)
     (run.root / "logs").mkdir(exist_ok=True)
     if args.out:
-        write_text_atomic(Path(args.out), text)
+        write_text_atomic(named_by_user(Path(args.out)), text)
         print(f"wrote {args.out}: submit it with `sbatch {args.out}`")
     else:
         print(text, end="")
@@ -396,7 +400,12 @@ def run_sbatch(args: argparse.Namespace) -> int:
 
 
 def run_shard_command(args: argparse.Namespace) -> int:
-    sbatch_jobs.run_shard(args.run_dir, [int(shard) for shard in args.shards])
+    try:
+        sbatch_jobs.run_shard(args.run_dir, [int(shard) for shard in args.shards])
+    except Exception as err:
+        if is_disk_full(err):  # logged by the job; its error record may not have fit
+            return EXIT_DISK_FULL
+        raise
     return 0
 
 

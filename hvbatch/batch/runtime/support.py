@@ -183,10 +183,10 @@ def remove_dead_temporaries(run: RunDir, shard: int, videos: list[str], live_key
     temporary mp4s in videos/ and the ledger's temporaries in manifest/ and metrics/. Those of
     attempts in `live_keys` (this one, a straggler still running) are kept."""
     removed = []
-    stems = {run.video_path(video_id).name for video_id in videos}
+    names = {run.video_path(video_id).name for video_id in videos}
     for folder in ("videos", "manifest", "metrics"):
         for path in _hidden_temporaries(run.root / folder):
-            owner = _temporary_owner(path.name, stems if folder == "videos" else None, shard)
+            owner = _temporary_owner(path.name, names if folder == "videos" else None, shard)
             if owner is not None and owner not in live_keys:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -205,11 +205,11 @@ def _hidden_temporaries(folder: Path) -> list[Path]:
 _KEY_IN_NAME = re.compile(r"(job[^.\s]+\.[ra]\d+)\.")
 
 
-def _temporary_owner(name: str, stems: set[str] | None, shard: int) -> str | None:
+def _temporary_owner(name: str, videos: set[str] | None, shard: int) -> str | None:
     """The attempt key a temporary file of this shard belongs to, or None (another shard's, or unknown)."""
-    if stems is not None:  # `.<video file>.<key>.<host>.<pid>.<random>.tmp`
-        stem = next((s for s in stems if name.startswith(f".{s}.")), None)
-        match = _KEY_IN_NAME.match(name, len(stem) + 2) if stem else None
+    if videos is not None:  # `.<video file>.<key>.<host>.<pid>.<random>.tmp`
+        video = next((v for v in videos if name.startswith(f".{v}.")), None)
+        match = _KEY_IN_NAME.match(name, len(video) + 2) if video else None
     else:  # `.shard-NNNNN.<key>.<rest of the part's name>.<host>.<pid>.<random>.tmp`
         prefix = f".{shard_name(shard)}."
         match = _KEY_IN_NAME.match(name, len(prefix)) if name.startswith(prefix) else None
