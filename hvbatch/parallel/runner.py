@@ -14,9 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hvbatch.config import TransformerConfig
+from hvbatch.models.attention import set_token_grid
 from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
 from hvbatch.parallel.attention import CommStats, USPAttention
 from hvbatch.parallel.dims import ParallelGroups
+from hvbatch.parallel.ssta_attention import usp_attention_for
 from hvbatch.sampling.cache import StepCache
 
 
@@ -31,9 +33,9 @@ class SequenceParallelTransformer:
     ) -> None:
         self.model = model
         self.groups = groups
-        # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too.
-        backend = getattr(model.attention_fn, "backend", None)
-        self.attention = USPAttention(groups, backend=backend, comm_dtype=comm_dtype)
+        # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too
+        # (an SSTA model's grid-aware kernel included).
+        self.attention = usp_attention_for(model.attention_fn, groups, comm_dtype)
         self.single_device_attention_fn = model.attention_fn
         model.attention_fn = self.attention
 
@@ -76,6 +78,7 @@ class SequenceParallelTransformer:
     ) -> torch.Tensor:
         model = self.model
         grid = model.token_grid(x.shape)
+        set_token_grid(self.attention, grid)
         img_BLD = model.embed_image(x)
         cos_LD, sin_LD = model.rope(grid, x.device)
         num_tokens = img_BLD.shape[1]
