@@ -188,15 +188,22 @@ def write_json_exclusive(path: Path, payload: Any) -> bool:
     return write_exclusive(path, lambda handle: handle.write(data))
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = True) -> None:
     """`write(file)` to a fresh temporary sibling, fsync it, rename it to `path`, fsync the folder: a
     crash leaves the old file or the new one, never a short one. A symbolic link at `path` is
-    replaced by the file (never followed); a folder that is a link is refused (`UnsafePath`)."""
+    replaced by the file (never followed); a folder that is a link is refused (`UnsafePath`).
+
+    `durable=False` skips both fsyncs, for a caller that makes a whole folder durable at once
+    afterwards (a final name still never holds a partial file)."""
     with fresh_file(path) as (dir_fd, name, handle):
         write(handle)
-        _flush_durably(handle)
+        if durable:
+            _flush_durably(handle)
+        else:
+            handle.flush()
         os.replace(name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        fsync_dir(dir_fd)
+        if durable:
+            fsync_dir(dir_fd)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
