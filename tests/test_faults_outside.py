@@ -135,7 +135,7 @@ def test_disk_full_during_an_mp4_write_ends_the_attempt_and_loses_nothing(
     run_dir = tmp_path / "run"
     with contextlib.ExitStack() as stack:
         mount_in_new_runs(monkeypatch, stack, {"videos": 2048})
-        assert main(submit_argv(prompts, run_dir, "local", *ONE_RANK, "retry.backoff_s=2")) == 0
+        assert main(submit_argv(prompts, run_dir, "local", *ONE_RANK)) == 0
         wait_for(lambda: _has_row(run_dir, KITE, "done"))
         kite = RunDir(run_dir).video_path(KITE)
         kite_before = (kite.stat().st_ino, kite.read_bytes())
@@ -169,7 +169,7 @@ def test_disk_full_during_a_manifest_part_and_a_marker_write(
         mount_in_new_runs(
             monkeypatch, stack, {"manifest": 2048, "done": 256}, then=lambda run: fill(run.root / "done")
         )
-        assert main(submit_argv(prompts, run_dir, "local", *ONE_RANK, "retry.backoff_s=2")) == 0
+        assert main(submit_argv(prompts, run_dir, "local", *ONE_RANK)) == 0
         wait_for(lambda: _has_row(run_dir, KITE, "done") and _has_row(run_dir, PLAIN, "started"))
         filler = fill(run_dir / "manifest")
         wait_for(lambda: _reasons(run_dir)[:1] == ["disk-full"])
