@@ -195,6 +195,7 @@ def test_slurm_checks_on_the_cluster(slurm_env: SlurmCluster) -> None:
         "slurm controller",
         "slurm accounting",
         "slurm partition",
+        "slurm node memory",
         "slurm account",
         "slurm qos",
         "slurm array size",
