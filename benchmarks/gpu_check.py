@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hvbatch.config import TransformerConfig, transformer_preset
+from hvbatch.config import transformer_preset
 from hvbatch.models.attention import LocalAttention
 from hvbatch.models.attention_backends import (
     AttentionBackend,
@@ -51,12 +51,16 @@ from hvbatch.models.attention_backends import (
     installed_kernels,
     math_with_lse,
 )
+from hvbatch.models.family import get_family
 from hvbatch.models.fp8 import quantize_model_fp8
+from hvbatch.models.hunyuan_video.conditioning import TextConditioning
+from hvbatch.models.hunyuan_video.config import TransformerConfig
+from hvbatch.models.hunyuan_video.transformer import HunyuanVideoTransformer
+from hvbatch.models.hunyuan_video.vae import AutoencoderKLCausal3D, VaeConfig
 from hvbatch.models.runtime import compile_blocks
-from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
-from hvbatch.models.vae import AutoencoderKLCausal3D, VaeConfig
 from hvbatch.parallel.attention import merge_blocks
-from hvbatch.sampling import latent_shape
+
+latent_shape = get_family("hunyuan-video-1.0").geometry.latent_shape
 
 FULL_DEPTH = (20, 40)
 SDPA_OPS = (
@@ -305,9 +309,8 @@ def step_inputs(sizes: Sizes, video: tuple[int, int, int]) -> tuple[tuple, dict]
     x = torch.randn(1, channels, t, h, w, generator=g, device=dev, dtype=dtype)
     text = torch.randn(1, sizes.text_tokens, cfg.text_dim, generator=g, device=dev, dtype=dtype)
     pooled = torch.randn(1, cfg.pooled_text_dim, generator=g, device=dev, dtype=dtype)
-    lengths = TextLengths((sizes.text_tokens,), sizes.text_tokens)
-    guidance = torch.tensor([6016.0], device=dev, dtype=dtype)
-    return (x, torch.tensor([900.0], device=dev), text, lengths, pooled), {"guidance": guidance}
+    cond = TextConditioning(text, (sizes.text_tokens,), pooled, guidance_scale=6.0)
+    return (x, torch.tensor([900.0], device=dev), cond), {}
 
 
 def phase_sp_transformer(ctx: Context) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hvbatch.config import load_config, transformer_preset
-from hvbatch.models import random_transformer
+from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.parallel.attention import SCALE_BYTES, USPAttention, pack_fp8, unpack_fp8
 from hvbatch.parallel.dims import ParallelDims, build_groups, destroy_groups
 from hvbatch.parallel.runner import SequenceParallelTransformer

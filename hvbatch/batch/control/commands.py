@@ -34,6 +34,7 @@ from hvbatch.batch.files import (
 from hvbatch.batch.rundir import RunDir
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config, save_config
+from hvbatch.models.family import family_of
 from hvbatch.parallel.plan import plan_for_job
 from hvbatch.parallel.planner import ParallelPlan, format_plan
 from hvbatch.sampling.estimates import saving_line
@@ -51,9 +52,15 @@ def job_plan(config: Config, videos: pa.Table) -> ParallelPlan:
     return plan_for_job(config, sampling, config.slurm.tasks_per_node, config.slurm.nodes)
 
 
+def seconds_per_cost_unit(config: Config) -> float:
+    """`batch.seconds_per_cost_unit`, or the model family's figure when it is not set."""
+    unit = config.batch.seconds_per_cost_unit
+    return family_of(config.model).seconds_per_token_step if unit is None else unit
+
+
 def gpu_seconds_per_cost(config: Config) -> float:
     """GPU-seconds per cost unit (image token x step): true CFG (cfg_scale > 1) runs two branches."""
-    return config.batch.seconds_per_cost_unit * (2 if config.sampling.cfg_scale > 1.0 else 1)
+    return seconds_per_cost_unit(config) * (2 if config.sampling.cfg_scale > 1.0 else 1)
 
 
 def plan_shards(config: Config, videos: pa.Table, plan: ParallelPlan) -> list[pa.Table]:
@@ -70,9 +77,12 @@ def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards:
     gpu_hours = total_cost * gpu_seconds_per_cost(config) / 3600.0
     print(f"{videos.num_rows} videos in {len(shards)} shards (one {config.slurm.nodes}-node job each)")
     print(format_plan(plan))
-    unit = config.batch.seconds_per_cost_unit
+    unit = seconds_per_cost_unit(config)
+    source = (
+        "" if config.batch.seconds_per_cost_unit is not None else "; the unit is the model family's figure"
+    )
     branches = " x 2 CFG branches" if config.sampling.cfg_scale > 1.0 else ""
-    print(f"estimated GPU-hours: {gpu_hours:,.1f} (batch.seconds_per_cost_unit={unit:g}{branches})")
+    print(f"estimated GPU-hours: {gpu_hours:,.1f} (batch.seconds_per_cost_unit={unit:g}{branches}{source})")
     if videos.num_rows > LARGE_BATCH_VIDEOS or gpu_hours > LARGE_BATCH_GPU_HOURS:
         print(
             f"warning: a very large batch ({videos.num_rows:,} videos, {gpu_hours:,.0f} GPU-hours): check "
@@ -81,7 +91,8 @@ def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards:
         )
     if config.sampling.cache != "none":
         costs, thresholds = videos["cost"].to_pylist(), videos["cache_threshold"].to_pylist()
-        print(saving_line(config.sampling.cache, gpu_hours, costs, thresholds))
+        figures = family_of(config.model).step_cache
+        print(saving_line(config.sampling.cache, gpu_hours, costs, thresholds, figures))
     summary = shard_summary(shards)
     for entry in summary[:20]:
         print(f"  shard {entry['index']:>5}: {entry['num_videos']} videos, cost {entry['cost']:.3g}")
@@ -198,7 +209,7 @@ def _wait_or_stop(run: RunDir) -> int:
 
 def dry_run(config: Config, prompts: str | Path) -> int:
     """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
-    videos = read_prompts(Path(prompts), config.sampling)
+    videos = read_prompts(Path(prompts), config.sampling, family_of(config.model).geometry)
     plan = job_plan(config, videos)
     _print_dry_run(config, videos, plan, plan_shards(config, videos, plan))
     return 0
@@ -209,7 +220,7 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(config, args.prompts)
     prompts = Path(args.prompts)
-    videos = read_prompts(prompts, config.sampling)  # validates everything before anything is written
+    videos = read_prompts(prompts, config.sampling, family_of(config.model).geometry)  # validates all first
     run = RunDir(args.run_dir or _default_run_dir(prompts))
     check_run_dir_name(run.root)
     kind = resolve_executor(args.executor or config.batch.executor)

@@ -49,14 +49,12 @@ from hvbatch.batch.runtime.support import (
 from hvbatch.batch.runtime.writer import COMMITTED_ELSEWHERE, VideoWriter, WriteOutcome, WriteRequest
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config
+from hvbatch.models.encoding import PromptStore
 from hvbatch.parallel.dims import ParallelGroups, build_groups, destroy_groups
 from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
 from hvbatch.parallel.liveness import Liveness, PeerLostError
-from hvbatch.parallel.runner import parallelize, unparallelize
-from hvbatch.parallel.vae_decode import video_decoder
-from hvbatch.pipeline import Pipeline, Timings, decode_here
+from hvbatch.pipeline import Pipeline, Timings
 from hvbatch.text import printable
-from hvbatch.text_encoders import PromptStore
 
 logger = logging.getLogger(__name__)
 PROMPT_ERRORS = (ValueError, RuntimeError, FloatingPointError, OSError, torch.cuda.OutOfMemoryError)
@@ -370,8 +368,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
     shard_start = time.time()
     dims = choose_layout(job.config, run.read_shard(shard), job.setup.env)
     groups = build_groups(dims, rank, timedelta(seconds=job.config.parallel.timeout_s))
-    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups, job.config.parallel.comm_dtype)
-    job.pipeline.decoder = video_decoder(groups) or decode_here  # the video's ranks share its decode
+    job.pipeline.parallelize(groups)  # the video's ranks share its denoising and its decode
     if job.pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.pipeline.device)  # the shard's own peak
     try:
@@ -392,8 +389,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
             f"{shard_name(shard)}.end", job.world_ranks, peak_memory_bytes(job.pipeline.device)
         )
     finally:
-        job.pipeline.transformer = unparallelize(job.pipeline.transformer)
-        job.pipeline.decoder = decode_here
+        job.pipeline.unparallelize()
     destroy_groups(groups)  # not after a failure: tearing down a broken group can block
     complete = False
     if rank == 0:

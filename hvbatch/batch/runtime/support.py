@@ -25,7 +25,7 @@ from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, VideoConfig
 from hvbatch.parallel.dims import ParallelDims
 from hvbatch.parallel.launch import DistEnv
-from hvbatch.parallel.plan import plan_for_job
+from hvbatch.parallel.plan import layout_for_job
 from hvbatch.text import printable
 from hvbatch.video import encode_mp4
 
@@ -110,13 +110,10 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def choose_layout(config: Config, videos: pa.Table, env: DistEnv | None) -> ParallelDims:
     """The planner's layout for this job's GPUs, sized for the shard's largest video."""
-    world = env.world_size if env else 1
-    local = env.local_world_size if env else 1
     largest = max(range(videos.num_rows), key=lambda i: videos["cost"][i].as_py())
     sampling = sampling_for(videos.slice(largest, 1).to_pylist()[0], config.sampling)
-    dims = plan_for_job(config, sampling, local, max(1, world // local)).dims(world)
-    dims.validate(config.model.transformer.num_heads)
-    return dims
+    world = env.world_size if env else 1
+    return layout_for_job(config, sampling, world, env.local_world_size if env else 1)
 
 
 def commit_video(

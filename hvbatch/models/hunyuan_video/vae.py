@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hvbatch.models.vae_blocks import (
+from hvbatch.models.hunyuan_video.vae_blocks import (
     GROUP_NORM_EPS,
     CausalConv3d,
     DownBlockCausal3D,

@@ -15,14 +15,14 @@ as the real weights without any download.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hvbatch.config import TextEncoderConfig
-from hvbatch.sampling import TextConditioning
+from hvbatch.models.encoding import EncodedPrompts
+from hvbatch.models.hunyuan_video.conditioning import TextConditioning
+from hvbatch.models.hunyuan_video.config import TextEncoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,6 @@ def _transformers() -> Any:
     return transformers
 
 
-@dataclass
-class EncodedPrompts:
-    conditioning: TextConditioning
-    truncated: list[bool]
-    """Per prompt: True when the LLM or CLIP tokens were cut at their limit."""
-
-
 class HunyuanTextEncoder:
     """Both encoders and their tokenizers; `encode(prompts, num_frames)` gives the model's conditioning."""
 
@@ -132,7 +125,7 @@ class HunyuanTextEncoder:
         states = outputs.hidden_states[-(self.settings.hidden_state_skip_layer + 1)]
         return (
             states[:, crop:],
-            tokens["attention_mask"][:, crop:].to(self.device),
+            tokens["attention_mask"][:, crop:],  # on the host: the lengths are read from it once
             [n > max_length for n in full_lengths],
         )
 
@@ -164,7 +157,10 @@ class HunyuanTextEncoder:
                     self.settings.clip_max_tokens,
                     prompt,
                 )
-        return EncodedPrompts(TextConditioning(states, mask, pooled), truncated)
+        return EncodedPrompts(TextConditioning.from_mask(states, mask, pooled), truncated)
+
+    def key(self, prompt: str, num_frames: int) -> ConditioningKey:
+        return conditioning_key(prompt, num_frames)
 
 
 ConditioningKey = tuple[str, bool]
@@ -173,34 +169,6 @@ ConditioningKey = tuple[str, bool]
 
 def conditioning_key(prompt: str, num_frames: int) -> ConditioningKey:
     return prompt, num_frames > 1
-
-
-@dataclass
-class PromptStore:
-    """Encoded prompts kept in host memory, one entry per `ConditioningKey`.
-
-    A prompt repeated by `num_videos` (or used as every video's negative prompt) is encoded once.
-    `errors` holds why a key could not be encoded; it is tried again by the next `missing` call.
-    """
-
-    entries: dict[ConditioningKey, EncodedPrompts] = field(default_factory=dict)
-    errors: dict[ConditioningKey, Exception] = field(default_factory=dict)
-
-    def missing(self, keys: list[ConditioningKey]) -> list[ConditioningKey]:
-        """The distinct keys of `keys` not stored yet, in order (their old errors are forgotten)."""
-        todo = [k for k in dict.fromkeys(keys) if k not in self.entries]
-        for key in todo:
-            self.errors.pop(key, None)
-        return todo
-
-    def put(self, key: ConditioningKey, encoded: EncodedPrompts) -> None:
-        self.entries[key] = EncodedPrompts(encoded.conditioning.to("cpu"), encoded.truncated)
-
-    def get(self, key: ConditioningKey) -> EncodedPrompts | None:
-        """The stored encoding (on the CPU), None if never encoded; raises the error that stopped it."""
-        if key in self.errors:
-            raise self.errors[key]
-        return self.entries.get(key)
 
 
 def _byte_level_tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, *, add_eos: bool) -> Any:
