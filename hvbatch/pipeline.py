@@ -155,15 +155,16 @@ class Pipeline:
         each distinct one once; returns how many were encoded. The text encoders come to the device
         for it and, with `model.text_encoder_offload=cpu`, go back to host memory afterwards. An
         encoding that raises is kept in `store.errors` (raised again by `conditioning`)."""
-        key = self.text_encoder.key
+        key, frames_of = self.text_encoder.key, self.text_encoder.encoding_frames
         wanted: dict[object, tuple[str, int]] = {}
         negatives = set()
         for prompt, sampling in requests:
-            wanted.setdefault(key(prompt, sampling.num_frames), (prompt, sampling.num_frames))
+            frames = frames_of(sampling.num_frames)
+            wanted.setdefault(key(prompt, sampling.num_frames), (prompt, frames))
             if sampling.cfg_scale > 1.0:
                 negative = negative_text(sampling)
                 negatives.add(key(negative, sampling.num_frames))
-                wanted.setdefault(key(negative, sampling.num_frames), (negative, sampling.num_frames))
+                wanted.setdefault(key(negative, sampling.num_frames), (negative, frames))
         todo = store.missing(list(wanted))
         if not todo:
             return 0

@@ -137,6 +137,11 @@ class PromptEncoder(Protocol):
         """What an encoding depends on (prompts with equal keys share one encoding)."""
         ...
 
+    def encoding_frames(self, num_frames: int) -> int:
+        """The frame count to encode with for videos of `num_frames` frames: the same for every
+        `num_frames` of one key, so a shared encoding never depends on which video asked first."""
+        ...
+
     def encode(self, prompts: list[str], num_frames: int, *, allow_blank: bool = False) -> EncodedPrompts: ...
 
 

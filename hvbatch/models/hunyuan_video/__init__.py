@@ -17,7 +17,6 @@ from typing import Any
 
 _HOMES = {
     "AutoencoderKLCausal3D": "vae",
-    "DiagonalGaussian": "vae",
     "HunyuanTextEncoder": "text_encoders",
     "HunyuanVideoTransformer": "transformer",
     "TINY_VAE": "components",

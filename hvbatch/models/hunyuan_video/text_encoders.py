@@ -162,6 +162,10 @@ class HunyuanTextEncoder:
     def key(self, prompt: str, num_frames: int) -> ConditioningKey:
         return conditioning_key(prompt, num_frames)
 
+    def encoding_frames(self, num_frames: int) -> int:
+        """2 for any video (the video template), 1 for an image (the image template)."""
+        return 2 if num_frames > 1 else 1
+
 
 ConditioningKey = tuple[str, bool]
 """What an encoding depends on: the prompt and its template (video, or image when num_frames == 1)."""
