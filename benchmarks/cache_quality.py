@@ -31,7 +31,8 @@ def _conditioning(config: Any, seed: int = 0, text_len: int = 24) -> TextConditi
     mask = torch.zeros(1, 32, dtype=torch.long)
     mask[0, :text_len] = 1
     states = torch.randn(1, 32, config.text_dim, generator=generator)
-    return TextConditioning.from_mask(states, mask, torch.randn(1, config.pooled_text_dim, generator=generator))
+    pooled = torch.randn(1, config.pooled_text_dim, generator=generator)
+    return TextConditioning.from_mask(states, mask, pooled)
 
 
 def _timed_sample(

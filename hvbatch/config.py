@@ -87,6 +87,10 @@ class ModelConfig:
     """Attention kernel: auto (by GPU: FA3/FA4 when installed, else cuDNN on Hopper/Blackwell; flash on
     Ampere/Ada; the default on CPU), default, cudnn, flash, efficient, math, fa3, fa4 or sage (FP8
     attention, lossy). A kernel that cannot serve the device, dtype or shape falls back."""
+    attention_mode: str = "auto"
+    """HunyuanVideo-1.5: auto (SSTA sparse attention for the checkpoints whose config asks for it,
+    the official `*_sparse` ones; dense for the others), dense (full attention for every checkpoint)
+    or ssta (SSTA with the checkpoint's or the official parameters). HunyuanVideo 1.0 is always dense."""
     compile: bool = False
     """torch.compile each double and single block (regional). Off by default: turn it on on CUDA once
     benchmarks/gpu_check.py shows it pays there; the first step of a run pays the compile time."""

@@ -117,16 +117,18 @@ def test_the_command_line_parser_does_not_import_torch() -> None:
 # ------------------------------------------------------------------ model families stay in their folders
 #
 # "Names a family" means, for a module of hvbatch outside every family folder (a package directly
-# under hvbatch/models/, e.g. hvbatch/models/hunyuan_video/):
-#   1. it imports a module of a family folder (`import` / `from ... import`, at the top or inside a
-#      function; the registry finds family modules itself, without a static import), or
+# under hvbatch/models/, e.g. hvbatch/models/hunyuan_video/; folders of families still being
+# built, not registered yet, are family folders too and are not scanned):
+#   1. it imports a module of a registered family's folder (`import` / `from ... import`, at the
+#      top or inside a function; the registry finds family modules itself, without a static import), or
 #   2. its text (code, strings, comments, docstrings) holds, as a whole word, one of a registered
 #      family's names: its registered name and declared markers (`ModelFamily.markers`: preset names,
-#      checkpoint folder and file names, encoder names), its folder's package name, or the name of a
-#      class its folder defines. "Whole word": the name is neither preceded nor followed by a letter
-#      or digit (so `mp_rank_00` matches in `mp_rank_00_model_states.pt`, `CLIP` does not match in
-#      `np.clip`, and `HunyuanVideoTransformer` does not match in `HunyuanVideoTransformer3DModel`,
-#      which is a marker of its own).
+#      checkpoint folder and file names, encoder names), the name of a class its folder defines, or
+#      its folder's package name. "Whole word": a marker or class name is neither preceded nor
+#      followed by a letter or digit (so `mp_rank_00` matches in `mp_rank_00_model_states.pt`,
+#      `CLIP` does not match in `np.clip`, and `HunyuanVideoTransformer` does not match in
+#      `HunyuanVideoTransformer3DModel`, which is a marker of its own); the package name is a whole
+#      identifier (`hunyuan_video` does not match in `hunyuan_video_15`, another family's folder).
 
 
 def _family_folders(package: Path = PACKAGE_DIR) -> list[Path]:
@@ -134,7 +136,7 @@ def _family_folders(package: Path = PACKAGE_DIR) -> list[Path]:
 
 
 def family_names() -> dict[str, set[str]]:
-    """Family folder package name -> every name that identifies that family (rule 2 above)."""
+    """Registered family's folder package name -> every name that identifies it (rule 2 above)."""
     import importlib
 
     from hvbatch.models.family import families
@@ -149,7 +151,7 @@ def family_names() -> dict[str, set[str]]:
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.ClassDef)
         }
-        names[folder.name] = {family.name, *family.markers, folder.name, *classes}
+        names[folder.name] = {family.name, *family.markers, *classes}
     return names
 
 
@@ -158,12 +160,14 @@ def family_naming_violations(package: Path = PACKAGE_DIR) -> list[str]:
     import re
 
     folders = _family_folders(package)
-    folder_modules = {f"hvbatch.models.{folder.name}" for folder in folders}
     names = family_names()
-    patterns = {
-        family: re.compile("|".join(rf"(?<![A-Za-z0-9]){re.escape(n)}(?![A-Za-z0-9])" for n in sorted(found)))
-        for family, found in names.items()
-    }
+    folder_modules = {f"hvbatch.models.{name}" for name in names}
+
+    def pattern(package_name: str, found: set[str]) -> re.Pattern[str]:
+        words = [rf"(?<![A-Za-z0-9]){re.escape(n)}(?![A-Za-z0-9])" for n in sorted(found)]
+        return re.compile("|".join([*words, rf"(?<![A-Za-z0-9_]){re.escape(package_name)}(?![A-Za-z0-9_])"]))
+
+    patterns = {family: pattern(family, found) for family, found in names.items()}
     found: list[str] = []
     for path in sorted(package.rglob("*.py")):
         if any(folder in path.parents for folder in folders):

@@ -31,6 +31,7 @@ what `model.attention=auto` picks for the device and dtype of the first call).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ from hvbatch.models.attention_backends import AttentionBackend, backend_for
 from hvbatch.parallel.dims import ParallelGroups
 
 DEFAULT_BACKEND = AttentionBackend("default")
+BlockFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 COMM_DTYPES = ("none", "fp8")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
@@ -162,9 +164,16 @@ class USPAttention:
         return max(0, min(block, self.num_image_tokens - ring_index * block))
 
     def _ring(
-        self, q_BHLD: torch.Tensor, kv_2BHLD: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        q_BHLD: torch.Tensor,
+        kv_2BHLD: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        block_fn: BlockFn | None = None,
     ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Attend q to every ring block and to the text block once: `(block id, out, lse)` per block."""
+        """Attend q to every ring block and to the text block once: `(block id, out, lse)` per block.
+
+        `block_fn(owner, k_b, v_b)` replaces the dense call on an image block (a grid-aware kernel:
+        SSTA); it gets the owner's ring index and its valid keys."""
         r, my_index = self.groups.dims.ring, self.groups.ring_ranks.index(self.groups.rank)
         parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         if text_kv is not None:
@@ -192,7 +201,10 @@ class USPAttention:
                 if self.compress:  # this rank's own block stays exact
                     kv_b = kv_2BHLD[:, :, :, :valid] if step == 0 else unpack_fp8(kv_b, kv_2BHLD.dtype)
                 k_b, v_b = kv_b[0], kv_b[1]
-                out_b, lse_b = attention_with_lse(q_BHLD, k_b, v_b, self._backend(q_BHLD))
+                if block_fn is None:
+                    out_b, lse_b = attention_with_lse(q_BHLD, k_b, v_b, self._backend(q_BHLD))
+                else:
+                    out_b, lse_b = block_fn(owner, k_b, v_b)
                 parts.append((owner, out_b, lse_b))
             if pending is not None:
                 for request in pending:

@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hvbatch.models.attention import set_token_grid
 from hvbatch.models.protocols import Conditioning, StagedTransformer
 from hvbatch.parallel.attention import CommStats, USPAttention
 from hvbatch.parallel.dims import ParallelGroups
+from hvbatch.parallel.ssta_attention import usp_attention_for
 from hvbatch.sampling.cache import StepCache
 
 
@@ -31,9 +33,9 @@ class SequenceParallelTransformer:
     def __init__(self, model: StagedTransformer, groups: ParallelGroups, comm_dtype: str = "none") -> None:
         self.model = model
         self.groups = groups
-        # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too.
-        backend = getattr(model.attention_fn, "backend", None)
-        self.attention = USPAttention(groups, backend=backend, comm_dtype=comm_dtype)
+        # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too
+        # (an SSTA model's grid-aware kernel included).
+        self.attention = usp_attention_for(model.attention_fn, groups, comm_dtype)
         self.single_device_attention_fn = model.attention_fn
         model.attention_fn = self.attention
 
@@ -75,6 +77,7 @@ class SequenceParallelTransformer:
     ) -> torch.Tensor:
         model = self.model
         grid = model.token_grid(x_BCTHW.shape)
+        set_token_grid(self.attention, grid)
         img_BLD = model.embed_image(x_BCTHW, cond)
         cos_LD, sin_LD = model.rope(grid, x_BCTHW.device)
         num_tokens = img_BLD.shape[1]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hvbatch.models.encoding import EncodedPrompts
+from hvbatch.models.hf_text import byte_level_tokenizer, dtype_keyword, transformers_module
 from hvbatch.models.hunyuan_video.conditioning import TextConditioning
 from hvbatch.models.hunyuan_video.config import TextEncoderConfig
 
@@ -49,31 +50,7 @@ LLAMA_SPECIAL_TOKENS = [
     "<|pad|>",
 ]
 CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
-ENCODERS_HINT = "the text encoders need transformers: pip install 'hvbatch[encoders]'"
-
-
-# `from_pretrained(dtype=...)` exists since transformers 4.56, which deprecated `torch_dtype=`; older
-# versions (the extras allow >= 4.45) do not know `dtype=` and would load the weights in float32.
-DTYPE_KEYWORD_SINCE = "4.56"
-
-
-def dtype_keyword(transformers_version: str) -> str:
-    """The `from_pretrained` keyword that sets the weights' dtype on this transformers version."""
-    from packaging.version import Version
-
-    return (
-        "dtype"
-        if Version(transformers_version).release >= Version(DTYPE_KEYWORD_SINCE).release
-        else "torch_dtype"
-    )
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise SystemExit(ENCODERS_HINT) from err
-    return transformers
+_transformers = transformers_module
 
 
 class HunyuanTextEncoder:
@@ -175,37 +152,22 @@ def conditioning_key(prompt: str, num_frames: int) -> ConditioningKey:
     return prompt, num_frames > 1
 
 
-def _byte_level_tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, *, add_eos: bool) -> Any:
-    """A tokenizer with one token per UTF-8 byte plus specials: deterministic, built without files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(special_tokens)
-    single = f"{bos} $A {eos}" if add_eos else f"{bos} $A"
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[(t, tokenizer.token_to_id(t)) for t in {bos, eos}]
-    )
-    fast = _transformers().PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad
-    )
-    fast.padding_side = "right"
-    return fast
-
-
 def tiny_text_encoder(
     text_dim: int, pooled_dim: int, *, seed: int = 0, settings: TextEncoderConfig | None = None
 ) -> HunyuanTextEncoder:
     """Small Llama and CLIP text models with seeded random weights, and byte-level tokenizers."""
     transformers = _transformers()
     # Like Llama 3 (BOS only) and CLIP (BOS ... EOS, padded with EOS).
-    llm_tokenizer = _byte_level_tokenizer(
-        LLAMA_SPECIAL_TOKENS, "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", add_eos=False
+    llm_tokenizer = byte_level_tokenizer(
+        LLAMA_SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|end_of_text|>", pad="<|pad|>", add_bos=True
     )
-    clip_tokenizer = _byte_level_tokenizer(
-        CLIP_SPECIAL_TOKENS, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", add_eos=True
+    clip_tokenizer = byte_level_tokenizer(
+        CLIP_SPECIAL_TOKENS,
+        bos="<|startoftext|>",
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        add_bos=True,
+        add_eos=True,
     )
     llm_config = transformers.LlamaConfig(
         vocab_size=len(llm_tokenizer),
