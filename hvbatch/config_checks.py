@@ -302,6 +302,11 @@ def family_problems(config: Any) -> list[str]:
             f"model.family={family.name!r} but preset {model.name!r} is a model of family {preset_family!r}: "
             f"choose one of {family.name}'s presets ({', '.join(family.presets)}) or leave model.family out"
         )
+    if config.sampling.cache == "teacache" and not family.step_cache.teacache_coefficients:
+        problems.append(
+            f"sampling.cache='teacache': no TeaCache coefficients are published for {family.description}; "
+            "use sampling.cache=fbcache (First-Block-Cache needs none) or none"
+        )
     return problems + family.config_problems(model) + family.sampling_problems(model, config.sampling)
 
 

@@ -62,13 +62,10 @@ class StepCache:
     ) -> None:
         if policy.mode == "none":
             raise ValueError("StepCache needs a policy other than `none`")
-        if policy.mode == "teacache" and not teacache_coefficients:
-            raise ValueError(
-                "sampling.cache=teacache needs TeaCache coefficients fitted for this model family, and it "
-                "has none: use sampling.cache=fbcache (First-Block-Cache needs none) or none"
-            )
         self.policy = policy
-        self.teacache_coefficients = tuple(teacache_coefficients or ())
+        self.teacache_coefficients = tuple(teacache_coefficients or (1.0, 0.0))
+        """TeaCache's rescale polynomial; without one the raw change accumulates (`step_cache_for`,
+        which every video's cache comes from, refuses TeaCache for a family that has none)."""
         self.num_steps = num_steps
         self.probe_after_first_block = policy.mode == "fbcache"
         """What `should_compute` is given: the first block's residual (fbcache) or modulated input."""
@@ -140,6 +137,11 @@ def step_cache_for(
     *,
     teacache_coefficients: tuple[float, ...] | None = None,
 ) -> StepCache | None:
-    """The cache of one video, or None when caching is off."""
+    """The cache of one video, or None when caching is off; TeaCache needs the family's coefficients."""
     policy = CachePolicy(mode, float(threshold), int(max_skips))
+    if mode == "teacache" and not teacache_coefficients:
+        raise ValueError(
+            "sampling.cache=teacache needs TeaCache coefficients fitted for this model family, and it "
+            "has none: use sampling.cache=fbcache (First-Block-Cache needs none) or none"
+        )
     return None if mode == "none" else StepCache(policy, num_steps, teacache_coefficients)
