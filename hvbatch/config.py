@@ -9,16 +9,18 @@ The model family owns its sections of the tree: `model.transformer` (the archite
 (`ModelFamily.config_sections`), chosen by `model.family` (which every preset names). `load_config`
 puts the family's structured types in place before merging, so omegaconf checks their keys and
 types as it checks every other section; a second family with other dataclasses needs no change here.
+
+omegaconf (and pyyaml) are imported where a config is loaded or saved, not at import: the
+dataclasses and `transformer_preset` work without omegaconf (benchmarks/gpu_check.py on a bare GPU
+machine imports the models, which import these dataclasses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from hvbatch.config_checks import check_config, check_overrides, preset_problem
 from hvbatch.models.family import (
@@ -32,6 +34,7 @@ from hvbatch.models.family import (
 
 if TYPE_CHECKING:
     import torch
+    from omegaconf import DictConfig
 
 FAMILY_SECTIONS = ("transformer", "text_encoder")
 """`model.<section>`s whose type the model family gives (`ModelFamily.config_sections`)."""
@@ -164,10 +167,11 @@ class ParallelConfig:
     cfg: str = "auto"
     """CFG-parallel degree: 2 runs the unconditional and conditional branches on two halves of a
     video's GPUs (only with sampling.cfg_scale > 1), 1 runs both as one batch, or `auto`."""
-    comm_dtype: str = "none"
+    comm_dtype: str = "auto"
     """`fp8` sends the sequence-parallel attention transfers (Ulysses all-to-all, ring K/V) as float8
     e4m3 with per-token, per-head scales (about half the bytes of bf16, slightly less accurate);
-    `none` sends them exact."""
+    `none` sends them exact; `auto` is fp8 only for a layout whose Ulysses or ring group crosses nodes
+    (inside a node, packing costs more memory traffic than NVLink saves)."""
     gpus_per_node: int = 8
     """GPUs per node the planner may use (a job's own count overrides it at run time)."""
     num_nodes: int = 1
@@ -210,7 +214,9 @@ class SlurmConfig:
     """Ranks per node: one per GPU."""
     cpus_per_task: int | None = None
     mem_gb: int | None = None
-    """Memory per node; None lets the cluster's default apply."""
+    """Host memory per node in GB. None: from the memory model (`hvbatch.parallel.plan.slurm_mem_gb`:
+    each rank's offloaded text encoders, 15.3 GB, plus 4 GiB per rank and 10%: 173 GB for 8 ranks);
+    the cluster's default only for the random-weight presets."""
     array_parallelism: int = 256
     """Most array elements running at once."""
     max_array_size: int | None = None
@@ -226,8 +232,14 @@ class BatchConfig:
     """How prompts become shards and jobs."""
 
     seconds_per_cost_unit: float | None = None
-    """Estimated GPU-seconds per (image token x step) of one CFG branch on one GPU; null takes the
-    model family's published figure (`ModelFamily.seconds_per_token_step`)."""
+    """GPU-seconds per (image token x step) on one GPU, what shards and walltimes are sized from. None:
+    the model family's figure on one H100 with FlashAttention-2 (`ModelFamily.seconds_per_token_step`;
+    HunyuanVideo 1.0: 3.3e-4, the official 1904 s for 720p x 129 x 50 steps) times the table's factor
+    for `batch.gpu_type` and the kernel `model.attention` runs there (1.85 / 3.3 with cuDNN or FA3 on
+    an H100), and for jobs submitted after some videos are done (retry, resubmission) the run's own
+    median."""
+    gpu_type: str = "h100"
+    """The GPU the jobs run on, for the default `seconds_per_cost_unit`: h100, h200, b200, a100, l40s."""
     reserve_s: float = 600.0
     """Seconds of each job kept for start-up, loading and the last video's write."""
     min_shards: int = 1
@@ -299,6 +311,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def _preset_yaml(name: str) -> DictConfig:
     """The preset's YAML; only names listed by `available_presets` are read, never a path."""
+    from omegaconf import DictConfig, OmegaConf
+
     problem = preset_problem(name, available_presets())
     if problem is not None:
         raise ValueError(problem)
@@ -308,8 +322,25 @@ def _preset_yaml(name: str) -> DictConfig:
 
 
 def transformer_preset(name: str) -> Any:
-    """The architecture (`model.transformer`) of a named preset, as its family's dataclass."""
-    return load_config(overrides=[f"model={name}"]).model.transformer
+    """The architecture (`model.transformer`) of a named preset, as its family's dataclass (pyyaml
+    only: no omegaconf)."""
+    import yaml
+
+    problem = preset_problem(name, available_presets())
+    if problem is not None:
+        raise ValueError(problem)
+    kind = family_for_preset(name).config_sections["transformer"]
+    data = yaml.safe_load(preset_path(name).read_text(encoding="utf-8")) or {}
+    fields = {f.name for f in dataclasses.fields(kind)}
+    given = data.get("transformer") or {}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"preset {name}: unknown transformer keys {unknown}; valid: {sorted(fields)}")
+    config = kind(**given)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
 
 
 def _split_model_override(overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -335,6 +366,9 @@ MAX_CONFIG_FILE_BYTES = 1 << 20
 def _load_yaml_file(path: str | Path) -> DictConfig:
     """A user's YAML file as plain data: no `!!python/...` objects (omegaconf loads with a safe
     loader) and no aliases (`*name`: a few lines of them expand to billions of nodes)."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
     where = f"config file {path}"
     try:
         if Path(path).stat().st_size > MAX_CONFIG_FILE_BYTES:
@@ -365,6 +399,8 @@ def _family_schema(family: ModelFamily) -> DictConfig:
             f"model family {family.name!r} declares config sections {extra} that the config tree does not "
             f"have; a family types model.{' and model.'.join(FAMILY_SECTIONS)}"
         )
+    from omegaconf import OmegaConf
+
     schema = OmegaConf.structured(Config)
     for section in FAMILY_SECTIONS:
         kind = family.config_sections.get(section)
@@ -374,6 +410,8 @@ def _family_schema(family: ModelFamily) -> DictConfig:
 
 def _family_of_request(preset: str, file_cfg: DictConfig, dot_cfg: DictConfig) -> ModelFamily:
     """The preset's family; a `model.family` set in the file or an override must be the same."""
+    from omegaconf import OmegaConf
+
     family = family_for_preset(preset)
     asked = OmegaConf.select(dot_cfg, "model.family") or OmegaConf.select(file_cfg, "model.family")
     if asked is not None and str(asked) != family.name:
@@ -391,6 +429,8 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
     The result is checked once (`hvbatch.config_checks`): one ValueError lists every problem.
     """
+    from omegaconf import OmegaConf
+
     check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
     file_cfg = _load_yaml_file(config_file) if config_file is not None else OmegaConf.create()
@@ -421,8 +461,10 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-    tmp.replace(path)
+    """Write the resolved config as YAML with the run's atomic writer (unique temporary name,
+    never through a symbolic link)."""
+    from omegaconf import OmegaConf
+
+    from hvbatch.batch.files import named_by_user, write_text_atomic
+
+    write_text_atomic(named_by_user(Path(path)), OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -107,8 +107,9 @@ X264_PRESETS = "ultrafast superfast veryfast faster fast medium slow slower very
 CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.cfg": ("auto", "1", "2"),
-    "parallel.comm_dtype": ("none", "fp8"),  # as hvbatch.parallel.attention.COMM_DTYPES
+    "parallel.comm_dtype": ("auto", "none", "fp8"),  # as hvbatch.parallel.attention.COMM_DTYPE_CHOICES
     "batch.executor": ("auto", "slurm", "local"),
+    "batch.gpu_type": ("h100", "h200", "b200", "a100", "l40s"),  # as batch.control.calibration.GPU_TYPES
     "model.dtype": DTYPES,
     "model.text_encoder_dtype": DTYPES,
     "model.vae_dtype": DTYPES,

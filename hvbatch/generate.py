@@ -150,7 +150,7 @@ def generate_on_this_rank(request: GenerateRequest) -> None:
         timings = Timings()
         pipeline = Pipeline.load(config, timings, device=device)
         groups = build_groups(dims, setup.rank, timedelta(seconds=config.parallel.timeout_s))
-        pipeline.parallelize(groups)
+        pipeline.parallelize(groups, env.local_world_size if env else 1)
         leader = groups.is_sp_leader and groups.dp_index == 0  # the video's leader decodes and writes
         if setup.rank == 0:
             print(f"attention: {pipeline.attention_backend}")

@@ -20,6 +20,7 @@ from hvbatch.models.family import ModelFamily, family_of, folder_family_problem
 from hvbatch.models.protocols import Conditioning, PromptEncoder, StagedTransformer, VideoVae
 from hvbatch.models.runtime import configure_transformer
 from hvbatch.models.vae_tiling import VaeTilingConfig
+from hvbatch.parallel.attention import resolve_comm_dtype
 from hvbatch.parallel.dims import ParallelGroups
 from hvbatch.parallel.runner import Runner, parallelize, unparallelize
 from hvbatch.parallel.vae_decode import video_decoder
@@ -135,11 +136,13 @@ class Pipeline:
         pipeline.attention_backend = backend
         return pipeline
 
-    def parallelize(self, groups: ParallelGroups) -> None:
+    def parallelize(self, groups: ParallelGroups, gpus_per_node: int) -> None:
         """Run this rank's part of `groups`' layout: the transformer wrapped for sequence and/or CFG
-        parallelism (attention transfers in `parallel.comm_dtype`), and the VAE decode split over the
-        video's ranks. The batch job (per shard) and `hvbatch generate` both go through here."""
-        self.transformer = parallelize(self.transformer, groups, self.config.parallel.comm_dtype)
+        parallelism (attention transfers in `parallel.comm_dtype`, `auto` resolved for the layout on
+        nodes of `gpus_per_node`), and the VAE decode split over the video's ranks. The batch job (per
+        shard) and `hvbatch generate` both go through here."""
+        comm_dtype = resolve_comm_dtype(self.config.parallel.comm_dtype, groups.dims, gpus_per_node)
+        self.transformer = parallelize(self.transformer, groups, comm_dtype)
         self.decoder = video_decoder(groups) or decode_here
 
     def unparallelize(self) -> None:

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from hvbatch.models.geometry import LatentGeometry
 
 if TYPE_CHECKING:
@@ -70,6 +68,10 @@ class MemoryFigures:
     """Parameters the configured checkpoint stores in float8 (1 byte each), 0 for none."""
     fp8_words: str = ""
     """What the float8 weights are, in words (e.g. `fp8 block weights`); empty without them."""
+    fp8_widest_input: int = 0
+    """FP8 GEMMs: elements per token of the widest block linear's input (quantized to 1 byte)."""
+    fp8_largest_weight: int = 0
+    """FP8 without `_scaled_mm`: elements of the largest block linear weight (dequantized per call)."""
     activation_elements_per_token: int = 20
     """Compute-dtype elements per token per hidden channel live in the largest block's forward."""
     rope_float32_elements_per_token: int = 2
@@ -158,6 +160,9 @@ class ModelFamily:
     """GPU-seconds per (image token x step) of one CFG branch on one GPU: the shard cost's unit
     when `batch.seconds_per_cost_unit` is not set."""
     step_cache: StepCacheFigures
+    example_conditioning: Callable[[Any, int, int, torch.device], Any]
+    """`(architecture config, batch, text tokens, device)` -> a conditioning of the model's shapes
+    (values meaningless): what a compile warm-up runs before the first collective."""
     sampling_defaults: Callable[[str], Mapping[str, Any]] = _no_defaults
     """`sampling.*` defaults of a preset (variant): merged over the built-in defaults."""
     config_problems: Callable[[ModelConfig], list[str]] = _no_problems
@@ -254,8 +259,10 @@ def preset_path(name: str) -> Path:
 
 def family_for_preset(preset: str) -> ModelFamily:
     """The family a preset names (its YAML's `family:`), which must list the preset as its own."""
+    import yaml  # here: the models import this module on a machine that may lack pyyaml
+
     path = preset_path(preset)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     name = data.get("family") if isinstance(data, dict) else None
     if not isinstance(name, str):
         raise ValueError(f"model preset {preset!r} ({path}) names no family: add `family: <name>` to it")

@@ -2,19 +2,20 @@
 
 Nothing is loaded: the plan comes from the config tree alone (`parallel.*`, `sampling.*`,
 `model=`, `model.dtype`) and the model family's figures (`ModelFamily.memory`: parameter counts,
-encoders, VAE, and whether the configured checkpoint holds fp8 weights; `ModelFamily.geometry`:
-the image tokens of a video). Used by `hvbatch plan`, `submit --dry-run`, inside every shard job
-and by `hvbatch generate`.
+encoders, VAE, and whether the block linears run in FP8; `ModelFamily.geometry`: the image tokens
+of a video). Used by `hvbatch plan`, `submit --dry-run`, inside every shard job and by
+`hvbatch generate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from hvbatch.config import Config, SamplingConfig
 from hvbatch.models.family import MemoryFigures, family_of
 from hvbatch.parallel.dims import ParallelDims
-from hvbatch.parallel.memory import NO_COMPONENTS, ComponentMemory, ModelSize
+from hvbatch.parallel.memory import GIB, NO_COMPONENTS, ComponentMemory, ModelSize, host_memory_gib
 from hvbatch.parallel.planner import ParallelPlan, plan_parallel
 
 
@@ -43,6 +44,35 @@ def memory_figures(config: Config) -> MemoryFigures:
     return family_of(config.model).memory(config.model)
 
 
+def components_for(config: Config) -> ComponentMemory:
+    """The text encoders and VAE the config loads (none for the random-weight presets)."""
+    if config.model.random_weights:
+        return NO_COMPONENTS
+    return ComponentMemory.from_figures(
+        memory_figures(config),
+        config.model.text_encoder_dtype,
+        config.model.vae_dtype,
+        offloaded=config.model.text_encoder_offload == "cpu",
+    )
+
+
+def host_memory_for_config(config: Config) -> float | None:
+    """GiB of host memory one node of a job needs (`slurm.tasks_per_node` ranks); None for the
+    random-weight presets, whose host memory the memory model does not describe."""
+    if config.model.random_weights:
+        return None
+    return host_memory_gib(components_for(config), config.slurm.tasks_per_node)
+
+
+def slurm_mem_gb(config: Config) -> int | None:
+    """`slurm.mem_gb`, or when it is empty the memory model's host memory per node in whole GB
+    (None: the cluster's default applies)."""
+    if config.slurm.mem_gb:
+        return config.slurm.mem_gb
+    gib = host_memory_for_config(config)
+    return None if gib is None else math.ceil(gib * GIB / 1e9)
+
+
 def video_tokens(config: Config, sampling: SamplingConfig) -> int:
     """Image tokens of the video `sampling` describes, by the model family's latent geometry."""
     geometry = family_of(config.model).geometry
@@ -63,15 +93,7 @@ def plan_for_config(
     cfg = parse_degree(p.cfg, "parallel.cfg")
     figures = memory_figures(config)
     model = ModelSize.from_figures(figures, config.model.dtype)
-    if config.model.random_weights:
-        components = NO_COMPONENTS
-    else:
-        components = ComponentMemory.from_figures(
-            figures,
-            config.model.text_encoder_dtype,
-            config.model.vae_dtype,
-            offloaded=config.model.text_encoder_offload == "cpu",
-        )
+    components = components_for(config)
     plan = plan_parallel(
         model,
         image_tokens=video_tokens(config, sampling),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from hvbatch.models.attention import AttentionFn
+from hvbatch.models.attention import AttentionFn, sdpa_attention
 from hvbatch.models.hunyuan_video_15.ssta import (
     TilePlan,
     add_zero_keys,
@@ -54,6 +54,8 @@ class SstaUSPAttention(USPAttention):
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text_tokens: int = 0
     ) -> torch.Tensor:
+        if self.local_only:  # the compile warm-up: dense over this rank's own tokens, no collective
+            return super().__call__(q, k, v, num_text_tokens=num_text_tokens)
         dims, shard = self.groups.dims, q.shape[1] - num_text_tokens
         assert shard == self.shard_len, f"image shard {shard} != {self.shard_len} set by the runner"
         plan = self.local.plan(self.num_image_tokens)
@@ -169,4 +171,6 @@ def usp_attention_for(
     """The sequence-parallel attention serving a model whose single-device attention is `attention_fn`."""
     if isinstance(attention_fn, SstaAttention):
         return SstaUSPAttention(groups, attention_fn, comm_dtype)
-    return USPAttention(groups, backend=getattr(attention_fn, "backend", None), comm_dtype=comm_dtype)
+    unconfigured = attention_fn is sdpa_attention
+    backend = None if unconfigured else getattr(attention_fn, "backend", None)
+    return USPAttention(groups, backend=backend, comm_dtype=comm_dtype)

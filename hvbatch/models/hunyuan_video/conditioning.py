@@ -91,6 +91,15 @@ class TextConditioning:
         lens = valid_text_lengths(text_mask, batch, length)
         return cls(text_states, tuple(lens), text_states_2, guidance_scale)
 
+    @classmethod
+    def example(
+        cls, config: Any, batch: int, text_tokens: int, device: torch.device | str
+    ) -> TextConditioning:
+        """Zeros of the shapes `config`'s transformer takes (a compile warm-up's input)."""
+        states = torch.zeros(batch, text_tokens, config.text_dim, device=device)
+        pooled = torch.zeros(batch, config.pooled_text_dim, device=device)
+        return cls(states, (text_tokens,) * batch, pooled)
+
     @property
     def batch_size(self) -> int:
         return int(self.text_states.shape[0])

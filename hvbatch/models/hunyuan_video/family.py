@@ -48,6 +48,12 @@ def _check_weights(model: ModelConfig) -> list[WeightReport]:
     return check_weights(model)
 
 
+def _example_conditioning(config: Any, batch: int, text_tokens: int, device: torch.device) -> Any:
+    from hvbatch.models.hunyuan_video.conditioning import TextConditioning
+
+    return TextConditioning.example(config, batch, text_tokens, device)
+
+
 def _detect(root: Path) -> str | None:
     return layout.detect(root)
 
@@ -89,6 +95,7 @@ FAMILY = register_family(
         memory=memory_figures,
         seconds_per_token_step=SECONDS_PER_TOKEN_STEP,
         step_cache=STEP_CACHE,
+        example_conditioning=_example_conditioning,
         sampling_defaults=_sampling_defaults,
         config_problems=_config_problems,
         markers=(

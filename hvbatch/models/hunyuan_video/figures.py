@@ -134,9 +134,9 @@ def transformer_param_counts(config: TransformerConfig) -> tuple[int, int]:
     return embedders + blocks + final, block_weights
 
 
-def uses_fp8_checkpoint(model: ModelConfig) -> bool:
-    """Whether the configured transformer checkpoint keeps its block linears in float8 (`*_fp8.pt`)."""
-    return str(model.transformer_path or "").endswith(FP8_CHECKPOINT_SUFFIX)
+def runs_fp8(model: ModelConfig) -> bool:
+    """Whether the block linears run in float8: `model.quantize=fp8`, or an `*_fp8.pt` checkpoint."""
+    return model.quantize == "fp8" or str(model.transformer_path or "").endswith(FP8_CHECKPOINT_SUFFIX)
 
 
 def transformer_figures(
@@ -144,12 +144,15 @@ def transformer_figures(
 ) -> MemoryFigures:
     """The transformer's part of the memory figures (no encoders, no VAE)."""
     total, block_weights = transformer_param_counts(config)
+    d, mlp = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
     return MemoryFigures(
         num_heads=config.num_heads,
-        hidden_size=config.hidden_size,
+        hidden_size=d,
         num_params=total,
         fp8_params=block_weights if fp8 else 0,
         fp8_words="fp8 block weights" if fp8 else "",
+        fp8_widest_input=d + mlp,  # linear2's input [attention, GELU]
+        fp8_largest_weight=d * (3 * d + mlp),  # linear1 of a single-stream block
         activation_elements_per_token=ACTIVATION_ELEMENTS_PER_TOKEN,
         rope_float32_elements_per_token=ROPE_FLOAT32_ELEMENTS_PER_TOKEN,
         text_tokens=text_tokens,
@@ -168,6 +171,6 @@ RELEASED_COMPONENTS = {
 def memory_figures(model: ModelConfig) -> MemoryFigures:
     """Figures of `model`'s transformer, with the released text encoders and VAE."""
     base = transformer_figures(
-        model.transformer, fp8=uses_fp8_checkpoint(model), text_tokens=model.text_encoder.max_text_tokens
+        model.transformer, fp8=runs_fp8(model), text_tokens=model.text_encoder.max_text_tokens
     )
     return MemoryFigures(**{**base.__dict__, **RELEASED_COMPONENTS})

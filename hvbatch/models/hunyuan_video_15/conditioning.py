@@ -56,7 +56,8 @@ class HunyuanVideo15Conditioning:
     """SigLIP image tokens `[B, Li, image_embed_dim]`, all valid; None for text-to-video."""
     cond_latents: torch.Tensor | None = None
     """Condition latents and mask `[B, C + 1, T, H, W]` (image-to-video: the image in frame 0, mask 1
-    there); None means zeros (text-to-video)."""
+    there); None means zeros (text-to-video). A super-resolution model takes `[B, 2C + 2, T, H, W]`:
+    these, then the noised upsampled low-resolution latents and their mask (`super_resolution.py`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_lens", tuple(int(n) for n in self.text_lens))

@@ -2,6 +2,9 @@
 
 `full()` is the released 8.3B model (every released variant; `use_meanflow` only for the 480p
 step-distilled one), `tiny()` the same structure at a size that runs on a CPU in seconds.
+`super_resolution=True` gives the SR transformers' input (`transformer/720p_sr_distilled/`,
+`1080p_sr_distilled/`): the same DiT with 98 input channels, `[noisy latents | condition latents |
+condition mask | upsampled low-resolution latents | their mask]`.
 `from_diffusers_config` / `from_official_config` read a checkpoint's `config.json` and refuse,
 naming the field, anything this implementation does not build.
 """
@@ -23,7 +26,8 @@ class HunyuanVideo15TransformerConfig:
     """Defaults: the released 8.3B model (`hidden 2048 = 16 heads x 128`, 54 double blocks)."""
 
     in_channels: int = 65
-    """Channels into `img_in`: noisy latents, then condition latents and the condition mask."""
+    """Channels into `img_in`: noisy latents, then condition latents and the condition mask
+    (`2 * out + 1`); super-resolution adds the low-resolution latents and their mask (`3 * out + 2`)."""
     out_channels: int = 32
     """Latent channels out (the predicted velocity) = noisy latent channels."""
     num_heads: int = 16
@@ -63,6 +67,11 @@ class HunyuanVideo15TransformerConfig:
         return self.in_channels - self.out_channels
 
     @property
+    def is_super_resolution(self) -> bool:
+        """An SR transformer: the condition holds the upsampled low-resolution latents too."""
+        return self.in_channels == 3 * self.out_channels + 2
+
+    @property
     def patch(self) -> tuple[int, int, int]:
         return (self.patch_size_t, self.patch_size, self.patch_size)
 
@@ -81,10 +90,11 @@ class HunyuanVideo15TransformerConfig:
         for name in ("mlp_ratio", "refiner_mlp_ratio", "rope_theta"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.in_channels != 2 * self.out_channels + 1:
+        if self.in_channels not in (2 * self.out_channels + 1, 3 * self.out_channels + 2):
             problems.append(
                 f"in_channels={self.in_channels} must be 2 * out_channels + 1 = {2 * self.out_channels + 1} "
-                "(noisy latents, condition latents, one mask channel)"
+                "(noisy latents, condition latents, one mask channel) or, for super-resolution, "
+                f"3 * out_channels + 2 = {3 * self.out_channels + 2} (plus low-resolution latents and mask)"
             )
         axes = list(self.rope_axes_dim)
         if len(axes) != 3:
@@ -97,17 +107,22 @@ class HunyuanVideo15TransformerConfig:
             raise ValueError("invalid HunyuanVideo-1.5 transformer config: " + "; ".join(problems))
 
     @classmethod
-    def full(cls, *, use_meanflow: bool = False) -> HunyuanVideo15TransformerConfig:
+    def full(
+        cls, *, use_meanflow: bool = False, super_resolution: bool = False
+    ) -> HunyuanVideo15TransformerConfig:
         """The released 8.3B transformer (MeanFlow: the 480p step-distilled image-to-video one)."""
-        return cls(use_meanflow=use_meanflow)
+        return cls(in_channels=98 if super_resolution else 65, use_meanflow=use_meanflow)
 
     @classmethod
-    def tiny(cls, *, use_meanflow: bool = False) -> HunyuanVideo15TransformerConfig:
+    def tiny(
+        cls, *, use_meanflow: bool = False, super_resolution: bool = False
+    ) -> HunyuanVideo15TransformerConfig:
         """The 1.5 structure in seconds on a CPU: 12 heads (Ulysses 1, 2, 3, 4, 6, 12), 2 double blocks.
 
         Latent channels stay 32 (the family's latent geometry); the encoder widths are small.
         """
         return cls(
+            in_channels=98 if super_resolution else 65,
             num_heads=12,
             head_dim=16,
             num_double_blocks=2,
@@ -184,7 +199,11 @@ class HunyuanVideo15TransformerConfig:
     def from_official_config(
         cls, raw: Mapping[str, Any], origin: str = "config.json"
     ) -> HunyuanVideo15TransformerConfig:
-        """An official `transformer/<version>/config.json` (`HunyuanVideo_1_5_DiffusionTransformer`)."""
+        """An official `transformer/<version>/config.json` (`HunyuanVideo_1_5_DiffusionTransformer`).
+
+        The `img_in` width follows the official PatchEmbed (`concat_condition`,
+        `is_reshape_temporal_channels`), so an SR config of 98 input channels reads as super-resolution.
+        """
         problems = [
             f"{key}={raw[key]!r} (this implementation builds {want!r})"
             for key, want in _OFFICIAL_FIXED.items()
@@ -202,7 +221,7 @@ class HunyuanVideo15TransformerConfig:
             raise ValueError(f"{origin}: hidden_size={hidden} is not divisible by heads_num={heads}")
         latent = int(raw.get("in_channels", 32))
         config = cls(
-            in_channels=2 * latent + 1,
+            in_channels=_official_img_in_channels(raw, latent),
             out_channels=int(raw.get("out_channels") or latent),
             num_heads=heads,
             head_dim=hidden // heads,
@@ -234,8 +253,12 @@ class HunyuanVideo15TransformerConfig:
         return {
             "_class_name": OFFICIAL_CLASS_NAME,
             **_OFFICIAL_FIXED,
+            # The official PatchEmbed widens `in_channels` to 2 * in + 1 when concat_condition is set;
+            # the SR width (3 * out + 2) is only reachable with it off.
+            "concat_condition": not self.is_super_resolution,
+            "is_reshape_temporal_channels": False,
             "patch_size": list(self.patch),
-            "in_channels": self.out_channels,
+            "in_channels": self.in_channels if self.is_super_resolution else self.out_channels,
             "out_channels": self.out_channels,
             "hidden_size": self.hidden_size,
             "heads_num": self.num_heads,
@@ -252,8 +275,6 @@ class HunyuanVideo15TransformerConfig:
 
 
 _OFFICIAL_FIXED: dict[str, Any] = {
-    "concat_condition": True,
-    "is_reshape_temporal_channels": False,
     "mm_single_blocks_depth": 0,
     "mlp_act_type": "gelu_tanh",
     "qkv_bias": True,
@@ -268,6 +289,16 @@ _OFFICIAL_FIXED: dict[str, Any] = {
     "use_cond_type_embedding": True,
 }
 """Official config fields every released 1.5 transformer has, and the only values built here."""
+
+
+def _official_img_in_channels(raw: Mapping[str, Any], in_channels: int) -> int:
+    """The input width of the official `img_in` (its PatchEmbed): `concat_condition` (default on)
+    widens `in_channels` to `2 * in + 1`, or `in + in // 2 + 1` with `is_reshape_temporal_channels`."""
+    if not raw.get("concat_condition", True):
+        return in_channels
+    if raw.get("is_reshape_temporal_channels", False):
+        return in_channels + in_channels // 2 + 1
+    return 2 * in_channels + 1
 
 
 def _validate_from(config: HunyuanVideo15TransformerConfig, origin: str) -> None:

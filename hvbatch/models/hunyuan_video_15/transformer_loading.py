@@ -1,7 +1,8 @@
 """Load HunyuanVideo-1.5 transformer checkpoints of both layouts, by their own names.
 
 Layouts (detected from the folder's `config.json`):
-- official: `transformer/<version>/` (e.g. `480p_t2v`, `720p_i2v_distilled`, `480p_i2v_step_distilled`)
+- official: `transformer/<version>/` (e.g. `480p_t2v`, `720p_i2v_distilled`, `480p_i2v_step_distilled`,
+  the super-resolution `720p_sr_distilled` and `1080p_sr_distilled`)
   with a `HunyuanVideo_1_5_DiffusionTransformer` config.json and `diffusion_pytorch_model.safetensors`
   (or shards with their `.index.json`); also the checkpoint root holding `transformer/`, with
   `version=` naming the folder when it holds several;
@@ -42,7 +43,8 @@ _OTHER_FAMILIES = {
     "HunyuanVideoTransformer3DModel": "a HunyuanVideo 1.0 transformer (use a 1.0 preset)",
     "HYVideoDiffusionTransformer": "a HunyuanVideo 1.0 transformer (use a 1.0 preset)",
 }
-_TARGET_SIZE_RESOLUTION = {640: "480p", 960: "720p"}
+_TARGET_SIZE_RESOLUTION = {640: "480p", 960: "720p", 1440: "1080p"}
+_RESOLUTIONS = ("480p", "720p", "1080p")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class CheckpointFacts:
     use_meanflow: bool
     in_channels: int
     resolution: str | None
-    """`480p` / `720p`: official `ideal_resolution`, diffusers `target_size` 640 / 960."""
+    """`480p` / `720p` (`1080p` for an SR model): official `ideal_resolution` (else the folder name),
+    diffusers `target_size` 640 / 960 / 1440."""
     task: str | None
     """`t2v` / `i2v`: official `ideal_task`, diffusers `task_type` (its conversion script writes
     `i2v` for the 480p text-to-video model: do not rely on it alone)."""
@@ -64,6 +67,8 @@ class CheckpointFacts:
     (`hvbatch.models.hunyuan_video_15.ssta_attention.resolve_attention_mode`)."""
     attn_param: dict[str, Any] | None = field(default=None, compare=False)
     """The official config's `attn_param` (SSTA's tile, window, top-k); None: the official defaults."""
+    super_resolution: bool = False
+    """An SR transformer (98 input channels in its config: the low-resolution latents and mask too)."""
 
 
 @dataclass
@@ -200,11 +205,11 @@ def _facts(
             folder.name,
             config.use_meanflow,
             config.in_channels,
-            raw.get("ideal_resolution")
-            or next((r for r in ("480p", "720p") if folder.name.startswith(r)), None),
+            raw.get("ideal_resolution") or next((r for r in _RESOLUTIONS if folder.name.startswith(r)), None),
             raw.get("ideal_task") or next((t for t in ("t2v", "i2v") if f"_{t}" in folder.name), None),
             raw.get("attn_mode") == "flex-block-attn" or folder.name.endswith("_sparse"),
             raw.get("attn_param") if isinstance(raw.get("attn_param"), dict) else None,
+            super_resolution=config.is_super_resolution,
         )
     target = raw.get("target_size")
     return CheckpointFacts(
@@ -215,6 +220,7 @@ def _facts(
         _TARGET_SIZE_RESOLUTION.get(int(target)) if isinstance(target, int | float) else None,
         raw.get("task_type"),
         False,
+        super_resolution=config.is_super_resolution,
     )
 
 

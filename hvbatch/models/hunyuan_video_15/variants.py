@@ -7,7 +7,8 @@ scale, flow shift, embedded guidance None, the step-distilled model's 12 steps),
 table ("the cfg distilled model ... must use 50 steps"; the step-distilled model "8 or 12 steps
 (recommended)", "4 steps ... slightly reduced quality"), `generate.py` (121 frames, 24 fps, 16:9,
 50 steps), the pipeline's `target_size_config` (480p: base 640, 720p: base 960, stride 16) and
-`hyvideo/utils/data_utils.py` (the crop-size list and the closest ratio).
+`hyvideo/utils/data_utils.py` (the crop-size list and the closest ratio). The super-resolution
+stage's variants and its size map are at the end (`SR_VARIANTS`, `sr_target_size`).
 """
 
 from __future__ import annotations
@@ -149,8 +150,7 @@ VARIANTS: dict[str, Variant15] = {
         _row("480p_i2v_step_distilled", 1.0, 7.0, steps=12, allowed=(4, 8, 12), step_distilled=True),
     ]
 }
-"""Every 1.5 transformer of the official model table (the super-resolution ones are a separate
-pipeline and not listed)."""
+"""Every 1.5 base transformer of the official model table (the super-resolution ones: `SR_VARIANTS`)."""
 
 
 def variant(name: str) -> Variant15:
@@ -158,6 +158,11 @@ def variant(name: str) -> Variant15:
     by_preset = {v.preset: v for v in VARIANTS.values()}
     found = VARIANTS.get(name) or by_preset.get(name)
     if found is None:
+        if any(name in (v.name, v.preset) for v in SR_VARIANTS.values()):
+            raise ValueError(
+                f"{name!r} is a super-resolution transformer, not a base model: pick a base variant "
+                "and set the super-resolution stage to its resolution (720p or 1080p)"
+            )
         raise ValueError(f"unknown HunyuanVideo-1.5 variant {name!r}; known: {', '.join(VARIANTS)}")
     return found
 
@@ -244,3 +249,190 @@ def check_size(height: int, width: int, num_frames: int, *, resolution: str | No
             f"the official {resolution} bucket for this aspect ratio is {bucket_h}x{bucket_w} (h x w)"
         )
     raise ValueError("invalid HunyuanVideo-1.5 video size: " + "; ".join(problems))
+
+
+SR_BUCKET_BASE_SIZE = {"480p": 640, "720p": 960, "1080p": 1440}
+"""The official SR pipeline's `SizeMap` (bucket base size of each resolution)."""
+SR_NONE = "none"
+
+
+@dataclass(frozen=True)
+class SRVariant15:
+    """A released super-resolution transformer and its upsampler, as the official SR pipeline runs them.
+
+    Sources: `hyvideo/commons/__init__.py` `SR_PIPELINE_CONFIGS` and `TRANSFORMER_VERSION_TO_SR_VERSION`,
+    `hyvideo/pipelines/hunyuan_video_sr_pipeline.py` (`noise_scale = 0.7`, the condition drop
+    `t < 1000 * noise_scale`, `BucketMap`), the README's inference table (steps 6 and 8).
+    """
+
+    name: str
+    """The official folder under `ckpts/transformer/` and `ckpts/upsampler/`."""
+    resolution: str
+    """The output resolution (`720p`, `1080p`)."""
+    base_resolution: str
+    """The resolution of the base video it takes (`480p`, `720p`)."""
+    default_steps: int
+    upsampler_class: str
+    """The official module the `upsampler/<name>/` folder holds (chosen by `"720p" in name`)."""
+    flow_shift: float = 2.0
+    cfg_scale: float = 1.0
+    noise_strength: float = 0.7
+    """The upsampled low-resolution latents are noised to t = 1000 * noise_strength."""
+    embedded_guidance_scale: float | None = None
+
+    @property
+    def preset(self) -> str:
+        return "hunyuan-video-1.5-" + self.name.replace("_", "-")
+
+    @property
+    def allowed_steps(self) -> tuple[int, ...]:
+        return (self.default_steps,)
+
+    @property
+    def condition_drop_timestep(self) -> float:
+        """Steps at timesteps below this run with the low-resolution condition zeroed."""
+        return 1000.0 * self.noise_strength
+
+    def check_steps(self, num_steps: int) -> None:
+        """ValueError unless `num_steps` is the step count this model was distilled for."""
+        if num_steps != self.default_steps:
+            raise ValueError(
+                f"{self.preset} runs {self.default_steps} steps, not {num_steps}: it is step-distilled "
+                f"(official README: {self.base_resolution}->{self.resolution} SR, {self.default_steps} "
+                f"steps); leave the super-resolution steps at {self.default_steps}"
+            )
+
+
+SR_VARIANTS: dict[str, SRVariant15] = {
+    v.name: v
+    for v in [
+        SRVariant15("720p_sr_distilled", "720p", "480p", 6, "SRTo720pUpsampler"),
+        SRVariant15("1080p_sr_distilled", "1080p", "720p", 8, "SRTo1080pUpsampler"),
+    ]
+}
+
+
+def sr_variant(name: str) -> SRVariant15:
+    """An SR variant by output resolution (`720p`), official name (`720p_sr_distilled`) or preset."""
+    for found in SR_VARIANTS.values():
+        if name in (found.name, found.resolution, found.preset):
+            return found
+    known = ", ".join(f"{v.resolution} ({v.name})" for v in SR_VARIANTS.values())
+    raise ValueError(f"unknown HunyuanVideo-1.5 super-resolution {name!r}; known: {SR_NONE}, {known}")
+
+
+def sr_variant_for_base(base: Variant15, super_resolution: str) -> SRVariant15 | None:
+    """The SR stage `super_resolution` (`none`, `720p`, `1080p`) after `base`, checked.
+
+    The official pairing (`TRANSFORMER_VERSION_TO_SR_VERSION`): every 480p model goes to 720p, every
+    720p model to 1080p; the SR pipeline's bucket map only knows that base resolution.
+    """
+    if super_resolution == SR_NONE:
+        return None
+    sr = sr_variant(super_resolution)
+    if base.resolution != sr.base_resolution:
+        fits = next(v.resolution for v in SR_VARIANTS.values() if v.base_resolution == base.resolution)
+        raise ValueError(
+            f"super_resolution={super_resolution!r} takes a {sr.base_resolution} base video, but "
+            f"{base.preset} makes {base.resolution}: use super_resolution={fits!r} (or {SR_NONE!r})"
+        )
+    return sr
+
+
+def sr_target_size(height: int, width: int, sr: SRVariant15) -> tuple[int, int]:
+    """`(height, width)` of the SR output for a base video of `height x width` (official `BucketMap`).
+
+    The base size must be one of the base resolution's buckets; the output is the SR resolution's
+    bucket whose width/height is closest to the base's (the first in the list on a tie).
+    """
+    base_buckets = generate_crop_size_list(SR_BUCKET_BASE_SIZE[sr.base_resolution])
+    if (width, height) not in base_buckets:
+        near_h, near_w = bucket_for((width, height), sr.base_resolution)
+        raise ValueError(
+            f"super-resolution to {sr.resolution} takes a {sr.base_resolution} bucket size; "
+            f"{height}x{width} (h x w) is not one (the nearest by aspect ratio is {near_h}x{near_w}): "
+            f"leave height/width to the preset's bucket, or set super_resolution={SR_NONE!r}"
+        )
+    ratio = float(width) / float(height)
+    buckets = generate_crop_size_list(SR_BUCKET_BASE_SIZE[sr.resolution])
+    distances = [abs(float(w) / float(h) - ratio) for w, h in buckets]
+    out_w, out_h = buckets[distances.index(min(distances))]
+    return out_h, out_w
+
+
+TRANSFORMER_HIDDEN = 2048
+TRANSFORMER_DOUBLE_BLOCKS = 54
+
+
+def latent_grid(height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+    """`(T, H, W)` latent (= token, patch 1) grid of a video: 4x in time (causal), 16x in space."""
+    return ((num_frames - 1) // TEMPORAL_RATIO + 1, height // SPATIAL_MULTIPLE, width // SPATIAL_MULTIPLE)
+
+
+def transformer_pass_flops(image_tokens: int, condition_tokens: int = 0) -> float:
+    """Matmul FLOPs of one pass of the released 8.3B transformer (base and SR alike).
+
+    Per double block and token: q, k, v, out projections and the 4x MLP, `2 * 12 * hidden^2`; joint
+    attention over all `L` tokens, `4 * L * hidden` per token. Embeddings, modulation, norms and
+    the token refiner are left out (under 1% at video lengths).
+    """
+    tokens = image_tokens + condition_tokens
+    per_block = 24 * TRANSFORMER_HIDDEN**2 * tokens + 4 * TRANSFORMER_HIDDEN * tokens * tokens
+    return float(TRANSFORMER_DOUBLE_BLOCKS * per_block)
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """The transformer work of one stage of one video: what the planner and shard costs count."""
+
+    stage: str
+    """`base` or `sr`."""
+    variant: str
+    height: int
+    width: int
+    grid: tuple[int, int, int]
+    """Latent `(T, H, W)`; the image tokens are its product (patch 1)."""
+    steps: int
+    passes_per_step: int
+    """2 with true CFG (`[negative, positive]` in one batch), else 1."""
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def transformer_passes(self) -> int:
+        return self.steps * self.passes_per_step
+
+    def flops(self, condition_tokens: int = 0) -> float:
+        return self.transformer_passes * transformer_pass_flops(self.tokens, condition_tokens)
+
+
+def video_stages(
+    base: Variant15,
+    height: int,
+    width: int,
+    num_frames: int,
+    *,
+    num_steps: int | None = None,
+    super_resolution: str = SR_NONE,
+) -> tuple[StageWork, ...]:
+    """The stages one video runs: the base pass at `height x width`, then (unless `none`) the SR
+    pass at its bucket (`sr_target_size`), with their token grids, steps and passes per step."""
+    steps = base.default_steps if num_steps is None else num_steps
+    stages = [
+        StageWork(
+            "base", base.name, height, width, latent_grid(height, width, num_frames), steps,
+            2 if base.cfg_scale > 1.0 else 1,
+        )
+    ]  # fmt: skip
+    sr = sr_variant_for_base(base, super_resolution)
+    if sr is not None:
+        sr_height, sr_width = sr_target_size(height, width, sr)
+        stages.append(
+            StageWork(
+                "sr", sr.name, sr_height, sr_width, latent_grid(sr_height, sr_width, num_frames),
+                sr.default_steps, 2 if sr.cfg_scale > 1.0 else 1,
+            )
+        )  # fmt: skip
+    return tuple(stages)
