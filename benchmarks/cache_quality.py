@@ -19,8 +19,11 @@ from typing import Any
 import torch
 
 from hvbatch.config import SamplingConfig, transformer_preset
-from hvbatch.models import HunyuanVideoTransformer, random_transformer
-from hvbatch.sampling import TextConditioning, latent_shape, new_step_cache, sample
+from hvbatch.models.family import get_family
+from hvbatch.models.hunyuan_video import HunyuanVideoTransformer, TextConditioning, random_transformer
+from hvbatch.sampling import new_step_cache, sample
+
+FAMILY = get_family("hunyuan-video-1.0")
 
 
 def _conditioning(config: Any, seed: int = 0, text_len: int = 24) -> TextConditioning:
@@ -28,16 +31,17 @@ def _conditioning(config: Any, seed: int = 0, text_len: int = 24) -> TextConditi
     mask = torch.zeros(1, 32, dtype=torch.long)
     mask[0, :text_len] = 1
     states = torch.randn(1, 32, config.text_dim, generator=generator)
-    return TextConditioning(states, mask, torch.randn(1, config.pooled_text_dim, generator=generator))
+    pooled = torch.randn(1, config.pooled_text_dim, generator=generator)
+    return TextConditioning.from_mask(states, mask, pooled)
 
 
 def _timed_sample(
     model: HunyuanVideoTransformer, cond: TextConditioning, sampling: SamplingConfig
 ) -> tuple[torch.Tensor, float, int]:
-    cache = new_step_cache(sampling)
+    cache = new_step_cache(sampling, FAMILY.step_cache.teacache_coefficients)
     start = time.perf_counter()
     with torch.no_grad():
-        latents = sample(model, cond, sampling, latent_channels=model.config.in_channels, step_cache=cache)
+        latents = sample(model, cond, sampling, geometry=FAMILY.geometry, step_cache=cache)
     computed = sampling.num_inference_steps if cache is None else cache.computed
     return latents, time.perf_counter() - start, computed
 
@@ -82,7 +86,7 @@ def main() -> None:
     sampling = SamplingConfig(
         height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps, seed=0
     )
-    grid = latent_shape(args.height, args.width, args.frames)
+    grid = FAMILY.geometry.latent_shape(args.height, args.width, args.frames)
     print(f"tiny model (random weights), latent {grid}, {args.steps} steps, cache_max_skips 3")
     print(f"{'cache':<9} {'threshold':>9} {'computed':>9} {'rel. latent diff':>17} {'time vs none':>13}")
     for row in cache_quality(model, sampling, thresholds=tuple(args.thresholds)):

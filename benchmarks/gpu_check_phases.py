@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from hvbatch.config import TransformerConfig
 from hvbatch.models.attention import LocalAttention
 from hvbatch.models.attention_backends import (
     AttentionBackend,
@@ -32,10 +31,14 @@ from hvbatch.models.attention_backends import (
     installed_kernels,
     math_with_lse,
 )
-from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
-from hvbatch.models.vae import VaeConfig
+from hvbatch.models.family import get_family
+from hvbatch.models.hunyuan_video.conditioning import TextConditioning
+from hvbatch.models.hunyuan_video.config import TransformerConfig
+from hvbatch.models.hunyuan_video.transformer import HunyuanVideoTransformer
+from hvbatch.models.hunyuan_video.vae import VaeConfig
 from hvbatch.parallel.attention import merge_blocks
-from hvbatch.sampling.sizes import latent_shape
+
+latent_shape = get_family("hunyuan-video-1.0").geometry.latent_shape
 
 FULL_DEPTH = (20, 40)
 SDPA_OPS = (
@@ -353,9 +356,8 @@ def step_inputs(sizes: Sizes, video: tuple[int, int, int], batch: int = 1) -> tu
     x = torch.randn(batch, channels, t, h, w, generator=g, device=dev, dtype=dtype)
     text = torch.randn(batch, sizes.text_tokens, cfg.text_dim, generator=g, device=dev, dtype=dtype)
     pooled = torch.randn(batch, cfg.pooled_text_dim, generator=g, device=dev, dtype=dtype)
-    lengths = TextLengths((sizes.text_tokens,) * batch, sizes.text_tokens)
-    guidance = torch.full((batch,), 6016.0, device=dev, dtype=dtype)
-    return (x, torch.full((batch,), 900.0, device=dev), text, lengths, pooled), {"guidance": guidance}
+    cond = TextConditioning(text, (sizes.text_tokens,) * batch, pooled, guidance_scale=6.0)
+    return (x, torch.full((batch,), 900.0, device=dev), cond), {}
 
 
 def free_port() -> int:

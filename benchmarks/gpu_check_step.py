@@ -31,11 +31,13 @@ from torch import nn
 
 from hvbatch.models.attention import LocalAttention
 from hvbatch.models.attention_backends import AttentionBackend, auto_choice, device_info
+from hvbatch.models.family import get_family
 from hvbatch.models.fp8 import quantize_model_fp8
+from hvbatch.models.hunyuan_video.vae import AutoencoderKLCausal3D
 from hvbatch.models.runtime import compile_blocks
-from hvbatch.models.vae import AutoencoderKLCausal3D
 from hvbatch.parallel.attention import pack_fp8, unpack_fp8
-from hvbatch.sampling.sizes import latent_shape
+
+latent_shape = get_family("hunyuan-video-1.0").geometry.latent_shape
 
 
 class BlockTimer(nn.Module):

@@ -29,12 +29,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hvbatch.config import SamplingConfig, transformer_preset
-from hvbatch.models import random_transformer
+from hvbatch.models.hunyuan_video import TextConditioning, random_transformer
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.launch import free_local_port
 from hvbatch.parallel.measure import count_flops
 from hvbatch.parallel.runner import SequenceParallelTransformer
-from hvbatch.sampling import TextConditioning, denoise, initial_noise
+from hvbatch.sampling import denoise, initial_noise
 
 
 def _inputs(latent: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
@@ -47,9 +47,10 @@ def _inputs(latent: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
 
 def _measure(model: object, latent: tuple[int, int, int], repeats: int) -> tuple[int, float]:
     x, t, text, mask, pooled, guidance = _inputs(latent)
+    cond = TextConditioning.from_mask(text, mask, pooled, guidance_scale=float(guidance[0]) / 1000)
 
     def call() -> torch.Tensor:
-        return model(x, t, text, mask, pooled, guidance=guidance)  # type: ignore[operator]
+        return model(x, t, cond)  # type: ignore[operator]
 
     flops, _ = count_flops(call)
     times = []
@@ -66,8 +67,8 @@ def _measure(model: object, latent: tuple[int, int, int], repeats: int) -> tuple
 def _latents(model: object, latent: tuple[int, int, int], steps: int) -> torch.Tensor:
     """`steps` denoising steps with true CFG (batch 2) from fixed noise and prompts."""
     _, _, text, mask, pooled, _ = _inputs(latent)
-    cond = TextConditioning(text, mask, pooled)
-    negative = TextConditioning(text.flip(1), mask, -pooled)
+    cond = TextConditioning.from_mask(text, mask, pooled)
+    negative = TextConditioning.from_mask(text.flip(1), mask, -pooled)
     sampling = SamplingConfig(num_inference_steps=steps, seed=0, cfg_scale=6.0)
     with torch.no_grad():
         return denoise(model, initial_noise((1, 16, *latent), 0), cond, sampling, negative=negative)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ Prints the median ms per forward for each (calls interleaved, so load changes hi
 and the ratio diffusers/ours (> 1 means ours is faster), for batch 1 (padded text, as every real
 prompt is) and batch 2 with different text lengths (true CFG: negative and positive prompt in
 one batch). Ours gets the text lengths once, as the
-sampler passes them (`TextLengths`). `--compiled` also times ours with compiled blocks
+encoders hand them over (`TextConditioning`). `--compiled` also times ours with compiled blocks
 (inductor; the compile itself is in the warm-up), `--fp8` with FP8 block linears (`_scaled_mm`).
 """
 
@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from hvbatch.models import HunyuanVideoTransformer, load_transformer
 from hvbatch.models.fp8 import quantize_model_fp8
+from hvbatch.models.hunyuan_video import HunyuanVideoTransformer, TextConditioning, load_transformer
 from hvbatch.models.runtime import compile_blocks
-from hvbatch.models.transformer import TextLengths
 
 MID_SIZE = {
     "num_attention_heads": 8,
@@ -68,8 +67,9 @@ def _inputs(batch: int, text_lens: list[int]) -> dict[str, torch.Tensor]:
 
 
 def _ours(model: HunyuanVideoTransformer, x: dict[str, torch.Tensor]) -> Callable[[], object]:
-    lengths = TextLengths.from_mask(x["mask"], *x["mask"].shape)
-    return lambda: model(x["x"], x["t"], x["text"], lengths, x["pooled"], guidance=x["guidance"])
+    scale = float(x["guidance"][0]) / 1000
+    cond = TextConditioning.from_mask(x["text"], x["mask"], x["pooled"], guidance_scale=scale)
+    return lambda: model(x["x"], x["t"], cond)
 
 
 def main() -> None:

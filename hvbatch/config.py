@@ -1,126 +1,75 @@
 """The one config tree: omegaconf structured configs, YAML presets in `configs/`, `key=value` overrides.
 
-Resolution order (later wins): the dataclass defaults, the model preset named by `model=<name>`,
-a user YAML file, then command-line `key=value` overrides. `model=tiny` and
-`model=hunyuan-video-t2v-720p` name the presets in `configs/model/`.
+Resolution order (later wins): the dataclass defaults, the model family's sampling defaults for
+the preset, the model preset named by `model=<name>` (a YAML file of `configs/model/`), a user YAML
+file, then command-line `key=value` overrides.
+
+The model family owns its sections of the tree: `model.transformer` (the architecture) and
+`model.text_encoder` (the encoder settings) are typed by the family's own dataclasses
+(`ModelFamily.config_sections`), chosen by `model.family` (which every preset names). `load_config`
+puts the family's structured types in place before merging, so omegaconf checks their keys and
+types as it checks every other section; a second family with other dataclasses needs no change here.
 
 omegaconf (and pyyaml) are imported where a config is loaded or saved, not at import: the
-dataclasses and `transformer_preset` work without them (benchmarks/gpu_check.py on a bare GPU
+dataclasses and `transformer_preset` work without omegaconf (benchmarks/gpu_check.py on a bare GPU
 machine imports the models, which import these dataclasses).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hvbatch.config_checks import check_config, check_overrides, preset_problem
+from hvbatch.models.family import (
+    ModelFamily,
+    available_presets,
+    default_preset,
+    family_for_preset,
+    get_family,
+    preset_path,
+)
 
 if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
 
-DEFAULT_MODEL_PRESET = "hunyuan-video-t2v-720p"
+FAMILY_SECTIONS = ("transformer", "text_encoder")
+"""`model.<section>`s whose type the model family gives (`ModelFamily.config_sections`)."""
 
 
-@dataclass
-class TransformerConfig:
-    """Architecture of the HunyuanVideo diffusion transformer (defaults: HYVideo-T/2-cfgdistill)."""
+def _default_family_section(section: str) -> Any:
+    def make() -> Any:
+        return family_for_preset(default_preset()).section_defaults(section)
 
-    in_channels: int = 16
-    """Latent channels in."""
-    out_channels: int = 16
-    """Latent channels out (the predicted velocity)."""
-    num_heads: int = 24
-    """Attention heads; hidden size is num_heads * head_dim."""
-    head_dim: int = 128
-    """Channels per head; must equal sum(rope_axes_dim)."""
-    mlp_ratio: float = 4.0
-    """MLP width as a multiple of the hidden size (blocks and token refiner)."""
-    num_double_blocks: int = 20
-    """Dual-stream (image, text) blocks: official `mm_double_blocks_depth`."""
-    num_single_blocks: int = 40
-    """Single-stream blocks: official `mm_single_blocks_depth`."""
-    num_refiner_blocks: int = 2
-    """Token-refiner blocks applied to the LLM text states."""
-    refiner_mlp_ratio: float = 4.0
-    """Token-refiner MLP width ratio (4 in the official code and in diffusers, whatever mlp_ratio is)."""
-    patch_size: int = 2
-    """Spatial patch size (height and width)."""
-    patch_size_t: int = 1
-    """Temporal patch size."""
-    rope_axes_dim: list[int] = field(default_factory=lambda: [16, 56, 56])
-    """Head channels rotated by the (t, h, w) positions; sums to head_dim."""
-    rope_theta: float = 256.0
-    """RoPE base."""
-    text_dim: int = 4096
-    """Channels of the LLM text states (`text_states`)."""
-    pooled_text_dim: int = 768
-    """Channels of the pooled CLIP embedding (`text_states_2`)."""
-    guidance_embed: bool = True
-    """Guidance-distilled model with an embedded-guidance input (`guidance_in`)."""
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    def validate(self) -> None:
-        """Raise ValueError naming every inconsistent field."""
-        problems = []
-        if len(self.rope_axes_dim) != 3:
-            problems.append(f"rope_axes_dim must have 3 entries (t, h, w), got {list(self.rope_axes_dim)}")
-        elif sum(self.rope_axes_dim) != self.head_dim:
-            problems.append(
-                f"sum(rope_axes_dim)={sum(self.rope_axes_dim)} must equal head_dim={self.head_dim}"
-            )
-        if any(d % 2 for d in self.rope_axes_dim):
-            problems.append(f"every rope_axes_dim entry must be even, got {list(self.rope_axes_dim)}")
-        for name in ("in_channels", "out_channels", "num_heads", "head_dim", "patch_size", "patch_size_t"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if problems:
-            raise ValueError("invalid transformer config: " + "; ".join(problems))
-
-
-@dataclass
-class TextEncoderConfig:
-    """How prompts become conditioning (the reference's values by default)."""
-
-    max_text_tokens: int = 256
-    """LLM tokens kept after the template is cropped off (longer prompts are truncated)."""
-    hidden_state_skip_layer: int = 2
-    """Use the LLM hidden state this many layers before the last (no final norm)."""
-    crop_start_video: int | None = 95
-    """Template tokens before the prompt (video template); null measures it with the tokenizer."""
-    crop_start_image: int | None = 36
-    """Likewise for the image template, used when num_frames == 1."""
-    clip_max_tokens: int = 77
-    """CLIP-L tokens."""
+    return make
 
 
 @dataclass
 class ModelConfig:
     """Which model to build and where its weights are."""
 
-    name: str = DEFAULT_MODEL_PRESET
+    name: str = field(default_factory=lambda: default_preset())
     """Preset name; `model=<name>` on the command line loads configs/model/<name>.yaml."""
-    transformer: TransformerConfig = field(default_factory=TransformerConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    family: str = field(default_factory=lambda: family_for_preset(default_preset()).name)
+    """The model family (`hvbatch.models.family`); every preset names its own, so this follows
+    `model=<name>` (a config that sets it must agree with the preset's)."""
+    transformer: Any = field(default_factory=_default_family_section("transformer"))
+    """The architecture: the family's dataclass (its fields are the family's, e.g. num_heads)."""
+    text_encoder: Any = field(default_factory=_default_family_section("text_encoder"))
+    """The text encoders' settings: the family's dataclass."""
     path: str | None = None
-    """Weights root: the official `ckpts/` folder or a diffusers HunyuanVideo folder (with
-    transformer/, vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)."""
+    """Weights root in the family's official or diffusers layout (the family detects which)."""
     transformer_path: str | None = None
-    """Overrides the transformer found under `path`: a diffusers `transformer/` folder, an
-    official .pt / _fp8.pt, or a .safetensors file."""
+    """Overrides the transformer checkpoint found under `path` (a folder or a file of either layout)."""
     vae_path: str | None = None
     """Overrides the `vae/` folder found under `path` (official or diffusers)."""
     text_encoder_path: str | None = None
-    """Overrides the LLM folder found under `path` (its tokenizer is read from it too)."""
+    """Overrides the (first) text encoder's folder found under `path` (its tokenizer is read from it too)."""
     text_encoder_2_path: str | None = None
-    """Overrides the CLIP-L folder found under `path` (its tokenizer is read from it too)."""
+    """Overrides the second text encoder's folder found under `path` (its tokenizer is read from it too)."""
     random_weights: bool = False
     """Build every component with seeded random weights instead of loading files (tiny preset)."""
     random_seed: int = 0
@@ -130,7 +79,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     """Compute dtype of the transformer: bfloat16, float16 or float32."""
     text_encoder_dtype: str = "float16"
-    """Dtype of both text encoders (the reference runs them in float16)."""
+    """Dtype of the text encoders (the references run them in float16)."""
     vae_dtype: str = "float16"
     """Dtype of the VAE decoder (the reference decodes in float16)."""
     text_encoder_offload: str = "cpu"
@@ -155,7 +104,8 @@ class ModelConfig:
 
 @dataclass
 class VaeDecodeConfig:
-    """Tiled VAE decoding; sizes in latent cells / latent frames (x8 pixels, x4 video frames)."""
+    """Tiled VAE decoding; sizes in latent cells / latent frames (times the VAE's spatial and temporal
+    ratios in pixels and video frames)."""
 
     tiling: bool = True
     """Decode in overlapping tiles (needed for 720p x 129 frames on one 80 GB GPU)."""
@@ -172,11 +122,12 @@ class SamplingConfig:
     height: int = 720
     width: int = 1280
     num_frames: int = 129
-    """Video frames; must be 4k+1 (the VAE compresses time by 4 with a causal first frame)."""
+    """Video frames; must be rk+1 for the VAE's temporal ratio r (4 for the released models: a causal
+    first frame, then r frames per latent frame)."""
     num_inference_steps: int = 50
     seed: int = 0
     guidance_scale: float = 6.0
-    """Embedded (distilled) guidance fed to `guidance_in`."""
+    """Embedded (distilled) guidance, for models that take it as an input (ignored by the others)."""
     cfg_scale: float = 1.0
     """True classifier-free guidance; > 1 runs a negative-prompt branch too."""
     negative_prompt: str = ""
@@ -282,9 +233,11 @@ class BatchConfig:
 
     seconds_per_cost_unit: float | None = None
     """GPU-seconds per (image token x step) on one GPU, what shards and walltimes are sized from. None:
-    from the table by `batch.gpu_type` and the kernel `model.attention` runs there (H100: 3.3e-4 with
-    FlashAttention-2, the official 1904 s for 720p x 129 x 50 steps; 1.85e-4 with cuDNN or FA3), and
-    for jobs submitted after some videos are done (retry, resubmission) the run's own median."""
+    the model family's figure on one H100 with FlashAttention-2 (`ModelFamily.seconds_per_token_step`;
+    HunyuanVideo 1.0: 3.3e-4, the official 1904 s for 720p x 129 x 50 steps) times the table's factor
+    for `batch.gpu_type` and the kernel `model.attention` runs there (1.85 / 3.3 with cuDNN or FA3 on
+    an H100), and for jobs submitted after some videos are done (retry, resubmission) the run's own
+    median."""
     gpu_type: str = "h100"
     """The GPU the jobs run on, for the default `seconds_per_cost_unit`: h100, h200, b200, a100, l40s."""
     reserve_s: float = 600.0
@@ -356,42 +309,37 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def _preset_dir() -> Path:
-    return Path(str(importlib.resources.files("hvbatch.configs"))) / "model"
+def _preset_yaml(name: str) -> DictConfig:
+    """The preset's YAML; only names listed by `available_presets` are read, never a path."""
+    from omegaconf import DictConfig, OmegaConf
 
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
-
-
-def _preset_path(name: str) -> Path:
-    """The preset's YAML file; only names listed by `available_presets` are read, never a path."""
     problem = preset_problem(name, available_presets())
     if problem is not None:
         raise ValueError(problem)
-    return _preset_dir() / f"{name}.yaml"
-
-
-def _preset_yaml(name: str) -> DictConfig:
-    from omegaconf import DictConfig, OmegaConf
-
-    loaded = OmegaConf.load(_preset_path(name))
+    loaded = OmegaConf.load(preset_path(name))
     assert isinstance(loaded, DictConfig)
     return loaded
 
 
-def transformer_preset(name: str) -> TransformerConfig:
-    """The transformer architecture of a named preset, as a plain dataclass (pyyaml only: no omegaconf)."""
+def transformer_preset(name: str) -> Any:
+    """The architecture (`model.transformer`) of a named preset, as its family's dataclass (pyyaml
+    only: no omegaconf)."""
     import yaml
 
-    data = yaml.safe_load(_preset_path(name).read_text(encoding="utf-8")) or {}
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    problem = preset_problem(name, available_presets())
+    if problem is not None:
+        raise ValueError(problem)
+    kind = family_for_preset(name).config_sections["transformer"]
+    data = yaml.safe_load(preset_path(name).read_text(encoding="utf-8")) or {}
+    fields = {f.name for f in dataclasses.fields(kind)}
     given = data.get("transformer") or {}
     unknown = sorted(set(given) - fields)
     if unknown:
         raise ValueError(f"preset {name}: unknown transformer keys {unknown}; valid: {sorted(fields)}")
-    config = TransformerConfig(**given)
-    config.validate()
+    config = kind(**given)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
     return config
 
 
@@ -443,8 +391,41 @@ def _load_yaml_file(path: str | Path) -> DictConfig:
     return loaded
 
 
+def _family_schema(family: ModelFamily) -> DictConfig:
+    """`Config`'s structured schema with the family's dataclasses as the types of its sections."""
+    extra = sorted(set(family.config_sections) - set(FAMILY_SECTIONS))
+    if extra:
+        raise ValueError(
+            f"model family {family.name!r} declares config sections {extra} that the config tree does not "
+            f"have; a family types model.{' and model.'.join(FAMILY_SECTIONS)}"
+        )
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(Config)
+    for section in FAMILY_SECTIONS:
+        kind = family.config_sections.get(section)
+        schema.model[section] = OmegaConf.structured(kind) if kind is not None else None
+    return schema
+
+
+def _family_of_request(preset: str, file_cfg: DictConfig, dot_cfg: DictConfig) -> ModelFamily:
+    """The preset's family; a `model.family` set in the file or an override must be the same."""
+    from omegaconf import OmegaConf
+
+    family = family_for_preset(preset)
+    asked = OmegaConf.select(dot_cfg, "model.family") or OmegaConf.select(file_cfg, "model.family")
+    if asked is not None and str(asked) != family.name:
+        get_family(str(asked))  # an unknown family is named as such
+        raise ValueError(
+            f"model.family={asked!r} but preset {preset!r} is a model of family {family.name!r}: choose a "
+            f"preset of family {asked!r} (model=<preset>) or leave model.family out"
+        )
+    return family
+
+
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build the resolved config: defaults, then preset, then `config_file`, then `overrides`.
+    """Build the resolved config: defaults, the family's sampling defaults and the preset, then
+    `config_file`, then `overrides`.
 
     The result is checked once (`hvbatch.config_checks`): one ValueError lists every problem.
     """
@@ -452,17 +433,27 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
     check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
-    layers: list[Any] = [OmegaConf.structured(Config)]
     file_cfg = _load_yaml_file(config_file) if config_file is not None else OmegaConf.create()
     if preset is None:
-        preset = OmegaConf.select(file_cfg, "model.name") or DEFAULT_MODEL_PRESET
-    layers.append(OmegaConf.create({"model": _preset_yaml(preset)}))
-    layers.append(file_cfg)
+        preset = OmegaConf.select(file_cfg, "model.name") or default_preset()
+    preset_cfg = _preset_yaml(preset)
     try:
-        layers.append(OmegaConf.from_dotlist(dotlist))
+        dot_cfg = OmegaConf.from_dotlist(dotlist)
+    except Exception as err:  # omegaconf raises several types; all mean "bad key or value"
+        raise ValueError(f"invalid config override or file: {err}") from err
+    family = _family_of_request(preset, file_cfg, dot_cfg)
+    layers: list[Any] = [
+        _family_schema(family),
+        OmegaConf.create({"sampling": dict(family.sampling_defaults(preset))}),
+        OmegaConf.create({"model": preset_cfg}),
+        file_cfg,
+        dot_cfg,
+    ]
+    try:
         merged = OmegaConf.merge(*layers)
     except Exception as err:  # omegaconf raises several types; all mean "bad key or value"
         raise ValueError(f"invalid config override or file: {err}") from err
+    merged.model.family = family.name  # runs saved before families existed do not name theirs
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)
     check_config(config, available_presets())

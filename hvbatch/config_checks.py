@@ -9,6 +9,8 @@
   must be >= 0. Every float must be finite.
 - Enum-like strings (`parallel.mode`, `parallel.backend`, `batch.executor`, `device`, dtypes,
   `video.preset`) are one of their choices, and `model.name` is one of the presets in configs/model/.
+- The model family checks its own sections (`ModelFamily.config_problems`: the architecture's
+  consistency, the encoder settings' ranges) and what its variant refuses in `sampling.*`.
 
 This module imports nothing from `hvbatch.config`, so that `config.py` can call it.
 """
@@ -21,6 +23,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from hvbatch.models.family import family_for_preset, get_family
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
@@ -65,11 +69,6 @@ NON_NEGATIVE = Bound(0)
 
 BOUNDS: dict[str, Bound] = {
     "model.random_seed": Bound(0, INT64_MAX),
-    "model.text_encoder.max_text_tokens": AT_LEAST_1,
-    "model.text_encoder.hidden_state_skip_layer": NON_NEGATIVE,
-    "model.text_encoder.crop_start_video": Bound(0, optional=True),
-    "model.text_encoder.crop_start_image": Bound(0, optional=True),
-    "model.text_encoder.clip_max_tokens": AT_LEAST_1,
     "sampling.height": AT_LEAST_1,
     "sampling.width": AT_LEAST_1,
     "sampling.num_frames": AT_LEAST_1,
@@ -284,11 +283,32 @@ def config_problems(config: Any, presets: list[str]) -> list[str]:
     preset = preset_problem(str(config.model.name), presets)
     if preset is not None:
         problems.append(f"model.name: {preset}")
+    return problems + family_problems(config)
+
+
+def family_problems(config: Any) -> list[str]:
+    """The model family's checks of its sections and of `sampling.*`, and that the preset is its own."""
+    model = config.model
     try:
-        config.model.transformer.validate()
+        family = get_family(str(model.family))
     except ValueError as err:
-        problems.append(f"model.transformer: {err}")
-    return problems
+        return [f"model.family: {err}"]
+    problems = []
+    try:
+        preset_family = family_for_preset(str(model.name)).name
+    except ValueError:
+        preset_family = family.name  # an unknown preset is reported by its own check
+    if preset_family != family.name:
+        problems.append(
+            f"model.family={family.name!r} but preset {model.name!r} is a model of family {preset_family!r}: "
+            f"choose one of {family.name}'s presets ({', '.join(family.presets)}) or leave model.family out"
+        )
+    if config.sampling.cache == "teacache" and not family.step_cache.teacache_coefficients:
+        problems.append(
+            f"sampling.cache='teacache': no TeaCache coefficients are published for {family.description}; "
+            "use sampling.cache=fbcache (First-Block-Cache needs none) or none"
+        )
+    return problems + family.config_problems(model) + family.sampling_problems(model, config.sampling)
 
 
 def raise_problems(problems: list[str]) -> None:

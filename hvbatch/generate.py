@@ -1,4 +1,10 @@
-"""`hvbatch generate`: one prompt to one mp4 in a single process."""
+"""`hvbatch generate`: one prompt to one mp4, in one process or over several ranks.
+
+It takes the batch job's path for one video: the planner's layout for the ranks it runs on
+(`parallel.mode=auto` means latency here: one node per video), `Pipeline.parallelize` (the
+sequence- and CFG-parallel runner with `parallel.comm_dtype`, and the parallel VAE decode), then
+`Pipeline.generate`.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hvbatch.config import Config, load_config, save_config
-from hvbatch.parallel.dims import ParallelDims, build_groups
-from hvbatch.parallel.plan import parse_degree
-from hvbatch.parallel.planner import auto_ulysses
-from hvbatch.sampling.sizes import latent_shape
+from hvbatch.models.family import family_of
+from hvbatch.parallel.dims import ParallelDims
+from hvbatch.parallel.plan import layout_for_job
 
 if TYPE_CHECKING:
     from hvbatch.pipeline import GeneratedVideo, Timings
@@ -68,7 +73,7 @@ def _check_request(prompt: str, out: Path, latents_out: Path | None, config: Con
     if latents_out is not None:
         _check_writable("--save-latents", latents_out)
     s = config.sampling
-    latent_shape(s.height, s.width, s.num_frames)
+    family_of(config.model).geometry.latent_shape(s.height, s.width, s.num_frames)
 
 
 def _save_latents(latents_path: Path, generated_latents: object) -> None:
@@ -88,18 +93,26 @@ class GenerateRequest:
     config: Config
 
 
-def generate_layout(config: Config, world_size: int, gpus_per_node: int) -> ParallelDims:
-    """One video over all ranks: Ulysses inside a node (largest fitting divisor of the heads), ring across."""
-    heads = config.model.transformer.num_heads
-    ulysses = parse_degree(config.parallel.ulysses, "parallel.ulysses")
-    ring = parse_degree(config.parallel.ring, "parallel.ring")
-    if ulysses is None:
-        ulysses = auto_ulysses(world_size // ring if ring else world_size, heads, gpus_per_node)
-    dims = ParallelDims(
-        dp=1, ulysses=ulysses, ring=ring or max(1, world_size // ulysses), world_size=world_size
+def generate_layout(config: Config, world_size: int, local_world_size: int) -> ParallelDims:
+    """The layout one video runs with on these ranks: the batch job's planner, `parallel.mode=auto`
+    meaning latency (a whole node per video; explicit `parallel.*` degrees are respected)."""
+    return layout_for_job(config, config.sampling, world_size, local_world_size, auto_mode="latency")
+
+
+def _layout_line(dims: ParallelDims, parallel_decode: bool) -> str:
+    cfg = f" x cfg {dims.cfg}" if dims.cfg > 1 else ""
+    line = (
+        f"layout: dp {dims.dp}{cfg} x ulysses {dims.ulysses} x ring {dims.ring} over {dims.world_size} ranks"
     )
-    dims.validate(heads)
-    return dims
+    if parallel_decode:
+        line += f"; VAE decode split over the video's {dims.video} ranks"
+    if dims.dp > 1:
+        line += (
+            f"\nnote: {dims.world_size - dims.video} of the {dims.world_size} ranks wait: generate makes one "
+            f"video and the layout gives it {dims.video} (parallel.mode=latency or larger parallel.ulysses, "
+            "ring or cfg give it more)"
+        )
+    return line
 
 
 def _write_outputs(
@@ -124,37 +137,34 @@ def _write_outputs(
 
 def generate_on_this_rank(request: GenerateRequest) -> None:
     """Run one generation as this process's rank (a single process when no distributed env is set)."""
+    from hvbatch.parallel.dims import build_groups, destroy_groups
     from hvbatch.parallel.launch import setup_rank, teardown_rank
-    from hvbatch.parallel.runner import SequenceParallelTransformer
     from hvbatch.pipeline import Pipeline, Timings
 
     config = request.config
     setup = setup_rank(config.parallel, config.device)
-    env, device, distributed = setup.env, setup.device, setup.distributed
+    env, device = setup.env, setup.device
     try:
-        leader = env is None or env.rank == 0
+        world = env.world_size if env else 1
+        dims = generate_layout(config, world, env.local_world_size if env else 1)
         timings = Timings()
         pipeline = Pipeline.load(config, timings, device=device)
-        if leader:
+        groups = build_groups(dims, setup.rank, timedelta(seconds=config.parallel.timeout_s))
+        pipeline.parallelize(groups, env.local_world_size if env else 1)
+        leader = groups.is_sp_leader and groups.dp_index == 0  # the video's leader decodes and writes
+        if setup.rank == 0:
             print(f"attention: {pipeline.attention_backend}")
-        if distributed:
-            assert env is not None
-            dims = generate_layout(config, env.world_size, env.local_world_size)
+            print(_layout_line(dims, len(groups.video_ranks) > 1))
+        if groups.dp_index == 0:  # the other dp replicas have no video to make
+            generated = pipeline.generate(
+                request.prompt, on_step=_progress if leader else None, timings=timings
+            )
+            if generated.truncated and leader:
+                print("warning: the prompt was truncated at the text encoders' token limit", file=sys.stderr)
             if leader:
-                print(
-                    f"sequence parallel: ulysses {dims.ulysses} x ring {dims.ring} "
-                    f"over {env.world_size} ranks"
-                )
-            timeout = timedelta(seconds=config.parallel.timeout_s)
-            groups = build_groups(dims, env.rank, timeout)
-            pipeline.transformer = SequenceParallelTransformer(pipeline.transformer, groups)
-        generated = pipeline.generate(
-            request.prompt, on_step=_progress if leader else None, timings=timings, decode=leader
-        )
-        if generated.truncated and leader:
-            print("warning: the prompt was truncated at the text encoders' token limit", file=sys.stderr)
-        if leader:
-            _write_outputs(request, generated, timings, pipeline.device)
+                _write_outputs(request, generated, timings, pipeline.device)
+        pipeline.unparallelize()
+        destroy_groups(groups)
     finally:
         teardown_rank(setup)
 

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from hvbatch.config import load_config
-from hvbatch.parallel.plan import plan_for_config, plan_header, plan_to_dict, video_tokens
+from hvbatch.models.family import family_of
+from hvbatch.parallel.plan import memory_figures, plan_for_config, plan_header, plan_to_dict, video_tokens
 from hvbatch.parallel.planner import format_plan
 from hvbatch.sampling.estimates import speedup_line
 
@@ -30,14 +31,15 @@ def run_plan(args: argparse.Namespace) -> int:
             "width": s.width,
             "num_frames": s.num_frames,
             "image_tokens": video_tokens(config, s),
-            "text_tokens": config.model.text_encoder.max_text_tokens,
+            "text_tokens": memory_figures(config).text_tokens,
         }
         print(json.dumps(data, indent=2))
     else:
         print(plan_header(config, config.sampling))
         print(format_plan(plan))
         if config.sampling.cache != "none":
-            print(speedup_line(config.sampling.cache, config.sampling.cache_threshold))
+            figures = family_of(config.model).step_cache
+            print(speedup_line(config.sampling.cache, config.sampling.cache_threshold, figures))
     return 0
 
 

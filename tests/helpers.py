@@ -5,7 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hvbatch.config import TransformerConfig
+from hvbatch.models.family import MemoryFigures, get_family
+from hvbatch.models.hunyuan_video.conditioning import TextConditioning
+from hvbatch.models.hunyuan_video.config import TransformerConfig
+from hvbatch.models.hunyuan_video.figures import RELEASED_COMPONENTS, transformer_figures
+from hvbatch.parallel.memory import ComponentMemory, ModelSize
+
+HUNYUAN_VIDEO = get_family("hunyuan-video-1.0")
+"""The HunyuanVideo 1.0 family, as registered."""
+GEOMETRY = HUNYUAN_VIDEO.geometry
+TEACACHE = HUNYUAN_VIDEO.step_cache.teacache_coefficients
+latent_shape = GEOMETRY.latent_shape
+image_tokens = GEOMETRY.checked_image_tokens
 
 # Two small architectures that exercise every config field the diffusers config.json maps onto.
 DIFFUSERS_SMALL = {
@@ -100,3 +111,25 @@ def make_inputs(
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def cond_of(inputs: dict[str, torch.Tensor]) -> TextConditioning:
+    """The conditioning object of `make_inputs`' text inputs and embedded guidance (x 1000 in the dict)."""
+    guidance = inputs.get("guidance")
+    scale = None if guidance is None else float(guidance[0]) / 1000.0
+    return TextConditioning.from_mask(
+        inputs["text_states"], inputs["text_mask"], inputs["text_states_2"], scale
+    )
+
+
+def model_size(config: TransformerConfig, dtype: str = "bfloat16", fp8: bool = False) -> ModelSize:
+    """The memory model's size of a 1.0 transformer (fp8: the official fp8 checkpoint's block weights)."""
+    return ModelSize.from_figures(transformer_figures(config, fp8=fp8), dtype)
+
+
+def released_components(
+    text_encoder_dtype: str = "float16", vae_dtype: str = "float16", *, offloaded: bool = False
+) -> ComponentMemory:
+    """The released 1.0 text encoders and VAE, as the memory model counts them."""
+    figures = MemoryFigures(num_heads=1, hidden_size=1, num_params=0, **RELEASED_COMPONENTS)  # type: ignore[arg-type]
+    return ComponentMemory.from_figures(figures, text_encoder_dtype, vae_dtype, offloaded=offloaded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -11,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 from hvbatch.config import SamplingConfig, transformer_preset
-from hvbatch.models import random_transformer
+from hvbatch.models.hunyuan_video import TextConditioning, random_transformer
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.measure import count_flops
 from hvbatch.parallel.runner import SequenceParallelTransformer
-from hvbatch.sampling import TextConditioning, denoise, initial_noise, new_step_cache
+from hvbatch.sampling import denoise, initial_noise, new_step_cache
+from tests.helpers import TEACACHE
 
 # 5 x 7 x 1 = 35 image tokens: not divisible by 2, 3, 4, 6 or 8.
 LATENT_SHAPE = (1, 16, 5, 14, 2)
@@ -25,7 +27,13 @@ def conditioning(seed: int, text_len: int, dim: int = 64, pooled: int = 32) -> T
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(1, 16, dtype=torch.long)
     mask[0, :text_len] = 1
-    return TextConditioning(torch.randn(1, 16, dim, generator=g), mask, torch.randn(1, pooled, generator=g))
+    states, pooled_states = torch.randn(1, 16, dim, generator=g), torch.randn(1, pooled, generator=g)
+    return TextConditioning.from_mask(states, mask, pooled_states)
+
+
+def guided(cond: TextConditioning) -> TextConditioning:
+    """With the embedded guidance 6016 (6.016 x 1000) a direct forward takes."""
+    return dataclasses.replace(cond, guidance_scale=6.016)
 
 
 CASES = {
@@ -58,7 +66,7 @@ def run_cached_cases(model: Callable[..., torch.Tensor]) -> dict[str, tuple[torc
     """Latents and per-step computed/skipped history of each step-caching case."""
     out = {}
     for name, (sampling, cond, negative) in CACHE_CASES.items():
-        cache = new_step_cache(sampling)
+        cache = new_step_cache(sampling, TEACACHE)
         noise = initial_noise(LATENT_SHAPE, sampling.seed)
         latents = denoise(model, noise, cond, sampling, negative=negative, step_cache=cache)  # type: ignore[arg-type]
         assert cache is not None
@@ -119,10 +127,7 @@ def one_forward(model: Callable[..., torch.Tensor]) -> torch.Tensor:
         return model(
             initial_noise(LATENT_SHAPE, 1),
             torch.tensor([900.0]),
-            cond.text_states,
-            cond.text_mask,
-            cond.text_states_2,
-            guidance=torch.tensor([6016.0]),
+            guided(cond),
         )
 
 
@@ -132,18 +137,9 @@ LARGE_LATENT_SHAPE = (1, 16, 9, 32, 32)
 
 def count_forward_flops(model: object) -> tuple[int, torch.Tensor]:
     """FLOPs of one forward on the large latent (CPU attention included), and its output."""
-    cond = conditioning(4, 16)
+    cond = guided(conditioning(4, 16))
     x = initial_noise(LARGE_LATENT_SHAPE, 4)
-    return count_flops(
-        lambda: model(  # type: ignore[operator]
-            x,
-            torch.tensor([900.0]),
-            cond.text_states,
-            cond.text_mask,
-            cond.text_states_2,
-            guidance=torch.tensor([6016.0]),
-        )
-    )
+    return count_flops(lambda: model(x, torch.tensor([900.0]), cond))  # type: ignore[operator]
 
 
 def work_split_worker(rank: int, world: int, port: int, out_dir: str, ulysses: int, ring: int) -> None:
@@ -177,10 +173,7 @@ def forward_worker(rank: int, world: int, port: int, out_dir: str, latent_shape:
             out = runner(
                 initial_noise(latent_shape, 5),
                 torch.tensor([500.0]),
-                cond.text_states,
-                cond.text_mask,
-                cond.text_states_2,
-                guidance=torch.tensor([6016.0]),
+                guided(cond),
             )
         if rank == 0:
             torch.save(out, Path(out_dir) / "out.pt")

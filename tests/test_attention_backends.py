@@ -13,14 +13,14 @@ from torch.nn.attention import SDPBackend
 
 import hvbatch.models.attention_backends as ab
 from hvbatch.config import ModelConfig, transformer_preset
-from hvbatch.models import random_transformer
 from hvbatch.models.attention import LocalAttention, resolved_backend_name
 from hvbatch.models.attention_backends import AttentionBackend, DeviceInfo, choose_backend, math_with_lse
+from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.parallel.attention import USPAttention, merge_blocks
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from tests.helpers import rel_err
-from tests.parallel_worker import LATENT_SHAPE, conditioning, initial_noise, one_forward
+from tests.parallel_worker import LATENT_SHAPE, conditioning, guided, initial_noise, one_forward
 
 CPU = DeviceInfo("cpu")
 NEW_CUDNN, OLD_CUDNN = 91501, 91002  # 9.15.1: the first release PyTorch trusts; 9.10.2
@@ -376,15 +376,14 @@ def test_ring_one_joins_text_keys_in_one_call() -> None:
     )
     try:
         model = random_transformer(transformer_preset("tiny"), seed=0)
-        cond = conditioning(1, 9)
-        args = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), cond.text_states, cond.text_mask)
+        args = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), guided(conditioning(1, 9)))
         with torch.no_grad():
-            expected = model(*args, cond.text_states_2, guidance=torch.tensor([6016.0]))
+            expected = model(*args)
             groups = build_groups(ParallelDims(dp=1, ulysses=1, ring=1, world_size=1), 0)
             runner = SequenceParallelTransformer(model, groups)
             backend = CountingBackend()
             runner.attention = model.attention_fn = USPAttention(groups, backend=backend)
-            got = runner(*args, cond.text_states_2, guidance=torch.tensor([6016.0]))
+            got = runner(*args)
     finally:
         dist.destroy_process_group()
     num_blocks = model.config.num_double_blocks + model.config.num_single_blocks

@@ -14,7 +14,7 @@ from hvbatch.batch.control import calibration
 from hvbatch.batch.control.calibration import (
     AUTO_KERNEL,
     GPU_TYPES,
-    SECONDS_PER_COST_UNIT,
+    RELATIVE_TIME,
     configured_rate,
     measured_rate,
     resubmission_config,
@@ -27,6 +27,7 @@ from hvbatch.batch.ledger import begin
 from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir
 from hvbatch.config import load_config
 from hvbatch.config_checks import CHOICES
+from tests.helpers import HUNYUAN_VIDEO
 
 TOKEN_STEPS_720P = 118_800 * 50
 
@@ -56,10 +57,11 @@ def test_default_comes_from_the_gpu_and_kernel_table(
 def test_table_covers_every_gpu_and_the_config_lists_them() -> None:
     assert CHOICES["batch.gpu_type"] == GPU_TYPES
     for gpu in GPU_TYPES:
-        assert (gpu, AUTO_KERNEL[gpu]) in SECONDS_PER_COST_UNIT and (gpu, "flash") in SECONDS_PER_COST_UNIT
+        assert (gpu, AUTO_KERNEL[gpu]) in RELATIVE_TIME and (gpu, "flash") in RELATIVE_TIME
     # 720p x 129 x 50 steps on one H100: the published 1904 s with FA2, ~1100 s with cuDNN
-    assert SECONDS_PER_COST_UNIT[("h100", "flash")] * TOKEN_STEPS_720P == pytest.approx(1960, rel=0.01)
-    assert SECONDS_PER_COST_UNIT[("h100", "cudnn")] * TOKEN_STEPS_720P == pytest.approx(1099, rel=0.01)
+    reference = HUNYUAN_VIDEO.seconds_per_token_step
+    assert reference * RELATIVE_TIME[("h100", "flash")] * TOKEN_STEPS_720P == pytest.approx(1960, rel=0.01)
+    assert reference * RELATIVE_TIME[("h100", "cudnn")] * TOKEN_STEPS_720P == pytest.approx(1099, rel=0.01)
 
 
 def _run_with_shards(

@@ -10,11 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hvbatch.config import SamplingConfig, transformer_preset
-from hvbatch.models import random_transformer
+from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.parallel.dims import ParallelDims, ParallelGroups, ProcessGroups
 from hvbatch.parallel.runner import CfgParallelTransformer, parallelize, unparallelize
 from hvbatch.sampling import denoise, initial_noise, new_step_cache
-from tests.helpers import rel_err
+from tests.helpers import TEACACHE, rel_err
 from tests.parallel_worker import LATENT_SHAPE, conditioning, run_cases
 from tests.test_parallel import free_port
 
@@ -25,7 +25,7 @@ CACHED = SamplingConfig(num_inference_steps=6, seed=2, cfg_scale=3.0, cache="tea
 
 
 def cached_cfg(model: object) -> tuple[torch.Tensor, list[bool]]:
-    step_cache = new_step_cache(CACHED)
+    step_cache = new_step_cache(CACHED, TEACACHE)
     assert step_cache is not None
     noise = initial_noise(LATENT_SHAPE, CACHED.seed)
     negative = conditioning(3, 5)

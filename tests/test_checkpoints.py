@@ -16,9 +16,9 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from safetensors.torch import save_file
 
-from hvbatch.models import HunyuanVideoTransformer, load_transformer
 from hvbatch.models.fp8 import FP8_DTYPE, FP8Linear, enable_fp8_gemm, quantize_fp8
-from tests.helpers import DIFFUSERS_SMALL, make_inputs, randomize_, rel_err, small_config
+from hvbatch.models.hunyuan_video import HunyuanVideoTransformer, load_transformer
+from tests.helpers import DIFFUSERS_SMALL, cond_of, make_inputs, randomize_, rel_err, small_config
 
 CONFIG = small_config()
 
@@ -35,14 +35,7 @@ def inputs() -> dict[str, torch.Tensor]:
 
 def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return model(
-            inputs["x"],
-            inputs["t"],
-            inputs["text_states"],
-            inputs["text_mask"],
-            inputs["text_states_2"],
-            guidance=inputs["guidance"],
-        )
+        return model(inputs["x"], inputs["t"], cond_of(inputs))
 
 
 def _assert_same_model(model: HunyuanVideoTransformer, reference: HunyuanVideoTransformer) -> None:
@@ -111,7 +104,7 @@ def test_export_to_diffusers_matches_diffusers_model(
     reference: HunyuanVideoTransformer, inputs: dict[str, torch.Tensor]
 ) -> None:
     """The mapping checked from the other side: our weights, exported, run in diffusers' model."""
-    from hvbatch.models.convert import config_to_diffusers, official_to_diffusers
+    from hvbatch.models.hunyuan_video.convert import config_to_diffusers, official_to_diffusers
 
     raw = {k: v for k, v in config_to_diffusers(CONFIG).items() if not k.startswith("_")}
     theirs = HunyuanVideoTransformer3DModel(**raw).eval()
@@ -247,7 +240,7 @@ def test_unknown_layouts_are_refused(tmp_path: Path) -> None:
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from hvbatch.models import load_transformer
+    from hvbatch.models.hunyuan_video import load_transformer
 
     def high_water_mark_bytes():  # VmHWM restarts at exec; ru_maxrss would inherit the parent's
         line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -276,7 +269,7 @@ def test_loading_peak_memory_is_about_one_copy(tmp_path: Path, layout: str) -> N
         path = tmp_path / "mp_rank_00_model_states.pt"
         torch.save({"module": model.state_dict()}, path)
     else:
-        from hvbatch.models.convert import official_to_diffusers
+        from hvbatch.models.hunyuan_video.convert import official_to_diffusers
 
         diffusers_state = official_to_diffusers(model.state_dict(), config.hidden_size)
         path = tmp_path / "weights.safetensors"

@@ -27,7 +27,7 @@ from hvbatch.batch.files import write_json_atomic
 from hvbatch.batch.rundir import RunDir
 from hvbatch.cli import main
 from hvbatch.config import load_config, transformer_preset
-from hvbatch.models.loading import open_checkpoint
+from hvbatch.models.hunyuan_video.loading import open_checkpoint
 from hvbatch.pipeline import Pipeline
 from hvbatch.text import printable
 from tests.batch_helpers import REPO

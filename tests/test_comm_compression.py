@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hvbatch.config import load_config, transformer_preset
-from hvbatch.models import random_transformer
+from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.parallel import transport
 from hvbatch.parallel.attention import SCALE_BYTES, USPAttention, pack_fp8, resolve_comm_dtype, unpack_fp8
 from hvbatch.parallel.dims import ParallelDims, build_groups

@@ -17,14 +17,13 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 from hvbatch.config import SamplingConfig, transformer_preset
-from hvbatch.models import HunyuanVideoTransformer, random_transformer
+from hvbatch.models.hunyuan_video import HunyuanVideoTransformer, random_transformer
 from hvbatch.models.runtime import compile_blocks
-from hvbatch.models.transformer import TextLengths
 from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from hvbatch.sampling import denoise
 from tests.helpers import rel_err
-from tests.parallel_worker import LATENT_SHAPE, conditioning, initial_noise
+from tests.parallel_worker import LATENT_SHAPE, conditioning, guided, initial_noise
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__")
 
@@ -48,25 +47,17 @@ def sync_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 
 def _forward(model: HunyuanVideoTransformer, text_len: int, t: float = 900.0) -> torch.Tensor:
-    cond = conditioning(text_len, text_len)
-    lengths = TextLengths.from_mask(cond.text_mask, 1, cond.text_states.shape[1])
+    cond = guided(conditioning(text_len, text_len))  # reads the mask's lengths once, here
     with torch.no_grad():
-        return model(
-            initial_noise(LATENT_SHAPE, 1),
-            torch.tensor([t]),
-            cond.text_states,
-            lengths,
-            cond.text_states_2,
-            guidance=torch.tensor([6016.0]),
-        )
+        return model(initial_noise(LATENT_SHAPE, 1), torch.tensor([t]), cond)
 
 
 def test_forward_has_no_host_sync(sync_calls: list[str]) -> None:
     model = random_transformer(transformer_preset("tiny"), seed=0)
     _forward(model, 9)
     sync_calls.clear()
-    _forward(model, 9)  # TextLengths.from_mask above reads the mask once, outside the forward
-    assert sync_calls == ["equal", "tolist"]  # both from TextLengths.from_mask, none from the forward
+    _forward(model, 9)  # TextConditioning.from_mask reads the mask once, outside the forward
+    assert sync_calls == ["equal", "tolist"]  # both from TextConditioning.from_mask, none from the forward
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
@@ -75,13 +66,14 @@ def test_steps_have_no_host_sync(sync_calls: list[str], cfg_scale: float) -> Non
     model = random_transformer(transformer_preset("tiny"), seed=0)
     per_run = []
     for steps in (1, 3):
+        cond, negative = conditioning(1, 9), conditioning(2, 5)  # encoded before: lengths read there
         sync_calls.clear()
         denoise(
             model,
             initial_noise(LATENT_SHAPE, 1),
-            conditioning(1, 9),
+            cond,
             SamplingConfig(num_inference_steps=steps, cfg_scale=cfg_scale),
-            negative=conditioning(2, 5),
+            negative=negative,
         )
         per_run.append(len(sync_calls))
     assert per_run[0] == per_run[1] <= 3, per_run
@@ -146,12 +138,10 @@ def test_compiled_blocks_under_sequence_parallelism() -> None:
         compile_blocks(model, backend="aot_eager")
         groups = build_groups(ParallelDims(dp=1, ulysses=1, ring=1, world_size=1), 0)
         runner = SequenceParallelTransformer(model, groups)
-        cond = conditioning(1, 9)
-        lengths = TextLengths.from_mask(cond.text_mask, 1, cond.text_states.shape[1])
-        args = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), cond.text_states, lengths)
+        args = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), guided(conditioning(1, 9)))
         with torch.no_grad():
-            got = runner(*args, cond.text_states_2, guidance=torch.tensor([6016.0]))  # type: ignore[arg-type]
-            expected = eager(*args, cond.text_states_2, guidance=torch.tensor([6016.0]))
+            got = runner(*args)
+            expected = eager(*args)
     finally:
         dist.destroy_process_group()
     assert rel_err(got, expected) < 1e-5
@@ -174,10 +164,7 @@ def warm_up_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         counter = CompileCounter()
         compile_blocks(model, backend=counter)
         runner = SequenceParallelTransformer(model, build_groups(ParallelDims(1, 2, 1, world), rank))
-        cond = conditioning(1, 9)
-        lengths = TextLengths.from_mask(cond.text_mask, 1, cond.text_states.shape[1])
-        inputs = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), cond.text_states, lengths)
-        inputs += (cond.text_states_2, torch.tensor([6016.0]))
+        inputs = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), guided(conditioning(1, 9)))
         real = {
             name: getattr(dist, name) for name in ("all_to_all_single", "all_gather", "batch_isend_irecv")
         }

@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from hvbatch.config import Config, available_presets, load_config, save_config, transformer_preset
-from hvbatch.models import HunyuanVideoTransformer, random_transformer
-from hvbatch.models.convert import config_from_diffusers
+from hvbatch.models.hunyuan_video import HunyuanVideoTransformer, random_transformer
+from hvbatch.models.hunyuan_video.convert import config_from_diffusers
 from tests.helpers import DIFFUSERS_OTHER, DIFFUSERS_SMALL, small_config
 
 
@@ -95,3 +95,103 @@ def test_every_bundled_example_config_loads() -> None:
     assert (official.sampling.height, official.sampling.width) == (720, 1280)
     assert (diffusers.sampling.height, diffusers.sampling.width) == (544, 960)
     assert official.model.path and diffusers.model.path
+
+
+OLD_RUN_CONFIG = Path(__file__).parent / "data" / "run-config-before-families.yaml"
+"""A run's config.yaml as hvbatch saved it before model families (tiny, cfg 2.5, 128 text tokens)."""
+
+
+def test_a_run_saved_before_families_still_loads_and_round_trips(tmp_path: Path) -> None:
+    config = load_config(OLD_RUN_CONFIG)
+    assert config.model.family == "hunyuan-video-1.0" and config.model.name == "tiny"
+    assert config.model.transformer == transformer_preset("tiny")
+    assert config.model.text_encoder.max_text_tokens == 128 and config.sampling.cfg_scale == 2.5
+    assert config.batch.seconds_per_cost_unit == 0.0005
+    saved = tmp_path / "config.yaml"
+    save_config(config, saved)
+    assert "family: hunyuan-video-1.0" in saved.read_text()
+    assert load_config(saved) == config
+
+
+def test_the_family_types_its_sections() -> None:
+    """Keys and types under model.transformer / model.text_encoder are the family dataclasses'."""
+    config = load_config(overrides=["model=tiny"])
+    assert type(config.model.transformer).__name__ == "TransformerConfig"
+    with pytest.raises(
+        ValueError, match=r"invalid config override or file: Key 'num_head' not in 'TransformerConfig'"
+    ):
+        load_config(overrides=["model=tiny", "model.transformer.num_head=4"])
+    with pytest.raises(ValueError, match=r"invalid config override or file: .*'many'.*Integer"):
+        load_config(overrides=["model=tiny", "model.transformer.num_heads=many"])
+    with pytest.raises(ValueError, match=r"model\.text_encoder\.max_text_tokens=0 must be >= 1"):
+        load_config(overrides=["model=tiny", "model.text_encoder.max_text_tokens=0"])
+    assert (
+        load_config(overrides=["model=tiny", "model.family=hunyuan-video-1.0"]).model.family
+        == "hunyuan-video-1.0"
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown model family 'wan'; registered families: hunyuan-video-1.0"
+    ):
+        load_config(overrides=["model=tiny", "model.family=wan"])
+
+
+def test_every_preset_names_a_family_that_lists_it() -> None:
+    from hvbatch.models.family import families, family_for_preset
+
+    for preset in available_presets():
+        family = family_for_preset(preset)
+        assert preset in family.presets
+        assert load_config(overrides=[f"model={preset}"]).model.family == family.name
+    assert sorted(p for f in families() for p in f.presets) == available_presets()
+
+
+def test_a_second_family_brings_its_own_dataclasses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A family registered with other section types is typed, validated and saved without config.py."""
+    import importlib.resources
+
+    from hvbatch.models import family as registry
+
+    @dataclasses.dataclass
+    class OtherArch:
+        num_heads: int = 16
+        head_dim: int = 128
+        num_blocks: int = 54
+
+    @dataclasses.dataclass
+    class OtherEncoders:
+        max_text_tokens: int = 1000
+
+    released = registry.get_family("hunyuan-video-1.0")
+    other = dataclasses.replace(
+        released,
+        name="other-family",
+        presets=("other-preset",),
+        default_preset=None,
+        config_sections={"transformer": OtherArch, "text_encoder": OtherEncoders},
+        sampling_defaults=lambda preset: {"num_frames": 121, "flow_shift": 5.0},
+        config_problems=lambda model: (
+            [] if model.transformer.num_blocks > 0 else ["model.transformer: no blocks"]
+        ),
+    )
+    monkeypatch.setitem(registry._REGISTRY, other.name, other)
+    presets = tmp_path / "configs" / "model"
+    presets.mkdir(parents=True)
+    for path in registry._preset_dir().glob("*.yaml"):
+        (presets / path.name).write_text(path.read_text())
+    (presets / "other-preset.yaml").write_text(
+        "name: other-preset\nfamily: other-family\ntransformer:\n  num_blocks: 8\n"
+    )
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path / "configs")
+    config = load_config(overrides=["model=other-preset", "model.transformer.head_dim=64"])
+    assert config.model.family == "other-family" and config.model.transformer == OtherArch(16, 64, 8)
+    assert config.model.text_encoder == OtherEncoders() and config.sampling.num_frames == 121
+    assert config.sampling.flow_shift == 5.0 and config.sampling.height == 720  # the rest: built-in defaults
+    with pytest.raises(ValueError, match="Key 'text_dim' not in 'OtherArch'"):
+        load_config(overrides=["model=other-preset", "model.transformer.text_dim=64"])
+    with pytest.raises(ValueError, match=r"model\.transformer: no blocks"):
+        load_config(overrides=["model=other-preset", "model.transformer.num_blocks=0"])
+    with pytest.raises(ValueError, match=r"preset 'tiny' is a model of family 'hunyuan-video-1.0'"):
+        load_config(overrides=["model=tiny", "model.family=other-family"])
+    saved = tmp_path / "config.yaml"
+    save_config(config, saved)
+    assert load_config(saved) == config

@@ -242,3 +242,30 @@ def test_slurm_without_accounting_fails(
     assert "batch.executor=local" in accounting["fix"]
     assert checks["slurm account"]["status"] == "warn"  # cannot be checked without accounting
     assert [c for c in checks.values() if c["status"] == "fail"] == [accounting]
+
+
+def test_a_folder_of_another_family_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weights folder another family detects is refused by doctor and by the loader, naming both."""
+    import dataclasses
+
+    from hvbatch.models import family as registry
+
+    released = registry.get_family("hunyuan-video-1.0")
+    other = dataclasses.replace(
+        released,
+        name="other-family",
+        description="Other Video",
+        presets=("other-preset",),
+        default_preset=None,
+        detect=lambda root: "other diffusers folder" if (root / "other.json").is_file() else None,
+    )
+    monkeypatch.setitem(registry._REGISTRY, other.name, other)
+    (tmp_path / "other.json").write_text("{}")
+    config = _config(f"model.path={tmp_path}", "model.random_weights=false")
+    check = _by_name(run_doctor(config, run_dir=tmp_path))["weights"]
+    assert (
+        check.status == "fail" and "holds a Other Video checkpoint (other diffusers folder)" in check.detail
+    )
+    assert "model=tiny is a HunyuanVideo 1.0" in check.detail and "other-preset" in check.detail
+    with pytest.raises(ValueError, match="holds a Other Video checkpoint"):
+        Pipeline.load(config)

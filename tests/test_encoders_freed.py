@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from hvbatch.config import load_config
-from hvbatch.parallel.memory import ComponentMemory, ModelSize, estimate_memory
+from hvbatch.models.encoding import PromptStore
+from hvbatch.models.hunyuan_video.text_encoders import conditioning_key
+from hvbatch.parallel.memory import estimate_memory
 from hvbatch.parallel.plan import plan_for_config
 from hvbatch.pipeline import Pipeline
-from hvbatch.text_encoders import PromptStore, conditioning_key
+from tests.helpers import model_size, released_components
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +115,9 @@ def test_true_cfg_at_720p_fits_one_80gb_gpu_once_the_encoders_leave_it() -> None
 
 
 def test_offloaded_encoders_count_where_they_exceed_the_denoising_memory() -> None:
-    model = ModelSize.from_config(load_config().model.transformer)
-    small = dict(image_tokens=256, components=ComponentMemory.hunyuan(offloaded=True))
-    resident = estimate_memory(model, image_tokens=256)
+    model = model_size(load_config().model.transformer)
+    small = dict(image_tokens=256, components=released_components(offloaded=True))
+    resident = estimate_memory(model, image_tokens=256, components=released_components())
     offloaded = estimate_memory(model, **small)  # type: ignore[arg-type]
     working = offloaded.activations_gib + offloaded.vae_decode_gib
     assert offloaded.text_encoders_gib == pytest.approx(resident.text_encoders_gib - working)

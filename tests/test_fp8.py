@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from hvbatch.config import ModelConfig, transformer_preset
-from hvbatch.models import random_transformer
 from hvbatch.models.fp8 import (
     FP8_DTYPE,
     FP8Linear,
@@ -23,6 +22,7 @@ from hvbatch.models.fp8 import (
     quantize_fp8,
     quantize_fp8_rowwise,
 )
+from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.models.runtime import configure_transformer
 from tests.helpers import rel_err
 from tests.parallel_worker import one_forward

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from hvbatch.cli import main
 from hvbatch.config import load_config
-from hvbatch.models.convert import config_to_diffusers, official_to_diffusers
-from hvbatch.pipeline import TINY_VAE, Pipeline
+from hvbatch.models.hunyuan_video.components import TINY_VAE
+from hvbatch.models.hunyuan_video.convert import config_to_diffusers, official_to_diffusers
+from hvbatch.pipeline import Pipeline
 from tests.helpers import rel_err
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from hvbatch.config import transformer_preset
-from hvbatch.models import random_transformer
+from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.parallel.dims import ParallelDims
 from tests.helpers import rel_err
 from tests.parallel_worker import (
@@ -156,21 +156,15 @@ def test_bad_explicit_layout_fails_before_anything_starts(
 @pytest.mark.parametrize("world", [5, 7])
 def test_720p_token_grid_on_odd_rank_counts(tmp_path: Path, world: int) -> None:
     """720x1280's 45 x 80 token grid (one latent frame: 3600 tokens) on 5 and 7 ranks equals 1 rank."""
-    from hvbatch.sampling import initial_noise, latent_shape
-    from tests.parallel_worker import conditioning, forward_worker
+    from hvbatch.sampling import initial_noise
+    from tests.helpers import latent_shape
+    from tests.parallel_worker import conditioning, forward_worker, guided
 
     shape = (1, *latent_shape(720, 1280, 1))
     model = random_transformer(transformer_preset("tiny"), seed=0)
     cond = conditioning(5, 11)
     with torch.no_grad():
-        expected = model(
-            initial_noise(shape, 5),
-            torch.tensor([500.0]),
-            cond.text_states,
-            cond.text_mask,
-            cond.text_states_2,
-            guidance=torch.tensor([6016.0]),
-        )
+        expected = model(initial_noise(shape, 5), torch.tensor([500.0]), guided(cond))
     mp.spawn(forward_worker, args=(world, free_port(), str(tmp_path), shape), nprocs=world, join=True)
     assert rel_err(torch.load(tmp_path / "out.pt"), expected) <= 1e-5
 
@@ -183,3 +177,40 @@ def test_dp_groups_work_on_different_prompts(tmp_path: Path, reference: dict[str
     assert [r["case"] for r in results] == ["cfg", "cfg", "plain", "plain"]  # ranks 0-1 and 2-3
     for result in results:
         assert rel_err(result["latents"], reference[result["case"]]) <= 1e-5
+
+
+def _generate_latents(tmp_path: Path, name: str, nproc: int, *overrides: str) -> tuple[torch.Tensor, str]:
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "examples" / "tiny-cpu.yaml"
+    out = tmp_path / name
+    command = [
+        sys.executable, "-m", "hvbatch", "generate", "--nproc", str(nproc), "--config", str(example),
+        "--prompt", "a kite over the sea", "--out", str(out / "v.mp4"),
+        "--save-latents", str(out / "v.safetensors"), "sampling.cfg_scale=3", *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert (out / "v.mp4").is_file()
+    return load_file(str(out / "v.safetensors"))["latents"], result.stdout
+
+
+def test_generate_takes_the_batch_jobs_layout_path(tmp_path: Path) -> None:
+    """`generate --nproc 2` with true CFG: cfg 2 (and the parallel VAE decode) equals one process;
+    parallel.comm_dtype=fp8 reaches the Ulysses transfers; parallel.mode=throughput is the planner's."""
+    from hvbatch.config import load_config
+    from hvbatch.generate import generate_layout
+
+    one, _ = _generate_latents(tmp_path, "one", 1)
+    cfg2, stdout = _generate_latents(tmp_path, "cfg2", 2, "parallel.cfg=2")
+    assert "layout: dp 1 x cfg 2 x ulysses 1 x ring 1 over 2 ranks; VAE decode split over" in stdout
+    assert rel_err(cfg2, one) <= 1e-5
+    fp8, stdout = _generate_latents(tmp_path, "fp8", 2, "parallel.cfg=1", "parallel.comm_dtype=fp8")
+    assert "layout: dp 1 x ulysses 2 x ring 1 over 2 ranks" in stdout
+    assert 0 < rel_err(fp8, one) < 0.05  # float8 transfers: close, not equal
+    example = Path(__file__).resolve().parents[1] / "configs" / "examples" / "tiny-cpu.yaml"
+    throughput = load_config(example, ["sampling.cfg_scale=3", "parallel.mode=throughput"])
+    assert (generate_layout(throughput, 2, 2).dp, generate_layout(throughput, 2, 2).video) == (2, 1)
+    assert generate_layout(load_config(example, ["sampling.cfg_scale=3"]), 2, 2).cfg == 2  # auto: latency

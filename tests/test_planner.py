@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,23 +14,22 @@ import torch
 
 from hvbatch import cli
 from hvbatch.config import load_config, transformer_preset
-from hvbatch.models import HunyuanVideoTransformer
+from hvbatch.models.hunyuan_video import HunyuanVideoTransformer
+from hvbatch.models.hunyuan_video.figures import transformer_param_counts
+from hvbatch.parallel import memory, planner
 from hvbatch.parallel.dims import ParallelDims
-from hvbatch.parallel.memory import (
-    NO_COMPONENTS,
-    ComponentMemory,
-    ModelSize,
-    activation_bytes_per_token,
-    estimate_memory,
-    transformer_param_counts,
-)
+from hvbatch.parallel.memory import NO_COMPONENTS, ModelSize, activation_bytes_per_token
 from hvbatch.parallel.plan import parse_degree, plan_for_config
-from hvbatch.parallel.planner import ParallelPlan, auto_ulysses, format_plan, image_tokens, plan_parallel
+from hvbatch.parallel.planner import ParallelPlan, auto_ulysses, format_plan
 from hvbatch.plan_cli import add_plan_parser
+from tests.helpers import image_tokens, model_size, released_components
 
+# The released model's text encoders and VAE unless a test says otherwise.
+estimate_memory = functools.partial(memory.estimate_memory, components=released_components())
+plan_parallel = functools.partial(planner.plan_parallel, components=released_components())
 FULL = transformer_preset("hunyuan-video-t2v-720p")
-BF16 = ModelSize.from_config(FULL, "bfloat16")
-FP8 = ModelSize.from_config(FULL, "bfloat16", fp8=True)
+BF16 = model_size(FULL, "bfloat16")
+FP8 = model_size(FULL, "bfloat16", fp8=True)
 TOKENS_720P = image_tokens(720, 1280, 129)
 TOKENS_544P = image_tokens(544, 960, 129)
 Main = Callable[[list[str]], int]
@@ -87,7 +87,7 @@ def test_memory_model_numbers() -> None:
     sp8 = estimate_memory(BF16, image_tokens=TOKENS_720P, ulysses=8)
     assert sp8.tokens_per_rank == 14_850 + 256
     assert sp8.total_gib == pytest.approx(57.1, abs=0.05)
-    assert ComponentMemory.hunyuan("float32", "float32").vae_decode_gib == 22.0
+    assert released_components("float32", "float32").vae_decode_gib == 22.0
 
 
 def test_720p_on_8x80_fits_on_one_gpu_per_video() -> None:
@@ -261,7 +261,7 @@ def test_a_model_too_big_for_the_gpus_says_what_to_do() -> None:
 
 @pytest.mark.parametrize("gpus", [1, 2, 5, 8])
 def test_tiny_model_always_fits_on_one_gpu(gpus: int) -> None:
-    tiny = ModelSize.from_config(transformer_preset("tiny"), "float32")
+    tiny = model_size(transformer_preset("tiny"), "float32")
     for components in (None, NO_COMPONENTS):
         plan = plan_parallel(tiny, image_tokens=TOKENS_720P, gpus_per_node=gpus, components=components)
         assert (plan.dp, plan.ulysses, plan.ring) == (gpus, 1, 1)

@@ -17,8 +17,7 @@ from hvbatch.batch.control import prompts, shards
 from hvbatch.batch.control.prompts import VIDEO_SCHEMA, PromptFileError, read_prompts
 from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
 from hvbatch.config import SamplingConfig
-from hvbatch.parallel.planner import image_tokens
-from hvbatch.sampling import latent_shape
+from tests.helpers import image_tokens, latent_shape
 
 DEFAULTS = SamplingConfig()
 

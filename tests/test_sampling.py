@@ -10,17 +10,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
 from hvbatch.config import SamplingConfig
-from hvbatch.models import load_transformer
-from hvbatch.sampling import (
-    TextConditioning,
-    embedded_guidance,
-    euler_step,
-    flow_match_schedule,
-    initial_noise,
-    latent_shape,
-    sample,
-)
-from tests.helpers import DIFFUSERS_SMALL, randomize_, rel_err
+from hvbatch.models.hunyuan_video import TextConditioning, embedded_guidance, load_transformer
+from hvbatch.sampling import euler_step, flow_match_schedule, initial_noise, sample
+from tests.helpers import DIFFUSERS_SMALL, GEOMETRY, latent_shape, randomize_, rel_err
 
 
 def _diffusers_scheduler(num_steps: int, shift: float) -> FlowMatchEulerDiscreteScheduler:
@@ -89,7 +81,9 @@ def _conditioning(seed: int, text_len: int) -> TextConditioning:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(1, 16, dtype=torch.long)
     mask[0, :text_len] = 1
-    return TextConditioning(torch.randn(1, 16, 32, generator=g), mask, torch.randn(1, 24, generator=g))
+    return TextConditioning.from_mask(
+        torch.randn(1, 16, 32, generator=g), mask, torch.randn(1, 24, generator=g)
+    )
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.5])
@@ -134,7 +128,7 @@ def test_denoising_loop_matches_diffusers_pipeline(
             return_dict=False,
             **negative_kwargs,
         )[0]
-        got = sample(ours, cond, sampling, negative=negative if cfg_scale > 1 else None)
+        got = sample(ours, cond, sampling, geometry=GEOMETRY, negative=negative if cfg_scale > 1 else None)
     assert got.shape == expected.shape == noise.shape
     assert rel_err(got, expected) <= 1e-4
     assert rel_err(got, noise) > 0.1  # the loop really ran
@@ -143,4 +137,22 @@ def test_denoising_loop_matches_diffusers_pipeline(
 def test_cfg_without_negative_is_refused(models: tuple[torch.nn.Module, torch.nn.Module]) -> None:
     sampling = SamplingConfig(height=16, width=16, num_frames=1, num_inference_steps=1, cfg_scale=2.0)
     with pytest.raises(ValueError, match="negative"):
-        sample(models[1], _conditioning(0, 3), sampling)
+        sample(models[1], _conditioning(0, 3), sampling, geometry=GEOMETRY)
+
+
+def test_every_step_gets_the_next_timestep(models: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    """`t_next_B` is the next step's timestep, 0 at the last step (1.5's MeanFlow reads it)."""
+    ours = models[1]
+    seen: list[tuple[list[float], list[float]]] = []
+
+    class Recording:
+        compute_dtype = ours.compute_dtype
+
+        def __call__(self, x, t_B, cond, *, t_next_B=None, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append((t_B.tolist(), t_next_B.tolist()))
+            return ours(x, t_B, cond, t_next_B=t_next_B, **kwargs)
+
+    sampling = SamplingConfig(height=16, width=16, num_frames=1, num_inference_steps=3, cfg_scale=2.0)
+    sample(Recording(), _conditioning(0, 3), sampling, geometry=GEOMETRY, negative=_conditioning(1, 5))
+    timesteps = flow_match_schedule(3, sampling.flow_shift).timesteps.tolist()
+    assert seen == [([t, t], [n, n]) for t, n in zip(timesteps, [*timesteps[1:], 0.0], strict=True)]

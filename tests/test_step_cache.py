@@ -17,11 +17,11 @@ from hvbatch.batch.control.prompts import read_prompts
 from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import SamplingConfig, load_config, transformer_preset
-from hvbatch.models import random_transformer
+from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.sampling import denoise, initial_noise, new_step_cache
 from hvbatch.sampling.cache import CachePolicy, StepCache
 from hvbatch.sampling.estimates import expected_speedup
-from tests.helpers import rel_err
+from tests.helpers import HUNYUAN_VIDEO, TEACACHE, rel_err
 from tests.parallel_worker import LATENT_SHAPE, conditioning
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "examples" / "tiny-cpu.yaml"
@@ -34,7 +34,7 @@ def model() -> torch.nn.Module:
 
 def _run(model: torch.nn.Module, steps: int, **cache: object) -> tuple[torch.Tensor, StepCache | None]:
     sampling = SamplingConfig(num_inference_steps=steps, seed=1, **cache)  # type: ignore[arg-type]
-    step_cache = new_step_cache(sampling)
+    step_cache = new_step_cache(sampling, TEACACHE)
     noise = initial_noise(LATENT_SHAPE, sampling.seed)
     return denoise(model, noise, conditioning(1, 9), sampling, step_cache=step_cache), step_cache
 
@@ -163,10 +163,11 @@ def test_manifest_parts_without_step_counts_still_read(tmp_path: Path) -> None:
 
 
 def test_expected_speedup_table() -> None:
-    assert expected_speedup("none", 0.1) == 1.0 and expected_speedup("teacache", 0.0) == 1.0
-    assert expected_speedup("teacache", 0.1) == pytest.approx(1.6)
-    assert expected_speedup("teacache", 0.125) == pytest.approx(1.85)
-    assert expected_speedup("fbcache", 1.0) == pytest.approx(2.3)
+    figures = HUNYUAN_VIDEO.step_cache
+    assert expected_speedup("none", 0.1, figures) == 1.0 and expected_speedup("teacache", 0.0, figures) == 1.0
+    assert expected_speedup("teacache", 0.1, figures) == pytest.approx(1.6)
+    assert expected_speedup("teacache", 0.125, figures) == pytest.approx(1.85)
+    assert expected_speedup("fbcache", 1.0, figures) == pytest.approx(2.3)
 
 
 def test_dry_run_prints_the_saving(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,3 +190,10 @@ def test_dry_run_prints_the_saving(tmp_path: Path, capsys: pytest.CaptureFixture
         == 0
     )
     assert "step caching: fbcache threshold 0.1: ~2.00x faster denoising" in capsys.readouterr().out
+
+
+def test_teacache_needs_the_family_coefficients() -> None:
+    """A family without published TeaCache coefficients refuses `sampling.cache=teacache`."""
+    with pytest.raises(ValueError, match=r"TeaCache coefficients.*sampling\.cache=fbcache"):
+        new_step_cache(SamplingConfig(cache="teacache"), None)
+    assert new_step_cache(SamplingConfig(cache="fbcache"), None) is not None

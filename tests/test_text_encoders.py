@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvbatch.config import TextEncoderConfig
-from hvbatch.text_encoders import (
+from hvbatch.models.hunyuan_video.config import TextEncoderConfig
+from hvbatch.models.hunyuan_video.text_encoders import (
     IMAGE_TEMPLATE,
     VIDEO_TEMPLATE,
     dtype_keyword,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from hvbatch.models import load_transformer
-from tests.helpers import DIFFUSERS_OTHER, DIFFUSERS_SMALL, make_inputs, randomize_, rel_err
+from hvbatch.models.hunyuan_video import TextConditioning, load_transformer
+from tests.helpers import DIFFUSERS_OTHER, DIFFUSERS_SMALL, cond_of, make_inputs, randomize_, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,7 @@ def _reference_forward(reference: torch.nn.Module, inputs: dict[str, torch.Tenso
 
 def _our_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return model(
-            inputs["x"],
-            inputs["t"],
-            inputs["text_states"],
-            inputs["text_mask"],
-            inputs["text_states_2"],
-            guidance=inputs["guidance"],
-        )
+        return model(inputs["x"], inputs["t"], cond_of(inputs))
 
 
 CASES = [
@@ -125,5 +118,6 @@ def test_bad_inputs_are_refused(saved_models: dict[str, tuple[Path, torch.nn.Mod
     odd = dict(inputs, x=torch.randn(1, 16, 1, 5, 4))
     with pytest.raises(ValueError, match="H=5"):
         _our_forward(model, odd)
+    unguided = TextConditioning.from_mask(inputs["text_states"], inputs["text_mask"], inputs["text_states_2"])
     with pytest.raises(ValueError, match="guidance"):
-        model(inputs["x"], inputs["t"], inputs["text_states"], inputs["text_mask"], inputs["text_states_2"])
+        model(inputs["x"], inputs["t"], unguided)

@@ -17,9 +17,9 @@ from diffusers import AutoencoderKLHunyuanVideo
 from safetensors.torch import save_file
 
 from hvbatch.models import vae_blocks
-from hvbatch.models.vae import AutoencoderKLCausal3D, VaeConfig
+from hvbatch.models.hunyuan_video.vae import AutoencoderKLCausal3D, VaeConfig
+from hvbatch.models.hunyuan_video.vae_loading import load_vae
 from hvbatch.models.vae_blocks import frame_causal_attention
-from hvbatch.models.vae_loading import load_vae
 from hvbatch.models.vae_tiling import (
     VaeTilingConfig,
     blend_weights,

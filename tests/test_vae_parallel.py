@@ -14,11 +14,11 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from hvbatch.models.vae import AutoencoderKLCausal3D
+from hvbatch.models.hunyuan_video.components import TINY_VAE
+from hvbatch.models.hunyuan_video.vae import AutoencoderKLCausal3D
 from hvbatch.models.vae_tiling import VaeTilingConfig, tile_plan
 from hvbatch.parallel.dims import ParallelDims, ProcessGroups
 from hvbatch.parallel.vae_decode import ParallelVaeDecoder, assign_tiles, video_decoder
-from hvbatch.pipeline import TINY_VAE
 from tests.parallel_worker import init_gloo
 from tests.test_parallel import free_port
 

@@ -19,9 +19,10 @@ def run_doctor_command(args: argparse.Namespace) -> int:
     videos = None
     if args.prompts:
         from hvbatch.batch.control.prompts import read_prompts
+        from hvbatch.models.family import family_of
 
         try:
-            videos = read_prompts(args.prompts, config.sampling)
+            videos = read_prompts(args.prompts, config.sampling, family_of(config.model).geometry)
         except ValueError as err:
             checks.append(Check("prompts", "fail", one_line(str(err)), "fix the prompts file as listed"))
         else:

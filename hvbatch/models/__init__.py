@@ -1,23 +1,7 @@
-"""HunyuanVideo models with official parameter names. Nothing here imports torch.distributed."""
+"""Models: the family registry (`family.py`), family-neutral building blocks, and one folder per family.
 
-from hvbatch.models.attention import AttentionFn, sdpa_attention
-from hvbatch.models.loading import load_transformer, random_transformer
-from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
-from hvbatch.models.vae import AutoencoderKLCausal3D, DiagonalGaussian, VaeConfig
-from hvbatch.models.vae_loading import load_vae
-from hvbatch.models.vae_tiling import VaeTilingConfig, tiled_decode
-
-__all__ = [
-    "AttentionFn",
-    "AutoencoderKLCausal3D",
-    "DiagonalGaussian",
-    "HunyuanVideoTransformer",
-    "TextLengths",
-    "VaeConfig",
-    "VaeTilingConfig",
-    "load_transformer",
-    "load_vae",
-    "random_transformer",
-    "sdpa_attention",
-    "tiled_decode",
-]
+Nothing here imports torch.distributed, and importing this package imports nothing else: the
+control plane reads `hvbatch.models.family` without torch. The neutral blocks (`layers`, `refiner`,
+`attention`, `attention_backends`, `fp8`, `state_dict_check`, `runtime`, `vae_tiling`, `geometry`,
+`protocols`, `encoding`) serve every family; a family's own code lives in `hvbatch/models/<family>/`.
+"""

@@ -15,26 +15,24 @@ from hvbatch.config import ModelConfig
 from hvbatch.models.attention import LocalAttention, resolved_backend_name
 from hvbatch.models.attention_backends import backend_for
 from hvbatch.models.fp8 import QUANTIZE_CHOICES, FP8Linear, quantize_model_fp8
-from hvbatch.models.transformer import HunyuanVideoTransformer
+from hvbatch.models.protocols import StagedTransformer
 
 
 def compile_blocks(
-    model: HunyuanVideoTransformer, *, backend: str | Callable[..., Any] = "inductor", fullgraph: bool = False
+    model: StagedTransformer, *, backend: str | Callable[..., Any] = "inductor", fullgraph: bool = False
 ) -> None:
-    """Regional compilation: `torch.compile` each double and single block in place.
+    """Regional compilation: `torch.compile` each of the model's blocks (`transformer_blocks()`) in place.
 
     Blocks of one kind share their compiled code. The text length is marked dynamic by
     `forward_tokens`, so prompts of different lengths reuse one graph; steps change only tensor
     values. `fullgraph=False` lets a sequence-parallel attention (collectives) run eagerly inside.
     """
-    for block in [*model.double_blocks, *model.single_blocks]:
+    for block in model.transformer_blocks():
         block.compile(backend=backend, fullgraph=fullgraph)
     model.compiled_blocks = True
 
 
-def configure_transformer(
-    model: HunyuanVideoTransformer, model_config: ModelConfig, device: torch.device
-) -> str:
+def configure_transformer(model: StagedTransformer, model_config: ModelConfig, device: torch.device) -> str:
     """Apply `model.attention`, `model.quantize` and `model.compile`; return e.g. `cudnn (auto)`."""
     if model_config.quantize not in QUANTIZE_CHOICES:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Building blocks of HunyuanVideo's causal 3D VAE (official `AutoencoderKLCausal3D`).
+"""Building blocks of the causal 3D VAEs (HunyuanVideo's; the 1.5 VAE reuses the causal conv and the
+frame-causal attention), and the encoder's posterior (`DiagonalGaussian`), family-neutral.
 
 Shapes: `B` batch, `C` channels, `T` frames, `H` height, `W` width, `L = T*H*W` tokens.
 Every tensor between blocks is `x_BCTHW`. Attribute names (`conv`, `norm1`, `conv_shortcut`,
@@ -7,6 +8,8 @@ which diffusers' `AutoencoderKLHunyuanVideo` shares; do not rename them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -211,3 +214,24 @@ class UpBlockCausal3D(nn.Module):
         for module in [*self.resnets, *self.upsamplers]:
             x_BCTHW = module(x_BCTHW)
         return x_BCTHW
+
+
+@dataclass(frozen=True)
+class DiagonalGaussian:
+    """The encoder's posterior over raw latents z: `mean_BCTHW` and clamped `logvar_BCTHW`."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * noise

@@ -1,9 +1,10 @@
 """The layout a config leads to: `ParallelPlan`s from the config tree, for a video or a job.
 
 Nothing is loaded: the plan comes from the config tree alone (`parallel.*`, `sampling.*`,
-`model=`, `model.dtype`, and whether the block linears run in FP8: `model.quantize=fp8`, or a
-`model.transformer_path` that is an `_fp8.pt` checkpoint).
-Used by `hvbatch plan`, `submit --dry-run` and inside every shard job.
+`model=`, `model.dtype`) and the model family's figures (`ModelFamily.memory`: parameter counts,
+encoders, VAE, and whether the block linears run in FP8; `ModelFamily.geometry`: the image tokens
+of a video). Used by `hvbatch plan`, `submit --dry-run`, inside every shard job and by
+`hvbatch generate`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import dataclasses
 import math
 
 from hvbatch.config import Config, SamplingConfig
+from hvbatch.models.family import MemoryFigures, family_of
+from hvbatch.parallel.dims import ParallelDims
 from hvbatch.parallel.memory import GIB, NO_COMPONENTS, ComponentMemory, ModelSize, host_memory_gib
-from hvbatch.parallel.planner import ParallelPlan, image_tokens, plan_parallel
-
-FP8_SUFFIX = "_fp8.pt"
+from hvbatch.parallel.planner import ParallelPlan, plan_parallel
 
 
 def parse_degree(value: object, key: str) -> int | None:
@@ -32,22 +33,23 @@ def parse_degree(value: object, key: str) -> int | None:
     return degree
 
 
-def plan_mode(config: Config) -> str:
-    """`parallel.mode`, with `auto` meaning throughput (the batch default)."""
+def plan_mode(config: Config, auto: str = "throughput") -> str:
+    """`parallel.mode`, with `auto` meaning `auto` (throughput, the batch default; latency for generate)."""
     mode = config.parallel.mode
-    return "throughput" if mode == "auto" else mode
+    return auto if mode == "auto" else mode
 
 
-def uses_fp8(config: Config) -> bool:
-    """Whether the block linears run in float8: `model.quantize=fp8`, or an `*_fp8.pt` checkpoint."""
-    return config.model.quantize == "fp8" or str(config.model.transformer_path or "").endswith(FP8_SUFFIX)
+def memory_figures(config: Config) -> MemoryFigures:
+    """The model family's figures for this config (transformer, encoders, VAE, fp8 weights)."""
+    return family_of(config.model).memory(config.model)
 
 
 def components_for(config: Config) -> ComponentMemory:
     """The text encoders and VAE the config loads (none for the random-weight presets)."""
     if config.model.random_weights:
         return NO_COMPONENTS
-    return ComponentMemory.hunyuan(
+    return ComponentMemory.from_figures(
+        memory_figures(config),
         config.model.text_encoder_dtype,
         config.model.vae_dtype,
         offloaded=config.model.text_encoder_offload == "cpu",
@@ -72,30 +74,34 @@ def slurm_mem_gb(config: Config) -> int | None:
 
 
 def video_tokens(config: Config, sampling: SamplingConfig) -> int:
-    """Image tokens of the video `sampling` describes, with the model's patch size."""
-    t = config.model.transformer
-    return image_tokens(
-        sampling.height, sampling.width, sampling.num_frames, (t.patch_size_t, t.patch_size, t.patch_size)
-    )
+    """Image tokens of the video `sampling` describes, by the model family's latent geometry."""
+    geometry = family_of(config.model).geometry
+    return geometry.checked_image_tokens(sampling.height, sampling.width, sampling.num_frames)
 
 
-def plan_for_config(config: Config, sampling: SamplingConfig | None = None) -> ParallelPlan:
-    """The plan for one video of size `sampling` (default `config.sampling`) under `config.parallel`."""
+def plan_for_config(
+    config: Config, sampling: SamplingConfig | None = None, *, auto_mode: str = "throughput"
+) -> ParallelPlan:
+    """The plan for one video of size `sampling` (default `config.sampling`) under `config.parallel`.
+
+    `auto_mode` is what `parallel.mode=auto` means here (throughput for batches, latency for generate).
+    """
     sampling = config.sampling if sampling is None else sampling
     p = config.parallel
     ulysses = parse_degree(p.ulysses, "parallel.ulysses")
     ring = parse_degree(p.ring, "parallel.ring")
     cfg = parse_degree(p.cfg, "parallel.cfg")
-    model = ModelSize.from_config(config.model.transformer, config.model.dtype, fp8=uses_fp8(config))
+    figures = memory_figures(config)
+    model = ModelSize.from_figures(figures, config.model.dtype)
     components = components_for(config)
     plan = plan_parallel(
         model,
         image_tokens=video_tokens(config, sampling),
-        text_tokens=config.model.text_encoder.max_text_tokens,
+        text_tokens=figures.text_tokens,
         gpus_per_node=p.gpus_per_node,
         num_nodes=p.num_nodes,
         gpu_memory_gib=p.gpu_memory_gib,
-        mode=plan_mode(config),
+        mode=plan_mode(config, auto_mode),
         ulysses=ulysses,
         ring=ring,
         batch=2 if sampling.cfg_scale > 1 else 1,
@@ -112,11 +118,12 @@ def plan_for_config(config: Config, sampling: SamplingConfig | None = None) -> P
 
 
 def plan_header(config: Config, sampling: SamplingConfig) -> str:
-    weights = "fp8 block weights" if uses_fp8(config) else config.model.dtype
+    figures = memory_figures(config)
+    weights = figures.fp8_words or config.model.dtype
     cfg = ", true CFG (batch 2)" if sampling.cfg_scale > 1 else ""
     return (
         f"video: {sampling.height}x{sampling.width}x{sampling.num_frames} -> "
-        f"{video_tokens(config, sampling):,} image tokens + {config.model.text_encoder.max_text_tokens} text "
+        f"{video_tokens(config, sampling):,} image tokens + {figures.text_tokens} text "
         f"tokens{cfg}; model {config.model.name} ({weights})"
     )
 
@@ -135,11 +142,33 @@ def plan_to_dict(plan: ParallelPlan) -> dict[str, object]:
 
 
 def plan_for_job(
-    config: Config, sampling: SamplingConfig, gpus_per_node: int, num_nodes: int
+    config: Config,
+    sampling: SamplingConfig,
+    gpus_per_node: int,
+    num_nodes: int,
+    *,
+    auto_mode: str = "throughput",
 ) -> ParallelPlan:
     """The plan for a job of `num_nodes` x `gpus_per_node` ranks making a video of size `sampling`."""
     job = dataclasses.replace(
         config,
         parallel=dataclasses.replace(config.parallel, gpus_per_node=gpus_per_node, num_nodes=num_nodes),
     )
-    return plan_for_config(job, sampling)
+    return plan_for_config(job, sampling, auto_mode=auto_mode)
+
+
+def layout_for_job(
+    config: Config,
+    sampling: SamplingConfig,
+    world_size: int,
+    local_world_size: int,
+    *,
+    auto_mode: str = "throughput",
+) -> ParallelDims:
+    """The layout of a job's `world_size` ranks (`local_world_size` per node) for videos the size of
+    `sampling`, validated against the model's heads: what the batch job uses per shard and
+    `hvbatch generate` for its video (`auto_mode="latency"`)."""
+    nodes = max(1, world_size // local_world_size)
+    dims = plan_for_job(config, sampling, local_world_size, nodes, auto_mode=auto_mode).dims(world_size)
+    dims.validate(family_of(config.model).attention_heads(config.model))
+    return dims

@@ -2,7 +2,7 @@
 
 The memory model (per GPU, in `hvbatch.parallel.memory`, reported in GiB):
     transformer weights  params * bytes per param (bf16 2; fp8 checkpoints keep block linear weights at 1)
-  + text encoders        LLaVA-Llama-3-8B language model + CLIP-L text model, in their dtype
+  + text encoders        the model family's text encoders, in their dtype
   + VAE weights          the causal 3D VAE (encoder and decoder), in its dtype
   + activations          bytes per token per hidden channel * hidden size * tokens per rank * batch,
                          batch = 2 with true CFG, 1 without or with cfg 2 (one branch per rank),
@@ -41,19 +41,6 @@ from hvbatch.parallel.memory import (
     ModelSize,
     estimate_memory,
 )
-from hvbatch.sampling.sizes import latent_shape
-
-
-def image_tokens(height: int, width: int, num_frames: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
-    """Image tokens of a video (sizes validated by `latent_shape`): 720x1280x129 -> 33*45*80 = 118,800."""
-    _, frames, lat_h, lat_w = latent_shape(height, width, num_frames)
-    pt, ph, pw = patch
-    if frames % pt or lat_h % ph or lat_w % pw:
-        raise ValueError(
-            f"latent {frames}x{lat_h}x{lat_w} (frames x height x width) of a {height}x{width}x{num_frames} "
-            f"video is not divisible by the patch {pt}x{ph}x{pw}; choose sizes that are"
-        )
-    return (frames // pt) * (lat_h // ph) * (lat_w // pw)
 
 
 @dataclass(frozen=True)
@@ -82,6 +69,8 @@ class ParallelPlan:
     """The transformer's size, in words (e.g. `12.82B params, 16-bit`)."""
     cfg: int = 1
     """CFG-parallel degree: 2 runs the two CFG branches on two SP blocks of the video's GPUs."""
+    encoders: str = ""
+    """The text encoders counted, in words (the model family's)."""
 
     @property
     def sp(self) -> int:
@@ -203,7 +192,7 @@ def _too_big(largest: _Candidate, gpu_memory_gib: float, world: int) -> ValueErr
         more_gpus = "more GPUs per job cannot help; use "
     return ValueError(
         f"the video does not fit: {why}. To fix: {more_gpus}GPUs with more memory, fp8 transformer weights "
-        "(model.transformer_path=.../mp_rank_00_model_states_fp8.pt), or a smaller video "
+        "(the model's fp8 checkpoint in model.transformer_path), or a smaller video "
         "(sampling.height, sampling.width, sampling.num_frames)"
     )
 
@@ -419,6 +408,7 @@ def plan_parallel(
         gpu_memory_gib=gpu_memory_gib,
         model=model.describe(),
         cfg=chosen.cfg,
+        encoders=components.encoder_words if components is not None else "",
     )
     _validate(plan.dims(), model.num_heads, gpus_per_node, num_nodes)
     return plan
@@ -430,7 +420,7 @@ def format_plan(plan: ParallelPlan) -> str:
     nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''}"
     rows = [
         ("transformer weights", m.transformer_weights_gib, plan.model),
-        ("text encoders", m.text_encoders_gib, "LLaVA-Llama-3-8B + CLIP-L"),
+        ("text encoders", m.text_encoders_gib, plan.encoders),
         ("VAE weights", m.vae_weights_gib, ""),
         ("activations", m.activations_gib, f"{m.tokens_per_rank:,} tokens per GPU"),
         *(

@@ -1,7 +1,9 @@
 """Sequence parallelism applied from outside: shard image tokens at entry, gather at exit.
 
-`SequenceParallelTransformer` has the model's forward signature, so the sampler runs it
-unchanged. The model file is untouched: only its `attention_fn` is swapped for `USPAttention`.
+`SequenceParallelTransformer` has the model's calling convention (`model(x, t, cond, *, t_next_B,
+step_cache)`, `hvbatch.models.protocols`), so the sampler runs it unchanged; it composes the
+model's stages (`token_grid`, `rope`, `embed_image`, `forward_tokens`, `unpatchify`) of any family.
+The model file is untouched: only its `attention_fn` is swapped for `USPAttention`.
 `CfgParallelTransformer` splits a CFG batch of 2 over the two SP blocks of a cfg 2 layout.
 
 `warm_up(runner, ...)` runs one forward with no collective at all (each rank attends only its
@@ -12,14 +14,14 @@ before the first collective, whose timeout must not absorb uneven compile times.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hvbatch.config import TransformerConfig
 from hvbatch.models.attention import set_token_grid
-from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
+from hvbatch.models.protocols import Conditioning, StagedTransformer
 from hvbatch.parallel.attention import CommStats, USPAttention
 from hvbatch.parallel.dims import ParallelGroups
 from hvbatch.parallel.ssta_attention import usp_attention_for
@@ -28,14 +30,12 @@ from hvbatch.sampling.cache import StepCache
 
 
 class SequenceParallelTransformer:
-    """`model(x, t, text_states, text_mask, text_states_2, guidance)` over one SP group.
+    """`model(x, t, cond, *, t_next_B, step_cache)` over one SP group.
 
     Every rank of the group receives the same inputs and returns the same full velocity.
     """
 
-    def __init__(
-        self, model: HunyuanVideoTransformer, groups: ParallelGroups, comm_dtype: str = "none"
-    ) -> None:
+    def __init__(self, model: StagedTransformer, groups: ParallelGroups, comm_dtype: str = "none") -> None:
         self.model = model
         self.groups = groups
         # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too
@@ -46,7 +46,7 @@ class SequenceParallelTransformer:
         model.attention_fn = self.attention
 
     @property
-    def config(self) -> TransformerConfig:
+    def config(self) -> Any:
         return self.model.config
 
     @property
@@ -76,36 +76,33 @@ class SequenceParallelTransformer:
 
     def __call__(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text_states: torch.Tensor,
-        text_mask: torch.Tensor | None,
-        text_states_2: torch.Tensor,
-        guidance: torch.Tensor | None = None,
+        x_BCTHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: Conditioning,
+        *,
+        t_next_B: torch.Tensor | None = None,
         step_cache: StepCache | None = None,
     ) -> torch.Tensor:
-        grid = self.model.token_grid(x.shape)
+        grid = self.model.token_grid(x_BCTHW.shape)
         num_tokens = grid[0] * grid[1] * grid[2]
-        out_BLP = self._forward_shard(x, t, text_states, text_mask, text_states_2, guidance, step_cache)
+        out_BLP = self._forward_shard(x_BCTHW, t_B, cond, t_next_B, step_cache)
         self.attention.stats.calls += 1
         return self.model.unpatchify(self._gather(out_BLP, num_tokens), grid)
 
     def _forward_shard(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text_states: torch.Tensor,
-        text_mask: torch.Tensor | TextLengths | None,
-        text_states_2: torch.Tensor,
-        guidance: torch.Tensor | None,
+        x_BCTHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: Conditioning,
+        t_next_B: torch.Tensor | None,
         step_cache: StepCache | None,
     ) -> torch.Tensor:
         """This rank's final-layer outputs (its shard of the image tokens)."""
         model = self.model
-        grid = model.token_grid(x.shape)
+        grid = model.token_grid(x_BCTHW.shape)
         set_token_grid(self.attention, grid)
-        img_BLD = model.embed_image(x)
-        cos_LD, sin_LD = model.rope(grid, x.device)
+        img_BLD = model.embed_image(x_BCTHW, cond)
+        cos_LD, sin_LD = model.rope(grid, x_BCTHW.device)
         num_tokens = img_BLD.shape[1]
         shard_len = math.ceil(num_tokens / self.groups.dims.sp)
         self.attention.set_sequence(num_tokens, shard_len)
@@ -115,31 +112,31 @@ class SequenceParallelTransformer:
         return model.forward_tokens(
             self._shard(img_BLD, shard_len),
             (self._shard(cos_LD, shard_len), self._shard(sin_LD, shard_len)),
-            t,
-            text_states,
-            text_mask,
-            text_states_2,
-            guidance,
-            step_cache,
+            t_B,
+            cond,
+            t_next_B=t_next_B,
+            step_cache=step_cache,
         )
 
-    def warm_up(self, *inputs: torch.Tensor | TextLengths | None) -> None:
+    def warm_up(
+        self,
+        x_BCTHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: Conditioning,
+        t_next_B: torch.Tensor | None = None,
+    ) -> None:
         """One forward of this rank's shard with no collective (attention over its own tokens only):
         compiles the blocks for these shapes. The output is meaningless and dropped."""
         self.attention.local_only = True
         try:
-            self._forward_shard(*inputs, None)  # type: ignore[arg-type]
+            self._forward_shard(x_BCTHW, t_B, cond, t_next_B, None)
         finally:
             self.attention.local_only = False
 
 
-def _branch(value: torch.Tensor | TextLengths | None, index: int) -> torch.Tensor | TextLengths | None:
-    """Batch element `index` of a model input (a tensor, `TextLengths` or None)."""
-    if value is None:
-        return None
-    if isinstance(value, TextLengths):
-        return TextLengths((value.lengths[index],), value.padded_length)
-    return value[index : index + 1]
+def _branch(value: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """Batch element `index` of a tensor input (None stays None)."""
+    return None if value is None else value[index : index + 1]
 
 
 class CfgParallelTransformer:
@@ -149,18 +146,18 @@ class CfgParallelTransformer:
     """
 
     def __init__(
-        self, inner: HunyuanVideoTransformer | SequenceParallelTransformer, groups: ParallelGroups
+        self, inner: StagedTransformer | SequenceParallelTransformer, groups: ParallelGroups
     ) -> None:
         self.inner = inner
         self.groups = groups
         self.stats = inner.attention.stats if isinstance(inner, SequenceParallelTransformer) else CommStats()
 
     @property
-    def model(self) -> HunyuanVideoTransformer:
+    def model(self) -> StagedTransformer:
         return self.inner.model if isinstance(self.inner, SequenceParallelTransformer) else self.inner
 
     @property
-    def config(self) -> TransformerConfig:
+    def config(self) -> Any:
         return self.inner.config
 
     @property
@@ -169,32 +166,41 @@ class CfgParallelTransformer:
 
     def __call__(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text_states: torch.Tensor,
-        text_mask: torch.Tensor | TextLengths | None,
-        text_states_2: torch.Tensor,
-        guidance: torch.Tensor | None = None,
+        x_BCTHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: Conditioning,
+        *,
+        t_next_B: torch.Tensor | None = None,
         step_cache: StepCache | None = None,
     ) -> torch.Tensor:
         cache = {} if step_cache is None else {"step_cache": step_cache}
         if step_cache is not None and not isinstance(self.inner, SequenceParallelTransformer):
             step_cache.reduce_sums = self._reduce_sums  # (the SP runner sets its own, cfg included)
-        if x.shape[0] != self.groups.dims.cfg:
-            return self.inner(x, t, text_states, text_mask, text_states_2, guidance, **cache)
+        if x_BCTHW.shape[0] != self.groups.dims.cfg:
+            return self.inner(x_BCTHW, t_B, cond, t_next_B=t_next_B, **cache)
         i = self.groups.cfg_index
-        inputs = (x, t, text_states, text_mask, text_states_2, guidance)
-        own = self.inner(*(_branch(value, i) for value in inputs), **cache).contiguous()
+        own = self.inner(
+            x_BCTHW[i : i + 1], t_B[i : i + 1], cond.select(i), t_next_B=_branch(t_next_B, i), **cache
+        ).contiguous()
         wire = to_wire(own, self.groups.cfg)
         chunks = [torch.empty_like(wire) for _ in range(self.groups.dims.cfg)]
         dist.all_gather(chunks, wire, group=self.groups.cfg)
         self.stats.add("cfg", own.numel() * own.element_size() * (len(chunks) - 1))
         return from_wire(torch.cat(chunks), own.device)
 
-    def warm_up(self, *inputs: torch.Tensor | TextLengths | None) -> None:
+    def warm_up(
+        self,
+        x_BCTHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: Conditioning,
+        t_next_B: torch.Tensor | None = None,
+    ) -> None:
         """Compile this rank's branch (batch element `cfg_index` of a CFG batch) with no collective."""
-        branch = [_branch(value, self.groups.cfg_index) for value in inputs]  # type: ignore[arg-type]
-        warm_up(self.inner, *branch)
+        i = self.groups.cfg_index
+        if x_BCTHW.shape[0] != self.groups.dims.cfg:  # a batch of 1 runs whole on both halves
+            warm_up(self.inner, x_BCTHW, t_B, cond, t_next_B)
+            return
+        warm_up(self.inner, x_BCTHW[i : i + 1], t_B[i : i + 1], cond.select(i), _branch(t_next_B, i))
 
     def _reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
         wire = to_wire(sums, self.groups.cfg)
@@ -202,10 +208,10 @@ class CfgParallelTransformer:
         return from_wire(wire, sums.device)
 
 
-Runner = HunyuanVideoTransformer | SequenceParallelTransformer | CfgParallelTransformer
+Runner = StagedTransformer | SequenceParallelTransformer | CfgParallelTransformer
 
 
-def parallelize(model: HunyuanVideoTransformer, groups: ParallelGroups, comm_dtype: str = "none") -> Runner:
+def parallelize(model: StagedTransformer, groups: ParallelGroups, comm_dtype: str = "none") -> Runner:
     """The model as this rank's video block runs it: itself for sp 1 and cfg 1, else wrapped in a
     sequence-parallel runner (sp > 1, its attention transfers in `comm_dtype`: `none` or `fp8`)
     and/or a cfg-parallel one (cfg 2).
@@ -213,23 +219,29 @@ def parallelize(model: HunyuanVideoTransformer, groups: ParallelGroups, comm_dty
     Undo with `unparallelize` before the model is parallelized for another layout.
     """
     assert not isinstance(model.attention_fn, USPAttention), "unparallelize the model first"
-    runner: HunyuanVideoTransformer | SequenceParallelTransformer = model
+    runner: StagedTransformer | SequenceParallelTransformer = model
     if groups.dims.sp > 1:
         runner = SequenceParallelTransformer(model, groups, comm_dtype)
     return CfgParallelTransformer(runner, groups) if groups.dims.cfg > 1 else runner
 
 
-def warm_up(runner: Runner, *inputs: torch.Tensor | TextLengths | None) -> None:
-    """Compile `runner`'s blocks for the shapes of `inputs` (the model's forward arguments) without
-    any collective; a plain model just runs them (it has no collective to delay)."""
+def warm_up(
+    runner: Runner,
+    x_BCTHW: torch.Tensor,
+    t_B: torch.Tensor,
+    cond: Conditioning,
+    t_next_B: torch.Tensor | None = None,
+) -> None:
+    """Compile `runner`'s blocks for the shapes of these inputs (the model's call) without any
+    collective; a plain model just runs them (it has no collective to delay)."""
     with torch.no_grad():
         if isinstance(runner, (SequenceParallelTransformer, CfgParallelTransformer)):
-            runner.warm_up(*inputs)
+            runner.warm_up(x_BCTHW, t_B, cond, t_next_B)
         else:
-            runner(*inputs)  # type: ignore[arg-type]
+            runner(x_BCTHW, t_B, cond, t_next_B=t_next_B)
 
 
-def unparallelize(runner: Runner) -> HunyuanVideoTransformer:
+def unparallelize(runner: Runner) -> StagedTransformer:
     """The plain model again, with the attention it had before `parallelize`."""
     if isinstance(runner, CfgParallelTransformer):
         runner = runner.inner

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from hvbatch.models.vae import AutoencoderKLCausal3D
+from hvbatch.models.protocols import VideoVae
 from hvbatch.models.vae_tiling import Tile, VaeTilingConfig, blend_tiles, output_extent, tile_plan
 from hvbatch.parallel.dims import ParallelGroups
 from hvbatch.parallel.transport import from_wire, to_wire
@@ -120,17 +120,17 @@ class ParallelVaeDecoder:
     def is_leader(self) -> bool:
         return self.rank == self.ranks[0]
 
-    def __call__(
-        self, vae: AutoencoderKLCausal3D, latents: torch.Tensor, tiling: VaeTilingConfig
-    ) -> torch.Tensor | None:
+    def __call__(self, vae: VideoVae, latents: torch.Tensor, tiling: VaeTilingConfig) -> torch.Tensor | None:
         config = vae.config
         ratios = (config.temporal_compression_ratio, config.spatial_compression_ratio)
         tiles = tile_plan(tuple(latents.shape), tiling, *ratios)
         if not tiling.enabled or len(tiles) == 1 or len(self.ranks) == 1:
             return vae.decode_latents(latents, tiling) if self.is_leader else None
-        # What `AutoencoderKLCausal3D.decode_latents` does around its tiled decode.
-        param = next(vae.parameters())
-        z = (latents.to(device=param.device, dtype=torch.float32) / config.scaling_factor).to(param.dtype)
+        # What the VAE's `decode_latents` does around its tiled decode: undo the scale (and a shift).
+        param = next(vae.parameters())  # type: ignore[attr-defined]
+        shift = float(getattr(config, "shift_factor", None) or 0.0)
+        z = latents.to(device=param.device, dtype=torch.float32) / config.scaling_factor
+        z = (z + shift if shift else z).to(param.dtype)
         video = parallel_tiled_decode(vae.decode, z, tiles, self.ranks, self.rank, self.group)
         return None if video is None else video.div_(2).add_(0.5).clamp_(0.0, 1.0)
 

@@ -1,7 +1,7 @@
-"""Flow-matching sampling for HunyuanVideo.
+"""Flow-matching sampling for any model family (`hvbatch.models.protocols`).
 
-Names are imported on first use (PEP 562), so `hvbatch.sampling.sizes` and
-`hvbatch.sampling.estimates` serve the control plane without importing torch.
+Names are imported on first use (PEP 562), so `hvbatch.sampling.estimates` serves the control
+plane without importing torch.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ _HOMES = {
     "CachePolicy": "cache",
     "StepCache": "cache",
     "expected_speedup": "estimates",
-    "TextConditioning": "sampler",
     "denoise": "sampler",
-    "embedded_guidance": "sampler",
     "initial_noise": "sampler",
     "new_step_cache": "sampler",
     "sample": "sampler",
-    "latent_shape": "sizes",
     "FlowMatchSchedule": "scheduler",
     "euler_step": "scheduler",
     "flow_match_schedule": "scheduler",

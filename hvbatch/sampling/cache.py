@@ -2,13 +2,14 @@
 
 Two policies, both deciding from a relative L1 change `sum|a - a_prev| / sum|a_prev|`:
 
-- `teacache` (TeaCache): `a` is the first double block's modulated image input (its layer norm,
-  then shift/scale of `img_mod`). The change of every step is rescaled by the polynomial fitted for
-  HunyuanVideo and accumulated; while the sum stays under the threshold the step reuses the
+- `teacache` (TeaCache): `a` is the first block's modulated image input (the model computes it:
+  `StepCacheHook.probe_after_first_block` is False). The change of every step is rescaled by the
+  polynomial fitted for the model family (`StepCacheFigures.teacache_coefficients`; a family without
+  one refuses TeaCache) and accumulated; while the sum stays under the threshold the step reuses the
   residual (output of all blocks minus their input) of the last computed step.
-- `fbcache` (First-Block-Cache): the first double block always runs; `a` is its image residual.
-  While it differs from the last computed step's by less than the threshold, the remaining blocks
-  are skipped and their cached residual is added to the first block's output.
+- `fbcache` (First-Block-Cache): the first block always runs; `a` is its image residual. While it
+  differs from the last computed step's by less than the threshold, the remaining blocks are
+  skipped and their cached residual is added to the first block's output.
 
 The first and last steps are always computed, and at most `max_skips` steps in a row are skipped.
 
@@ -26,13 +27,11 @@ from dataclasses import dataclass
 import torch
 
 CACHE_MODES = ("none", "teacache", "fbcache")
-TEACACHE_HUNYUAN_POLY = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
-"""TeaCache's rescale polynomial for HunyuanVideo, highest degree first (TeaCache4HunyuanVideo)."""
 
 
-def _rescale(value: float) -> float:
+def _rescale(value: float, coefficients: tuple[float, ...]) -> float:
     result = 0.0
-    for coefficient in TEACACHE_HUNYUAN_POLY:
+    for coefficient in coefficients:
         result = result * value + coefficient
     return max(result, 0.0)  # never negative, so a threshold of 0 never skips
 
@@ -58,10 +57,15 @@ class StepCache:
     Counts: `computed` and `skipped` steps so far.
     """
 
-    def __init__(self, policy: CachePolicy, num_steps: int) -> None:
+    def __init__(
+        self, policy: CachePolicy, num_steps: int, teacache_coefficients: tuple[float, ...] | None = None
+    ) -> None:
         if policy.mode == "none":
             raise ValueError("StepCache needs a policy other than `none`")
         self.policy = policy
+        self.teacache_coefficients = tuple(teacache_coefficients or (1.0, 0.0))
+        """TeaCache's rescale polynomial; without one the raw change accumulates (`step_cache_for`,
+        which every video's cache comes from, refuses TeaCache for a family that has none)."""
         self.num_steps = num_steps
         self.probe_after_first_block = policy.mode == "fbcache"
         """What `should_compute` is given: the first block's residual (fbcache) or modulated input."""
@@ -94,7 +98,7 @@ class StepCache:
             self._previous = probe_BLD  # TeaCache compares consecutive steps
             if must:
                 return True
-            self._accumulated += _rescale(self._relative_l1(probe_BLD, previous))
+            self._accumulated += _rescale(self._relative_l1(probe_BLD, previous), self.teacache_coefficients)
             return not (self._accumulated < self.policy.threshold and self._run < self.policy.max_skips)
         if must:  # fbcache compares with the last computed step
             return True
@@ -125,7 +129,19 @@ class StepCache:
         return img_BLD + self._residual
 
 
-def step_cache_for(mode: str, threshold: float, max_skips: int, num_steps: int) -> StepCache | None:
-    """The cache of one video, or None when caching is off."""
+def step_cache_for(
+    mode: str,
+    threshold: float,
+    max_skips: int,
+    num_steps: int,
+    *,
+    teacache_coefficients: tuple[float, ...] | None = None,
+) -> StepCache | None:
+    """The cache of one video, or None when caching is off; TeaCache needs the family's coefficients."""
     policy = CachePolicy(mode, float(threshold), int(max_skips))
-    return None if mode == "none" else StepCache(policy, num_steps)
+    if mode == "teacache" and not teacache_coefficients:
+        raise ValueError(
+            "sampling.cache=teacache needs TeaCache coefficients fitted for this model family, and it "
+            "has none: use sampling.cache=fbcache (First-Block-Cache needs none) or none"
+        )
+    return None if mode == "none" else StepCache(policy, num_steps, teacache_coefficients)

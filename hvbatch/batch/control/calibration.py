@@ -1,13 +1,15 @@
 """Seconds per cost unit (GPU-seconds per image token x denoising step, one GPU): what shards and
-walltimes are sized from. The default comes from a small table by GPU and attention kernel; once a
-run has finished videos, their own seconds refine it for the jobs submitted later (`retry`, the
-automatic resubmission of a failed or interrupted shard, `hvbatch sbatch`).
+walltimes are sized from. The default is the model family's figure on one H100 with
+FlashAttention-2 (`ModelFamily.seconds_per_token_step`) times a small table of relative times by
+GPU and attention kernel; once a run has finished videos, their own seconds refine it for the jobs
+submitted later (`retry`, the automatic resubmission of a failed or interrupted shard,
+`hvbatch sbatch`).
 
-The table (`SECONDS_PER_COST_UNIT`), per GPU (`batch.gpu_type`) and kernel (`model.attention`;
-`auto` and `default` mean the kernel `auto` picks there):
-- H100 / flash: the official figure, 1904 s for 720p x 129 frames x 50 steps on one H100 (the
-  HunyuanVideo README, FlashAttention-2), i.e. 3.2e-4, plus 3%: the old default for every kernel.
-- H100 / cudnn and fa3: 1.85e-4, about 1.8x faster: a 720p step of ~21.5 s estimated from the code
+The table (`RELATIVE_TIME`, against H100 x FlashAttention-2), per GPU (`batch.gpu_type`) and kernel
+(`model.attention`; `auto` and `default` mean the kernel `auto` picks there):
+- H100 / flash: 1, the family's figure (HunyuanVideo 1.0: the official 1904 s for 720p x 129 frames x
+  50 steps on one H100, FlashAttention-2, i.e. 3.2e-4, plus 3%).
+- H100 / cudnn and fa3: 1.85 / 3.3, about 1.8x faster: a 720p step of ~21.5 s estimated from the code
   as written with cuDNN attention (issue 19); unmeasured until benchmarks/gpu_check.py runs.
 - H200: as H100 (the same compute; attention is compute-bound). B200: half of H100 (about 2.3x the
   dense bf16 throughput, rounded down). A100 and L40S: H100's flash figure scaled by dense bf16
@@ -15,7 +17,7 @@ The table (`SECONDS_PER_COST_UNIT`), per GPU (`batch.gpu_type`) and kernel (`mod
 - `auto` is cudnn on H100/H200/B200: PyTorch trusts cuDNN above 9.15.0 and the torch 2.11 CUDA 13
   wheels ship 9.17.1 (pytorch#173216); on a node with an older cuDNN the job runs flash, slower than
   assumed, and the refinement below corrects the next submissions.
-Every figure but H100/flash is an estimate; `hvbatch retry` and resubmissions use the measured one.
+Every factor but H100/flash is an estimate; `hvbatch retry` and resubmissions use the measured figure.
 
 The measured figure is the median, over the run's done videos, of `seconds x GPUs per video /
 (image tokens x steps x CFG branches)`; it includes what the table does not (VAE decode, the mp4
@@ -35,12 +37,13 @@ import pyarrow.compute as pc
 from hvbatch.batch.rundir import RunDir
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config
+from hvbatch.models.family import family_of
 from hvbatch.parallel.plan import plan_for_job
-from hvbatch.parallel.planner import ParallelPlan, image_tokens
+from hvbatch.parallel.planner import ParallelPlan
 
-_H100_FLASH = 3.3e-4
-_H100_FAST = 1.85e-4
-SECONDS_PER_COST_UNIT: dict[tuple[str, str], float] = {
+_H100_FLASH = 1.0
+_H100_FAST = 1.85 / 3.3
+RELATIVE_TIME: dict[tuple[str, str], float] = {
     ("h100", "flash"): _H100_FLASH,
     ("h100", "cudnn"): _H100_FAST,
     ("h100", "fa3"): _H100_FAST,
@@ -58,6 +61,7 @@ SECONDS_PER_COST_UNIT: dict[tuple[str, str], float] = {
     ("l40s", "flash"): 989 / 362 * _H100_FLASH,
     ("l40s", "efficient"): 1.3 * 989 / 362 * _H100_FLASH,
 }
+"""Time per token-step relative to one H100 with FlashAttention-2, by (GPU, kernel)."""
 AUTO_KERNEL = {"h100": "cudnn", "h200": "cudnn", "b200": "cudnn", "a100": "flash", "l40s": "flash"}
 """What `model.attention=auto` (and `default`) runs on each GPU of the table."""
 GPU_TYPES = tuple(AUTO_KERNEL)
@@ -80,16 +84,17 @@ def expected_kernel(attention: str, gpu_type: str) -> str:
     auto = AUTO_KERNEL[gpu_type]
     if attention in ("auto", "default"):
         return auto
-    return attention if (gpu_type, attention) in SECONDS_PER_COST_UNIT else auto
+    return attention if (gpu_type, attention) in RELATIVE_TIME else auto
 
 
 def configured_rate(config: Config) -> CostRate:
-    """`batch.seconds_per_cost_unit` when set, else the table's figure for the GPU and kernel."""
+    """`batch.seconds_per_cost_unit` when set, else the model family's figure scaled by the table
+    for the GPU and kernel."""
     b = config.batch
     if b.seconds_per_cost_unit is not None:
         return CostRate(b.seconds_per_cost_unit, "batch.seconds_per_cost_unit")
     kernel = expected_kernel(config.model.attention, b.gpu_type)
-    figure = SECONDS_PER_COST_UNIT[(b.gpu_type, kernel)]
+    figure = family_of(config.model).seconds_per_token_step * RELATIVE_TIME[(b.gpu_type, kernel)]
     return CostRate(figure, f"table: {b.gpu_type} x {kernel} (batch.gpu_type, model.attention)")
 
 
@@ -99,8 +104,7 @@ def measured_rate(run: RunDir, config: Config) -> CostRate | None:
     for row in run.metrics_rows():
         if row.get("world_size") and row.get("dp"):
             gpus_per_video[row["attempt_key"]] = max(1, int(row["world_size"]) // int(row["dp"]))
-    t = config.model.transformer
-    patch = (t.patch_size_t, t.patch_size, t.patch_size)
+    geometry = family_of(config.model).geometry
     branches = 2 if config.sampling.cfg_scale > 1 else 1
     rates = []
     for row in run.manifest_rows().to_pylist():
@@ -110,9 +114,8 @@ def measured_rate(run: RunDir, config: Config) -> CostRate | None:
         group = gpus_per_video.get(row["attempt_key"])
         if group is None:
             continue
-        cost = (
-            image_tokens(row["height"], row["width"], row["num_frames"], patch) * row["num_inference_steps"]
-        )
+        tokens = geometry.checked_image_tokens(row["height"], row["width"], row["num_frames"])
+        cost = tokens * row["num_inference_steps"]
         rates.append(seconds * group / (cost * branches))
     if len(rates) < MIN_MEASURED_VIDEOS:
         return None

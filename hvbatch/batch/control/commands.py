@@ -45,6 +45,7 @@ from hvbatch.batch.files import (
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config, save_config
+from hvbatch.models.family import family_of
 from hvbatch.parallel.planner import ParallelPlan, format_plan
 from hvbatch.sampling.estimates import saving_line
 from hvbatch.text import printable, printable_lines
@@ -82,7 +83,8 @@ def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards:
         )
     if config.sampling.cache != "none":
         costs, thresholds = videos["cost"].to_pylist(), videos["cache_threshold"].to_pylist()
-        print(saving_line(config.sampling.cache, gpu_hours, costs, thresholds))
+        figures = family_of(config.model).step_cache
+        print(saving_line(config.sampling.cache, gpu_hours, costs, thresholds, figures))
     summary = shard_summary(shards)
     for entry in summary[:20]:
         print(f"  shard {entry['index']:>5}: {entry['num_videos']} videos, cost {entry['cost']:.3g}")
@@ -231,7 +233,7 @@ def _wait_or_stop(run: RunDir) -> int:
 
 def dry_run(config: Config, prompts: str | Path) -> int:
     """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
-    videos = read_prompts(Path(prompts), config.sampling)
+    videos = read_prompts(Path(prompts), config.sampling, family_of(config.model).geometry)
     plan = job_plan(config, videos)
     _print_dry_run(config, videos, plan, plan_shards(config, videos, plan))
     return 0
@@ -242,7 +244,7 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(config, args.prompts)
     prompts = Path(args.prompts)
-    videos = read_prompts(prompts, config.sampling)  # validates everything before anything is written
+    videos = read_prompts(prompts, config.sampling, family_of(config.model).geometry)  # validates all first
     run = RunDir(args.run_dir or _default_run_dir(prompts))
     check_run_dir_name(run.root)
     kind = resolve_executor(args.executor or config.batch.executor)

@@ -7,8 +7,8 @@ default from the `SamplingConfig` passed in):
     id                   string or integer (made a string); default: a hash of the row's content
     negative_prompt      string
     seed                 integer  >= 0; the row's videos get seeds seed, seed+1, ..., seed+n-1
-    height, width        integer  positive multiples of 16
-    num_frames           integer  4k+1
+    height, width        integer  positive multiples of the model family's size multiple (16)
+    num_frames           integer  rk+1 for the family's temporal ratio r (4k+1)
     num_inference_steps  integer  >= 1
     guidance_scale       number   >= 0
     flow_shift           number   > 0
@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hvbatch.config import SamplingConfig
-from hvbatch.sampling.sizes import SIZE_MULTIPLE, VAE_SPATIAL_RATIO, VAE_TEMPORAL_RATIO
+from hvbatch.models.family import LatentGeometry, default_preset, family_for_preset
 
 INT_COLUMNS = ("seed", "height", "width", "num_frames", "num_inference_steps", "num_videos")
 FLOAT_COLUMNS = ("guidance_scale", "flow_shift", "cache_threshold")
@@ -67,8 +67,9 @@ VIDEO_SCHEMA = pa.schema(
 """`read_prompts`' output: one row per video, in file order (row, then video_index).
 
 video_id is the prompt id when the row makes one video, else `{prompt_id}#{video_index}`; seed is
-the row's seed + video_index; cost = image tokens x steps, image tokens = ((num_frames-1)//4+1)
-latent frames x height/16 x width/16 (`hvbatch.parallel.planner.image_tokens`)."""
+the row's seed + video_index; cost = image tokens x steps, image tokens by the model family's latent
+geometry (`LatentGeometry.image_tokens`; for the released models ((num_frames-1)//4+1) latent frames
+x height/16 x width/16)."""
 
 BATCH_ROWS = 65_536
 SHOW_ROWS = 5
@@ -234,9 +235,9 @@ def _nearest(value: int, multiple: int, first: int) -> str:
 _Rule = tuple[Callable[[np.ndarray], np.ndarray], str, Callable[[int], str] | None]
 
 
-def _rules(name: str) -> list[_Rule]:
+def _rules(name: str, geometry: LatentGeometry) -> list[_Rule]:
     """(bad-value test, what is wrong, nearest valid values from a value) for a numeric column."""
-    m, t = SIZE_MULTIPLE, VAE_TEMPORAL_RATIO
+    m, t = geometry.size_multiple, geometry.temporal_ratio
     big: _Rule = (lambda v: v > INT32_MAX, f"too large (over {INT32_MAX})", None)
     at_least_1: _Rule = (lambda v: v < 1, "less than 1 (must be >= 1)", None)
     not_multiple = lambda v: (v < m) | (v % m != 0)
@@ -283,14 +284,18 @@ def _numbers(arr: pa.Array, name: str, offset: int, problems: _Problems) -> tupl
     return np.where(ok, values, 0), ok
 
 
-def _check_rules(name: str, values: np.ndarray, ok: np.ndarray, offset: int, problems: _Problems) -> None:
-    for test, what, hint in _rules(name):
+def _check_rules(
+    name: str, values: np.ndarray, ok: np.ndarray, offset: int, problems: _Problems, geometry: LatentGeometry
+) -> None:
+    for test, what, hint in _rules(name, geometry):
         bad = ok & test(values)
         explain = None if hint is None else (lambda i, hint=hint: hint(values[i]))
         problems.add_mask(f"column {name}", what, bad, offset, explain)
 
 
-def _check_default(name: str, value: object, used: int, problems: _Problems) -> None:
+def _check_default(
+    name: str, value: object, used: int, problems: _Problems, geometry: LatentGeometry
+) -> None:
     """Check a config default used by `used` rows (where the column is missing or null)."""
     rows = "row" if used == 1 else "rows"
     where = f"sampling.{name}={value!r} (the config default, used by {used} {rows} where column {name} "
@@ -299,7 +304,7 @@ def _check_default(name: str, value: object, used: int, problems: _Problems) -> 
         return problems.add(where, "is not a finite number")
     if name in INT_COLUMNS and not float(value).is_integer():
         return problems.add(where, "is not a whole number")
-    for test, what, hint in _rules(name):
+    for test, what, hint in _rules(name, geometry):
         if bool(test(np.array([value]))[0]):
             problems.add(where, what + (f" (nearest valid: {hint(int(value))})" if hint else ""))
 
@@ -378,8 +383,9 @@ def _hash_ids(canonical: pa.Array) -> pa.Array:
 
 
 def _read_batch(
-    batch: pa.RecordBatch, offset: int, defaults: SamplingConfig, used: dict[str, int], problems: _Problems
-) -> _Batch:
+    batch: pa.RecordBatch, offset: int, defaults: SamplingConfig, used: dict[str, int], problems: _Problems,
+    geometry: LatentGeometry,
+) -> _Batch:  # fmt: skip
     """Validate one batch, fill defaults (counting their use in `used`), and make every row's id."""
     n = batch.num_rows
     col = lambda name: batch.column(name) if name in batch.schema.names else pa.nulls(n)
@@ -390,7 +396,7 @@ def _read_batch(
     numbers: dict[str, np.ndarray] = {}
     for name in (*INT_COLUMNS, *FLOAT_COLUMNS):
         values, ok = _numbers(col(name), name, offset, problems)
-        _check_rules(name, values, ok, offset, problems)
+        _check_rules(name, values, ok, offset, problems, geometry)
         bad |= ~ok & ~col(name).is_null().to_numpy(zero_copy_only=False)
         used[name] = used.get(name, 0) + col(name).null_count
         numbers[name] = np.where(ok, values, 1 if name == "num_videos" else getattr(defaults, name))
@@ -416,7 +422,7 @@ def _read_batch(
     return _Batch(offset, prompt, negative, numbers, ids, explicit)
 
 
-def _expand(b: _Batch) -> pa.RecordBatch:
+def _expand(b: _Batch, geometry: LatentGeometry) -> pa.RecordBatch:
     """One row per video of a validated batch (VIDEO_SCHEMA)."""
     nums, n = b.numbers, len(b.ids)
     count = nums["num_videos"]
@@ -431,8 +437,8 @@ def _expand(b: _Batch) -> pa.RecordBatch:
         suffixed = pc.binary_join_element_wise(prompt_id, pc.cast(pa.array(index), pa.string()), "#")
         video_id = pc.if_else(pa.array(count[take] == 1), prompt_id, suffixed)
     h, w, f, steps = (nums[k][take] for k in ("height", "width", "num_frames", "num_inference_steps"))
-    patch = VAE_SPATIAL_RATIO * 2  # latent cells per pixel x the transformer's 2x2 spatial patch
-    tokens = ((f - 1) // VAE_TEMPORAL_RATIO + 1).astype(np.float64) * (h // patch) * (w // patch)
+    # In float64 (exact below 2**53): a product of three int32 sizes may overflow int64.
+    tokens = geometry.image_tokens(*(v.astype(np.float64) for v in (h, w, f)))
     arrays = [video_id, prompt_id, pa.array(take + b.offset, pa.int64()), pa.array(index, pa.int32())]
     arrays += [prompt, negative, pa.array(nums["seed"][take] + index, pa.int64())]
     arrays += [pa.array(v, pa.int32()) for v in (h, w, f, steps)]
@@ -487,14 +493,18 @@ def _batches(parquet: pq.ParquetFile, path: str | Path, columns: list[str]) -> I
         yield batch
 
 
-def read_prompts(path: str | Path, defaults: SamplingConfig) -> pa.Table:
+def read_prompts(
+    path: str | Path, defaults: SamplingConfig, geometry: LatentGeometry | None = None
+) -> pa.Table:
     """Read and validate a prompt Parquet file; return one row per video (schema: `VIDEO_SCHEMA`).
 
-    Columns, defaults and id rules: the module docstring. The file is read in batches of
+    Columns, defaults and id rules: the module docstring. Sizes are checked and costs counted by
+    the model family's `geometry` (default: that of hvbatch's default preset). The file is read in batches of
     `BATCH_ROWS` rows (only the known columns) and every problem in it is collected first: raises
     one `PromptFileError` listing them all, each with the file, the column and the row numbers
     (0-based rows of the file), or returns the videos in file order.
     """
+    geometry = geometry or family_for_preset(default_preset()).geometry
     problems = _Problems(path)
     try:
         parquet = pq.ParquetFile(path)
@@ -510,17 +520,17 @@ def read_prompts(path: str | Path, defaults: SamplingConfig) -> pa.Table:
     videos: list[pa.RecordBatch] = []
     offset = 0
     for batch in _batches(parquet, path, usable) if usable else ():
-        b = _read_batch(batch, offset, defaults, used, problems)
+        b = _read_batch(batch, offset, defaults, used, problems, geometry)
         ids.append(b.ids)
         explicit.append(b.explicit)
         if not problems:
-            videos.append(_expand(b))
+            videos.append(_expand(b, geometry))
         offset += batch.num_rows
     if ids:
         _check_duplicates(pa.chunked_array(ids, pa.string()), np.concatenate(explicit), problems)
     for name, count in used.items():
         if count and (name in usable or name not in schema.names) and name in _CONFIG_NUMBERS:
-            _check_default(name, getattr(defaults, name), count, problems)
+            _check_default(name, getattr(defaults, name), count, problems, geometry)
     problems.raise_if_any()
     return pa.Table.from_batches(videos, VIDEO_SCHEMA)
 

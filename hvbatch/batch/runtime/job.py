@@ -62,15 +62,13 @@ from hvbatch.batch.runtime.support import (
 from hvbatch.batch.runtime.writer import COMMITTED_ELSEWHERE, VideoWriter, WriteOutcome, WriteRequest
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config
-from hvbatch.parallel.attention import resolve_comm_dtype
+from hvbatch.models.encoding import PromptStore
 from hvbatch.parallel.dims import ParallelDims, ParallelGroups, ProcessGroups
 from hvbatch.parallel.launch import DistEnv, RankSetup, dist_env_from, setup_rank, teardown_rank
 from hvbatch.parallel.liveness import Liveness, PeerLostError
-from hvbatch.parallel.runner import parallelize, unparallelize, warm_up
-from hvbatch.parallel.vae_decode import video_decoder
-from hvbatch.pipeline import Pipeline, Timings, decode_here
+from hvbatch.parallel.runner import warm_up
+from hvbatch.pipeline import Pipeline, Timings
 from hvbatch.text import printable
-from hvbatch.text_encoders import PromptStore
 
 logger = logging.getLogger(__name__)
 PROMPT_ERRORS = (ValueError, RuntimeError, FloatingPointError, OSError, torch.cuda.OutOfMemoryError)
@@ -428,7 +426,8 @@ def _warm_up_compiled(job: JobContext, shard: int, dims: ParallelDims, videos: l
     largest = max(videos, key=lambda video: video["cost"])
     sampling = sampling_for(largest, job.config.sampling)
     batch = 2 if sampling.cfg_scale > 1 else 1
-    inputs = warm_up_inputs(job.pipeline.transformer, sampling, batch, job.pipeline.device)
+    pipeline = job.pipeline
+    inputs = warm_up_inputs(pipeline.transformer, pipeline.family, sampling, batch, pipeline.device)
     start = time.perf_counter()
     warm_up(job.pipeline.transformer, *inputs)
     logger.info("%s: blocks compiled in %.1f s", shard_name(shard), time.perf_counter() - start)
@@ -442,9 +441,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
     dims = choose_layout(job.config, videos, job.setup.env)
     groups = job.groups.for_layout(dims)  # made by the first shard with these member sets, then reused
     local = job.setup.env.local_world_size if job.setup.env else 1
-    comm_dtype = resolve_comm_dtype(job.config.parallel.comm_dtype, dims, local)
-    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups, comm_dtype)
-    job.pipeline.decoder = video_decoder(groups) or decode_here  # the video's ranks share its decode
+    job.pipeline.parallelize(groups, local)  # the video's ranks share its denoising and its decode
     if job.pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.pipeline.device)  # the shard's own peak
     try:
@@ -466,8 +463,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
         own = (peak_memory_bytes(job.pipeline.device), take_attention_fallbacks(job.pipeline.transformer))
         ends = job.exchange(f"{shard_name(shard)}.end", job.world_ranks, own)
     finally:
-        job.pipeline.transformer = unparallelize(job.pipeline.transformer)
-        job.pipeline.decoder = decode_here
+        job.pipeline.unparallelize()
     complete = False
     if rank == 0:
         recover_orphans(run, shard, key, job.config.sampling)

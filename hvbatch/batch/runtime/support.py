@@ -33,10 +33,11 @@ from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir, shard_name
 from hvbatch.batch.runtime.faults import VideoFaults
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, SamplingConfig, VideoConfig
+from hvbatch.models.family import ModelFamily
 from hvbatch.mp4_check import InvalidVideo, check_mp4, check_mp4_file
 from hvbatch.parallel.dims import ParallelDims
 from hvbatch.parallel.launch import DistEnv
-from hvbatch.parallel.plan import plan_for_job
+from hvbatch.parallel.plan import layout_for_job
 from hvbatch.text import printable
 from hvbatch.video import encode_mp4
 
@@ -122,22 +123,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def warm_up_inputs(
-    transformer: Any, sampling: SamplingConfig, batch: int, device: torch.device
+    transformer: Any, family: ModelFamily, sampling: SamplingConfig, batch: int, device: torch.device
 ) -> tuple[Any, ...]:
-    """Forward arguments of the shapes a video of `sampling` gives the model (values meaningless):
-    what the compile warm-up runs before the first collective."""
-    from hvbatch.models.transformer import TextLengths
-    from hvbatch.sampling import embedded_guidance, latent_shape
-
-    config, dtype = transformer.config, transformer.compute_dtype
-    shape = latent_shape(sampling.height, sampling.width, sampling.num_frames, channels=config.in_channels)
-    text_len = DEFAULT_WARM_UP_TEXT_TOKENS
-    x = torch.zeros(batch, *shape, device=device, dtype=dtype)
+    """The model's call for a video of `sampling` (values meaningless): what the compile warm-up runs
+    before the first collective. Shapes from the family: its latent geometry and an example
+    conditioning (`ModelFamily.example_conditioning`), with the video's settings."""
+    shape = family.geometry.latent_shape(sampling.height, sampling.width, sampling.num_frames)
+    x = torch.zeros(batch, *shape, device=device, dtype=transformer.compute_dtype)
     t = torch.full((batch,), 900.0, device=device)
-    text = torch.zeros(batch, text_len, config.text_dim, device=device)
-    pooled = torch.zeros(batch, config.pooled_text_dim, device=device)
-    guidance = embedded_guidance(sampling.guidance_scale, batch, dtype, device)
-    return x, t, text, TextLengths((text_len,) * batch, text_len), pooled, guidance
+    cond = family.example_conditioning(transformer.config, batch, DEFAULT_WARM_UP_TEXT_TOKENS, device)
+    return x, t, cond.for_sampling(sampling), torch.full((batch,), 800.0, device=device)
 
 
 def take_attention_fallbacks(transformer: Any) -> dict[str, int]:
@@ -159,13 +154,10 @@ def take_attention_fallbacks(transformer: Any) -> dict[str, int]:
 
 def choose_layout(config: Config, videos: pa.Table, env: DistEnv | None) -> ParallelDims:
     """The planner's layout for this job's GPUs, sized for the shard's largest video."""
-    world = env.world_size if env else 1
-    local = env.local_world_size if env else 1
     largest = max(range(videos.num_rows), key=lambda i: videos["cost"][i].as_py())
     sampling = sampling_for(videos.slice(largest, 1).to_pylist()[0], config.sampling)
-    dims = plan_for_job(config, sampling, local, max(1, world // local)).dims(world)
-    dims.validate(config.model.transformer.num_heads)
-    return dims
+    world = env.world_size if env else 1
+    return layout_for_job(config, sampling, world, env.local_world_size if env else 1)
 
 
 def commit_video(

@@ -9,7 +9,7 @@ Shape legend:
 
 Parameter names are the official checkpoint's (`encoder.down.0.block.0.norm1.gamma`, ...); the
 loader renames diffusers' (`encoder.down_blocks.0.resnets.0.norm1.gamma`, ...) to them. Same
-scaling convention as 1.0's VAE (`hvbatch.models.vae`):
+scaling convention as 1.0's VAE (`hvbatch.models.hunyuan_video.vae`):
     encode(x).mode() / .sample()  -> raw latent z (NOT multiplied by scaling_factor)
     decode(z)                     -> video in about [-1, 1], unclamped, model dtype, never tiled
     decode_latents(latents)       -> divides by scaling_factor (the VAE has no shift), optionally
@@ -34,8 +34,7 @@ from hvbatch.models.hunyuan_video_15.vae_blocks import (
     Upsample,
 )
 from hvbatch.models.hunyuan_video_15.vae_config import HunyuanVideo15VaeConfig
-from hvbatch.models.vae import DiagonalGaussian
-from hvbatch.models.vae_blocks import CausalConv3d, silu
+from hvbatch.models.vae_blocks import CausalConv3d, DiagonalGaussian, silu
 from hvbatch.models.vae_tiling import VaeTilingConfig, tiled_decode
 
 OFFICIAL_TILING = VaeTilingConfig(

@@ -12,16 +12,15 @@ between the stages without changing this file.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from hvbatch.config import TransformerConfig
 from hvbatch.models.attention import AttentionFn, joint_attention, sdpa_attention
+from hvbatch.models.hunyuan_video.conditioning import TextConditioning, embedded_guidance
+from hvbatch.models.hunyuan_video.config import TransformerConfig
 from hvbatch.models.layers import (
     MLP,
     MLPEmbedder,
@@ -33,23 +32,11 @@ from hvbatch.models.layers import (
     modulate,
     rope_frequencies,
 )
+from hvbatch.models.protocols import StepCacheHook
 from hvbatch.models.refiner import SingleTokenRefiner
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 ROPE_CACHE_SIZE = 4
-
-
-class StepCacheHook(Protocol):
-    """What `forward_tokens` asks of a step cache (`hvbatch.sampling.cache.StepCache`)."""
-
-    probe_after_first_block: bool
-    """Probe with the first block's image residual (else with its modulated image input)."""
-
-    def should_compute(self, probe_BLD: torch.Tensor) -> bool: ...
-
-    def store(self, residual_BLD: torch.Tensor) -> None: ...
-
-    def apply(self, img_BLD: torch.Tensor) -> torch.Tensor: ...
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,64 +164,8 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x_BLD), shift, scale))
 
 
-@dataclass(frozen=True)
-class TextLengths:
-    """Valid text tokens per sample, held on the host: read from the mask once per video.
-
-    Passing this instead of the mask tensor as `text_mask` keeps the forward free of host syncs.
-    """
-
-    lengths: tuple[int, ...]
-    padded_length: int
-    """Text tokens per sample in `text_states` (valid ones first, then padding)."""
-
-    @classmethod
-    def from_mask(cls, text_mask_BL: torch.Tensor | None, batch: int, length: int) -> TextLengths:
-        """Check the mask (right-padded, no empty sample) and count; this reads the mask on the host."""
-        return cls(tuple(valid_text_lengths(text_mask_BL, batch, length)), length)
-
-    @property
-    def ragged(self) -> Sequence[int] | None:
-        """The lengths when they differ between samples (each then attends alone), else None."""
-        return None if len(set(self.lengths)) == 1 else self.lengths
-
-
-def valid_text_lengths(text_mask_BL: torch.Tensor | None, batch: int, length: int) -> list[int]:
-    """Per-sample count of valid text tokens; the mask must be right-padded (ones, then zeros)."""
-    if text_mask_BL is None:
-        return [length] * batch
-    if tuple(text_mask_BL.shape) != (batch, length):
-        raise ValueError(
-            f"text_mask has shape {tuple(text_mask_BL.shape)}, "
-            f"expected (batch, text tokens) = {(batch, length)}"
-        )
-    mask = text_mask_BL.bool()
-    lens = mask.sum(dim=1)
-    prefix = torch.arange(length, device=mask.device)[None] < lens[:, None]
-    if not torch.equal(mask, prefix):
-        raise ValueError(
-            "text_mask must be right-padded (each row: ones, then zeros); tokenize with padding_side='right'"
-        )
-    lens_list = [int(n) for n in lens.tolist()]
-    if min(lens_list) == 0:
-        raise ValueError(f"text_mask has a sample with no valid text token (lengths {lens_list})")
-    return lens_list
-
-
-def text_lengths(text_mask: torch.Tensor | TextLengths | None, batch: int, length: int) -> TextLengths:
-    """`TextLengths` as is (checked against the batch), or read from a mask tensor (a host sync)."""
-    if not isinstance(text_mask, TextLengths):
-        return TextLengths.from_mask(text_mask, batch, length)
-    if len(text_mask.lengths) != batch or text_mask.padded_length != length:
-        raise ValueError(
-            f"text lengths were computed for batch {len(text_mask.lengths)} x {text_mask.padded_length} "
-            f"tokens, but text_states is {batch} x {length}: recompute them with TextLengths.from_mask"
-        )
-    return text_mask
-
-
 class HunyuanVideoTransformer(nn.Module):
-    """`model(x, t, text_states, text_mask, text_states_2, guidance) -> velocity`, x `[B, C, T, H, W]`."""
+    """`model(x, t, cond) -> velocity`: x `[B, C, T, H, W]`, t `[B]`, cond a `TextConditioning`."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -243,7 +174,7 @@ class HunyuanVideoTransformer(nn.Module):
         self.attention_fn: AttentionFn = sdpa_attention
         self._rope_cache: dict[tuple[tuple[int, int, int], torch.device], RopeTables] = {}
         self.compiled_blocks = False
-        """Set by `hvbatch.models.compile.compile_blocks`."""
+        """Set by `hvbatch.models.runtime.compile_blocks`."""
         hidden, heads, ratio = config.hidden_size, config.num_heads, config.mlp_ratio
         self.patch = (config.patch_size_t, config.patch_size, config.patch_size)
         self.img_in = PatchEmbed(self.patch, config.in_channels, hidden)
@@ -288,8 +219,12 @@ class HunyuanVideoTransformer(nn.Module):
             )
         return self._rope_cache[key]
 
-    def embed_image(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, x_BCTHW: torch.Tensor, cond: TextConditioning | None = None) -> torch.Tensor:
+        """Latents -> image tokens `[B, Li, D]` (1.0 concatenates nothing from `cond`)."""
         return self.img_in(x_BCTHW.to(self.compute_dtype))
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return [*self.double_blocks, *self.single_blocks]
 
     def unpatchify(self, out_BLP: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         pt, ph, pw = self.patch
@@ -304,13 +239,15 @@ class HunyuanVideoTransformer(nn.Module):
             pw=pw,
         )
 
-    def conditioning(
+    def conditioning_vector(
         self, t_B: torch.Tensor, text_states_2: torch.Tensor, guidance_B: torch.Tensor | None
     ) -> torch.Tensor:
         vec_BD = self.time_in(t_B) + self.vector_in(text_states_2.to(self.compute_dtype))
         if self.guidance_in is not None:
             if guidance_B is None:
-                raise ValueError("this model is guidance-distilled: pass guidance (embedded scale x 1000)")
+                raise ValueError(
+                    "this model is guidance-distilled: pass the embedded guidance scale (cond.guidance_scale)"
+                )
             vec_BD = vec_BD + self.guidance_in(guidance_B)
         return vec_BD
 
@@ -318,30 +255,32 @@ class HunyuanVideoTransformer(nn.Module):
         self,
         img_BLD: torch.Tensor,
         rope: RopeTables,
-        t: torch.Tensor,
-        text_states: torch.Tensor,
-        text_mask: torch.Tensor | TextLengths | None,
-        text_states_2: torch.Tensor,
-        guidance: torch.Tensor | None = None,
+        t_B: torch.Tensor,
+        cond: TextConditioning,
+        *,
+        t_next_B: torch.Tensor | None = None,
         step_cache: StepCacheHook | None = None,
     ) -> torch.Tensor:
         """Image tokens (all of them, or this rank's shard) -> final-layer outputs for those tokens.
 
-        With `text_mask` given as `TextLengths` (the sampler does), nothing here waits for the device.
-        With a `step_cache`, the cache may skip the blocks of this step (`hvbatch.sampling.cache`).
+        Text lengths are host ints in `cond`, so nothing here waits for the device. `t_next_B` is
+        not used by this family. With a `step_cache`, the cache may skip the blocks of this step
+        (`hvbatch.sampling.cache`).
         """
-        batch, text_len = text_states.shape[:2]
-        lengths = text_lengths(text_mask, batch, text_len)
-        t_B = t.float().reshape(-1).expand(batch)
-        guidance_B = None if guidance is None else guidance.reshape(-1).expand(batch)
-        vec_BD = self.conditioning(t_B, text_states_2, guidance_B)
+        del t_next_B
+        batch = cond.batch_size
+        t_B = t_B.float().reshape(-1).expand(batch)
+        guidance_B = None
+        if cond.guidance_scale is not None:
+            guidance_B = embedded_guidance(cond.guidance_scale, batch, self.compute_dtype, img_BLD.device)
+        vec_BD = self.conditioning_vector(t_B, cond.text_states_2, guidance_B)
         # Text columns padded in every sample carry nothing a valid token may see: drop them.
-        txt = text_states[:, : max(lengths.lengths)].to(self.compute_dtype)
-        txt_BLD = self.txt_in(txt, t_B, lengths.lengths)
+        txt = cond.text_states[:, : max(cond.text_lens)].to(self.compute_dtype)
+        txt_BLD = self.txt_in(txt, t_B, cond.text_lens)
         if self.compiled_blocks:  # one compiled graph for every prompt length
             torch._dynamo.maybe_mark_dynamic(txt_BLD, 1)
         rope = (rope[0].to(img_BLD.device), rope[1].to(img_BLD.device))
-        text_lens = lengths.ragged
+        text_lens = cond.ragged
         if step_cache is None:
             img_BLD = self._blocks(img_BLD, txt_BLD, vec_BD, rope, text_lens, first=0)
         else:
@@ -395,18 +334,16 @@ class HunyuanVideoTransformer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text_states: torch.Tensor,
-        text_mask: torch.Tensor | TextLengths | None,
-        text_states_2: torch.Tensor,
-        guidance: torch.Tensor | None = None,
+        x_BCTHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: TextConditioning,
+        *,
+        t_next_B: torch.Tensor | None = None,
         step_cache: StepCacheHook | None = None,
     ) -> torch.Tensor:
-        """Velocity for latents `x` `[B, C, T, H, W]` at timesteps `t` (`[B]` or scalar, 0..1000)."""
-        grid = self.token_grid(x.shape)
-        img_BLD = self.embed_image(x)
-        out_BLP = self.forward_tokens(
-            img_BLD, self.rope(grid, x.device), t, text_states, text_mask, text_states_2, guidance, step_cache
-        )
+        """Velocity for latents `x_BCTHW` at timesteps `t_B` (`[B]` or scalar, 0..1000)."""
+        grid = self.token_grid(x_BCTHW.shape)
+        img_BLD = self.embed_image(x_BCTHW, cond)
+        rope = self.rope(grid, x_BCTHW.device)
+        out_BLP = self.forward_tokens(img_BLD, rope, t_B, cond, t_next_B=t_next_B, step_cache=step_cache)
         return self.unpatchify(out_BLP, grid)

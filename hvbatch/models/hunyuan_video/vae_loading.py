@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from hvbatch.models.hunyuan_video.vae import AutoencoderKLCausal3D, VaeConfig
 from hvbatch.models.state_dict_check import check_state_dict
-from hvbatch.models.vae import AutoencoderKLCausal3D, VaeConfig
 
 CONFIG_NAME = "config.json"
 OFFICIAL_WEIGHTS = "pytorch_model.pt"

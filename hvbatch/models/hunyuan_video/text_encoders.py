@@ -15,14 +15,15 @@ as the real weights without any download.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hvbatch.config import TextEncoderConfig
-from hvbatch.sampling import TextConditioning
+from hvbatch.models.encoding import EncodedPrompts
+from hvbatch.models.hf_text import byte_level_tokenizer, dtype_keyword, transformers_module
+from hvbatch.models.hunyuan_video.conditioning import TextConditioning
+from hvbatch.models.hunyuan_video.config import TextEncoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,38 +50,7 @@ LLAMA_SPECIAL_TOKENS = [
     "<|pad|>",
 ]
 CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
-ENCODERS_HINT = "the text encoders need transformers: pip install 'hvbatch[encoders]'"
-
-
-# `from_pretrained(dtype=...)` exists since transformers 4.56, which deprecated `torch_dtype=`; older
-# versions (the extras allow >= 4.45) do not know `dtype=` and would load the weights in float32.
-DTYPE_KEYWORD_SINCE = "4.56"
-
-
-def dtype_keyword(transformers_version: str) -> str:
-    """The `from_pretrained` keyword that sets the weights' dtype on this transformers version."""
-    from packaging.version import Version
-
-    return (
-        "dtype"
-        if Version(transformers_version).release >= Version(DTYPE_KEYWORD_SINCE).release
-        else "torch_dtype"
-    )
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise SystemExit(ENCODERS_HINT) from err
-    return transformers
-
-
-@dataclass
-class EncodedPrompts:
-    conditioning: TextConditioning
-    truncated: list[bool]
-    """Per prompt: True when the LLM or CLIP tokens were cut at their limit."""
+_transformers = transformers_module
 
 
 class HunyuanTextEncoder:
@@ -132,7 +102,7 @@ class HunyuanTextEncoder:
         states = outputs.hidden_states[-(self.settings.hidden_state_skip_layer + 1)]
         return (
             states[:, crop:],
-            tokens["attention_mask"][:, crop:].to(self.device),
+            tokens["attention_mask"][:, crop:],  # on the host: the lengths are read from it once
             [n > max_length for n in full_lengths],
         )
 
@@ -164,7 +134,14 @@ class HunyuanTextEncoder:
                     self.settings.clip_max_tokens,
                     prompt,
                 )
-        return EncodedPrompts(TextConditioning(states, mask, pooled), truncated)
+        return EncodedPrompts(TextConditioning.from_mask(states, mask, pooled), truncated)
+
+    def key(self, prompt: str, num_frames: int) -> ConditioningKey:
+        return conditioning_key(prompt, num_frames)
+
+    def encoding_frames(self, num_frames: int) -> int:
+        """2 for any video (the video template), 1 for an image (the image template)."""
+        return 2 if num_frames > 1 else 1
 
 
 ConditioningKey = tuple[str, bool]
@@ -175,65 +152,22 @@ def conditioning_key(prompt: str, num_frames: int) -> ConditioningKey:
     return prompt, num_frames > 1
 
 
-@dataclass
-class PromptStore:
-    """Encoded prompts kept in host memory, one entry per `ConditioningKey`.
-
-    A prompt repeated by `num_videos` (or used as every video's negative prompt) is encoded once.
-    `errors` holds why a key could not be encoded; it is tried again by the next `missing` call.
-    """
-
-    entries: dict[ConditioningKey, EncodedPrompts] = field(default_factory=dict)
-    errors: dict[ConditioningKey, Exception] = field(default_factory=dict)
-
-    def missing(self, keys: list[ConditioningKey]) -> list[ConditioningKey]:
-        """The distinct keys of `keys` not stored yet, in order (their old errors are forgotten)."""
-        todo = [k for k in dict.fromkeys(keys) if k not in self.entries]
-        for key in todo:
-            self.errors.pop(key, None)
-        return todo
-
-    def put(self, key: ConditioningKey, encoded: EncodedPrompts) -> None:
-        self.entries[key] = EncodedPrompts(encoded.conditioning.to("cpu"), encoded.truncated)
-
-    def get(self, key: ConditioningKey) -> EncodedPrompts | None:
-        """The stored encoding (on the CPU), None if never encoded; raises the error that stopped it."""
-        if key in self.errors:
-            raise self.errors[key]
-        return self.entries.get(key)
-
-
-def _byte_level_tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, *, add_eos: bool) -> Any:
-    """A tokenizer with one token per UTF-8 byte plus specials: deterministic, built without files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(special_tokens)
-    single = f"{bos} $A {eos}" if add_eos else f"{bos} $A"
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[(t, tokenizer.token_to_id(t)) for t in {bos, eos}]
-    )
-    fast = _transformers().PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad
-    )
-    fast.padding_side = "right"
-    return fast
-
-
 def tiny_text_encoder(
     text_dim: int, pooled_dim: int, *, seed: int = 0, settings: TextEncoderConfig | None = None
 ) -> HunyuanTextEncoder:
     """Small Llama and CLIP text models with seeded random weights, and byte-level tokenizers."""
     transformers = _transformers()
     # Like Llama 3 (BOS only) and CLIP (BOS ... EOS, padded with EOS).
-    llm_tokenizer = _byte_level_tokenizer(
-        LLAMA_SPECIAL_TOKENS, "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", add_eos=False
+    llm_tokenizer = byte_level_tokenizer(
+        LLAMA_SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|end_of_text|>", pad="<|pad|>", add_bos=True
     )
-    clip_tokenizer = _byte_level_tokenizer(
-        CLIP_SPECIAL_TOKENS, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", add_eos=True
+    clip_tokenizer = byte_level_tokenizer(
+        CLIP_SPECIAL_TOKENS,
+        bos="<|startoftext|>",
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        add_bos=True,
+        add_eos=True,
     )
     llm_config = transformers.LlamaConfig(
         vocab_size=len(llm_tokenizer),

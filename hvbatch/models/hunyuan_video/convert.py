@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hvbatch.config import TransformerConfig
+from hvbatch.models.hunyuan_video.config import TransformerConfig
 
 # Leaf renames inside one block: official module path -> diffusers module path(s).
 _REFINER_LEAVES: dict[str, tuple[str, ...]] = {

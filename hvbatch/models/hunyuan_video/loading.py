@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hvbatch.config import DEFAULT_MODEL_PRESET, TransformerConfig, transformer_preset
-from hvbatch.models.convert import config_from_diffusers, source_rule
 from hvbatch.models.fp8 import FP8_DTYPE, FP8Linear, enable_fp8_gemm, swap_in_fp8_linears
+from hvbatch.models.hunyuan_video.config import RELEASED_PRESET, TransformerConfig
+from hvbatch.models.hunyuan_video.convert import config_from_diffusers, source_rule
+from hvbatch.models.hunyuan_video.transformer import HunyuanVideoTransformer
 from hvbatch.models.state_dict_check import report_mismatch
-from hvbatch.models.transformer import HunyuanVideoTransformer
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -356,7 +356,7 @@ def load_transformer(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
-    preset: str = DEFAULT_MODEL_PRESET,
+    preset: str = RELEASED_PRESET,
     config: TransformerConfig | None = None,
     load_key: str = "module",
 ) -> HunyuanVideoTransformer:
@@ -365,8 +365,14 @@ def load_transformer(
     The architecture comes from `config.json` for diffusers folders, else from `config` or the
     named `preset`. Float8 block weights stay float8; everything else is cast to `dtype`.
     """
-    arch = config if config is not None else transformer_preset(preset)
-    origin = "the config passed in" if config is not None else f"preset {preset!r}"
+    if config is None:
+        from hvbatch.config import transformer_preset  # the preset files are read by the config tree
+
+        config = transformer_preset(preset)
+        origin = f"preset {preset!r}"
+    else:
+        origin = "the config passed in"
+    arch = config
     source, model = inspect_transformer(path, config=arch, load_key=load_key, origin=origin)
     state = {}
     for key, param in model.state_dict(keep_vars=True).items():

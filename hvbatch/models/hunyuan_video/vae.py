@@ -28,6 +28,7 @@ from torch import nn
 from hvbatch.models.vae_blocks import (
     GROUP_NORM_EPS,
     CausalConv3d,
+    DiagonalGaussian,
     DownBlockCausal3D,
     MidBlockCausal3D,
     Triple,
@@ -197,27 +198,6 @@ def _check_extra_key(key: str, value: Any, source: str) -> bool:
             )
         return True
     return key.startswith("_") or key in _IGNORED_KEYS
-
-
-@dataclass(frozen=True)
-class DiagonalGaussian:
-    """The encoder's posterior over raw latents z: `mean_BCTHW` and clamped `logvar_BCTHW`."""
-
-    mean: torch.Tensor
-    logvar: torch.Tensor
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * noise
 
 
 class EncoderCausal3D(nn.Module):

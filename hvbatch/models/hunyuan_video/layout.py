@@ -1,0 +1,112 @@
+"""Where HunyuanVideo 1.0's weights are: the official `ckpts/` folder or a diffusers folder.
+
+Plain Python (no torch): the doctor and the checkpoint detection read folders and `config.json`
+files only. `resolve_paths` is what the loaders use; `detect` is the family's answer to
+`hvbatch.models.family.detect_family`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hvbatch.config import ModelConfig
+
+OFFICIAL_MODEL_DIR = "hunyuan-video-t2v-720p"
+OFFICIAL_TRANSFORMER = Path("transformers") / "mp_rank_00_model_states.pt"
+DIFFUSERS_CLASS_NAME = "HunyuanVideoTransformer3DModel"
+DIFFUSERS_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+"""The components every load needs (each overridable by `model.<name>_path`)."""
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+EXPECTED_LAYOUT = (
+    "model.path must be either the official ckpts/ folder "
+    f"({OFFICIAL_MODEL_DIR}/{OFFICIAL_TRANSFORMER.as_posix()}, {OFFICIAL_MODEL_DIR}/vae/, "
+    "text_encoder/, text_encoder_2/) or a diffusers HunyuanVideo folder (transformer/, vae/, "
+    "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/); model.transformer_path, model.vae_path, "
+    "model.text_encoder_path and model.text_encoder_2_path override single components"
+)
+
+
+@dataclass
+class ComponentPaths:
+    transformer: Path
+    vae: Path
+    text_encoder: Path
+    text_encoder_2: Path
+    tokenizer: Path | None = None
+    tokenizer_2: Path | None = None
+
+
+def layout_under(root: Path) -> dict[str, Path]:
+    """Component folders implied by a weights root of either layout (empty if neither)."""
+    if (root / "transformer").is_dir():
+        return {name: root / name for name in DIFFUSERS_COMPONENTS}
+    official = root / OFFICIAL_MODEL_DIR
+    if official.is_dir():
+        return {
+            "transformer": official / OFFICIAL_TRANSFORMER,
+            "vae": official / "vae",
+            "text_encoder": root / "text_encoder",
+            "text_encoder_2": root / "text_encoder_2",
+        }
+    return {}
+
+
+def _diffusers_class_name(folder: Path) -> str | None:
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = raw.get("_class_name") if isinstance(raw, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def detect(root: Path) -> str | None:
+    """What a weights root of this family holds, in words; None when it is not one of its layouts."""
+    if (root / "transformer").is_dir():
+        found = _diffusers_class_name(root / "transformer")
+        return f"diffusers folder ({DIFFUSERS_CLASS_NAME})" if found == DIFFUSERS_CLASS_NAME else None
+    if (root / OFFICIAL_MODEL_DIR).is_dir():
+        return f"official ckpts/ folder ({OFFICIAL_MODEL_DIR}/)"
+    return None
+
+
+def resolve_paths(model: ModelConfig) -> ComponentPaths:
+    """Where each component's weights are; every missing one is named in one error."""
+    found = layout_under(Path(model.path).expanduser()) if model.path else {}
+    if model.path and not found:
+        raise ValueError(f"model.path={model.path} is not a recognised weights folder: {EXPECTED_LAYOUT}")
+    overrides = {name: getattr(model, f"{name}_path") for name in COMPONENTS}
+    for name, value in overrides.items():
+        if value:
+            found[name] = Path(value).expanduser()
+            if name in TOKENIZER_OF:  # an overridden encoder folder carries its own tokenizer
+                found.pop(TOKENIZER_OF[name], None)
+    missing = [
+        f"{name} (looked in {found[name]})" if name in found else name
+        for name in overrides
+        if name not in found or not found[name].exists()
+    ]
+    if missing:
+        raise ValueError(f"model weights not found: {', '.join(missing)}. {EXPECTED_LAYOUT}")
+    return ComponentPaths(**{k: v for k, v in found.items() if v.exists()})
+
+
+def layout_words(model: ModelConfig) -> str:
+    """The weights root and the overridden components, in words (doctor's `weights` line)."""
+    words = []
+    if model.path:
+        root = Path(model.path).expanduser()
+        kind = "diffusers folder" if "tokenizer" in layout_under(root) else "official ckpts/ folder"
+        words.append(f"{kind} {root}")
+    overrides = [
+        f"model.{n}_path={getattr(model, f'{n}_path')}" for n in COMPONENTS if getattr(model, f"{n}_path")
+    ]
+    if overrides:
+        words.append("overridden by " + ", ".join(overrides))
+    return "; ".join(words)
