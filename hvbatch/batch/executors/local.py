@@ -36,6 +36,7 @@ from hvbatch.batch.executors.base import Executor, JobRecord, RunProbe, record_s
 from hvbatch.batch.files import read_parquet, write_json_exclusive
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config
+from hvbatch.process import task_exits_cleanly
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -173,6 +174,10 @@ class LocalShardJob:
     shards: list[int] = field(default_factory=list)
 
     def __call__(self, run_dir: str, shards: list[int]) -> dict[str, Any]:
+        with task_exits_cleanly():
+            return self._supervise(run_dir, shards)
+
+    def _supervise(self, run_dir: str, shards: list[int]) -> dict[str, Any]:
         die_with_parent()
         self.run_dir, self.shards = run_dir, shards
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -314,4 +319,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hvbatch.process import run_then_exit
+
+    run_then_exit(main)

@@ -42,6 +42,7 @@ from hvbatch.batch.executors.base import (
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import load_config
+from hvbatch.process import task_exits_cleanly
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -207,7 +208,8 @@ class SlurmShardJob:
         from hvbatch.parallel.launch import export_submitit_environment
 
         export_submitit_environment()  # RANK and MASTER_*; CUDA_VISIBLE_DEVICES left as Slurm set it
-        return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)
+        with task_exits_cleanly():
+            return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)
 
     def _set_active(self, run: RunDir, shard: int, key: AttemptKey) -> None:
         self.active = (run, shard, key)
@@ -309,4 +311,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hvbatch.process import run_then_exit
+
+    run_then_exit(main)

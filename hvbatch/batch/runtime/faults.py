@@ -6,7 +6,8 @@ A spec is one or more faults separated by `;`, each a comma-separated list of `k
 
 - `action`: `raise` (RuntimeError), `oom` (torch.cuda.OutOfMemoryError), `nan` (the video's guidance
   becomes NaN, so the model itself produces NaN), `hang` (sleep forever), `exit` (os._exit(3)),
-  `kill` (SIGKILL to itself), `write-error` (OSError while the mp4 is written), `slow` (a busy
+  `kill` (SIGKILL to itself), `stop` (SIGSTOP to itself: the whole process freezes, threads and
+  a store it hosts too), `write-error` (OSError while the mp4 is written), `slow` (a busy
   rank: `seconds` of work at the step) and `slow-write` (`seconds` more to decode and write).
 - `rank` (default 0, or `all`), `shard`, `video` (position in the shard's file order, or the video id),
   `step` (denoising step, 1-based; default 1), `attempt` (shard attempt, 1-based): a key left out
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-ACTIONS = ("raise", "oom", "nan", "hang", "exit", "kill", "write-error", "slow", "slow-write")
+ACTIONS = ("raise", "oom", "nan", "hang", "exit", "kill", "stop", "write-error", "slow", "slow-write")
 ENV_VAR = "HVBATCH_FAULT"
 EXIT_CODE = 3
 
@@ -125,6 +126,8 @@ def _fire(fault: Fault) -> None:
         os._exit(EXIT_CODE)
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault.action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass(frozen=True)

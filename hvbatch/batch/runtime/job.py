@@ -51,7 +51,7 @@ from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config
 from hvbatch.parallel.dims import ParallelGroups, build_groups, destroy_groups
 from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
-from hvbatch.parallel.liveness import Liveness, PeerLostError
+from hvbatch.parallel.liveness import Liveness, PeerLostError, StoreLostError
 from hvbatch.parallel.runner import parallelize, unparallelize
 from hvbatch.parallel.vae_decode import video_decoder
 from hvbatch.pipeline import Pipeline, Timings, decode_here
@@ -75,6 +75,8 @@ def is_communication_error(err: BaseException) -> bool:
 
 def error_kind(err: BaseException) -> RankErrorKind:
     text = str(err).lower()
+    if isinstance(err, StoreLostError):  # rank 0, the store's host, is stopped or hung
+        return RankErrorKind.TIMEOUT
     if isinstance(err, PeerLostError):
         return RankErrorKind.PEER_LOST
     if is_communication_error(err):
