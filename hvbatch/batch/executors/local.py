@@ -32,7 +32,7 @@ import submitit
 
 from hvbatch.batch import ledger
 from hvbatch.batch.attempt import AttemptKey, ExitReason, ShardFate
-from hvbatch.batch.executors.base import Executor, JobRecord, RunProbe, record_submission
+from hvbatch.batch.executors.base import Executor, FoundJob, JobRecord, RunProbe, record_submission
 from hvbatch.batch.files import read_parquet, write_json_exclusive
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config
@@ -64,6 +64,17 @@ def process_identity(pid: int) -> str | None:
     if fields[0] in ("Z", "X"):  # a zombie has exited
         return None
     return f"{pid}:{fields[19]}"
+
+
+def _is_controller_of(pid: int, folder: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"submitit.local._local" not in argv[:-1]:
+        return False
+    controlled = argv[argv.index(b"submitit.local._local") + 1]
+    return controlled.startswith(f"{folder}/".encode())
 
 
 def _children(pid: int) -> list[int]:
@@ -135,6 +146,18 @@ class LocalExecutor(Executor):
         for record in records:
             if record.job_id in self.live([record]):  # only the run's own job, never a reused pid
                 kill_process_tree(int(record.job_id))
+
+    def find_jobs(self) -> list[FoundJob]:
+        """Controllers whose command line is submitit's local controller for this run's folder
+        (`submitit/<pid>/` names each one this run started)."""
+        folder = self.run.root / "submitit"
+        found = []
+        for entry in folder.iterdir() if folder.is_dir() else []:
+            if entry.name.isdigit() and _is_controller_of(int(entry.name), folder):
+                identity = process_identity(int(entry.name))
+                if identity is not None:
+                    found.append(FoundJob(entry.name, self.kind, "RUNNING", identity))
+        return found
 
     def is_alive(self, job_id: str) -> bool | None:
         records = [
