@@ -15,6 +15,11 @@ import pyarrow.csv as pa_csv
 
 from hvbatch.batch import ledger
 from hvbatch.batch.control import recovery
+from hvbatch.batch.control.calibration import (
+    configured_rate,
+    gpu_seconds_per_cost,
+    job_plan,
+)
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
 from hvbatch.batch.control.prompts import read_prompts
 from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
@@ -31,9 +36,7 @@ from hvbatch.batch.files import (
     write_parquet_atomic,
 )
 from hvbatch.batch.rundir import RunDir
-from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config, save_config
-from hvbatch.parallel.plan import plan_for_job
 from hvbatch.parallel.planner import ParallelPlan, format_plan
 from hvbatch.sampling.estimates import saving_line
 from hvbatch.text import printable, printable_lines
@@ -41,18 +44,6 @@ from hvbatch.text import printable, printable_lines
 CLAIM_NAME = ".hvbatch-claim"
 LARGE_BATCH_VIDEOS = 100_000  # a dry run above either size warns
 LARGE_BATCH_GPU_HOURS = 10_000.0
-
-
-def job_plan(config: Config, videos: pa.Table) -> ParallelPlan:
-    """The layout a shard job will use: planned for one job's GPUs and the largest video."""
-    largest = pc.index(videos["cost"], pc.max(videos["cost"])).as_py()
-    sampling = sampling_for(videos.slice(largest, 1).to_pylist()[0], config.sampling)
-    return plan_for_job(config, sampling, config.slurm.tasks_per_node, config.slurm.nodes)
-
-
-def gpu_seconds_per_cost(config: Config) -> float:
-    """GPU-seconds per cost unit (image token x step): true CFG (cfg_scale > 1) runs two branches."""
-    return config.batch.seconds_per_cost_unit * (2 if config.sampling.cfg_scale > 1.0 else 1)
 
 
 def plan_shards(config: Config, videos: pa.Table, plan: ParallelPlan) -> list[pa.Table]:
@@ -69,9 +60,12 @@ def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards:
     gpu_hours = total_cost * gpu_seconds_per_cost(config) / 3600.0
     print(f"{videos.num_rows} videos in {len(shards)} shards (one {config.slurm.nodes}-node job each)")
     print(format_plan(plan))
-    unit = config.batch.seconds_per_cost_unit
+    rate = configured_rate(config)
     branches = " x 2 CFG branches" if config.sampling.cfg_scale > 1.0 else ""
-    print(f"estimated GPU-hours: {gpu_hours:,.1f} (batch.seconds_per_cost_unit={unit:g}{branches})")
+    print(
+        f"estimated GPU-hours: {gpu_hours:,.1f} ({rate.seconds_per_cost_unit:.3g} GPU-s per token-step, "
+        f"{rate.source}{branches})"
+    )
     if videos.num_rows > LARGE_BATCH_VIDEOS or gpu_hours > LARGE_BATCH_GPU_HOURS:
         print(
             f"warning: a very large batch ({videos.num_rows:,} videos, {gpu_hours:,.0f} GPU-hours): check "

@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from hvbatch.batch import ledger
+from hvbatch.batch.control.calibration import resubmission_config
 from hvbatch.batch.executors.base import (
     FoundJob,
     JobPhase,
@@ -209,10 +210,10 @@ def retry_shards(run: RunDir, executor: str | None, wait: bool) -> RetryOutcome:
             # Attempts whose job ended unseen (scancel, a lost node) are closed by the next attempt of
             # their shard when it starts (`ledger.reconcile`), not here: retry stays O(shards).
             ledger.reopen_failed_shards(run, todo)
-            new = executor_for(kind, run, config).submit(todo)
-            print(
-                f"run {run.root}: resubmitted shards {todo} as {', '.join(sorted({r.job_id for r in new}))}"
-            )
+            sized, note = resubmission_config(config, run, todo)  # walltime from the run's own videos
+            new = executor_for(kind, run, sized).submit(todo)
+            jobs = ", ".join(sorted({r.job_id for r in new}))
+            print(f"run {run.root}: resubmitted shards {todo} as {jobs}{note}")
         elif not unfinished:
             print(f"run {run.root}: nothing to retry (every shard is complete)")
     return RetryOutcome(todo, running, held)

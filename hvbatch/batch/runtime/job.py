@@ -10,6 +10,11 @@ its final name) while the next video denoises, then the `done` or `failed` row. 
 on any rank fails for the whole group; a failed video is tried again, in this job, until
 `retry.max_prompt_attempts`.
 
+Process groups are made once per member set for the whole job (`ProcessGroups`): a shard whose
+layout an earlier shard had reuses its groups. With `model.compile`, each shard first compiles
+its blocks with no collective (`runner.warm_up`) and the ranks meet through the heartbeat store,
+so uneven compile times never land inside a collective's timeout.
+
 The video's ranks share its VAE decode (`hvbatch.parallel.vae_decode`; the leader gets the frames).
 Every wait between ranks outside the denoising loop and that decode (the group agreeing after a
 video, the leader draining its writer, dp replicas meeting at the end of a shard) goes through
@@ -21,6 +26,7 @@ attempt: the error is recorded and the process exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -45,14 +51,17 @@ from hvbatch.batch.runtime.support import (
     manifest_row,
     peak_memory_bytes,
     recover_orphans,
+    take_attention_fallbacks,
+    warm_up_inputs,
 )
 from hvbatch.batch.runtime.writer import COMMITTED_ELSEWHERE, VideoWriter, WriteOutcome, WriteRequest
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config
-from hvbatch.parallel.dims import ParallelGroups, build_groups, destroy_groups
+from hvbatch.parallel.attention import resolve_comm_dtype
+from hvbatch.parallel.dims import ParallelDims, ParallelGroups, ProcessGroups
 from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
 from hvbatch.parallel.liveness import Liveness, PeerLostError, StoreLostError
-from hvbatch.parallel.runner import parallelize, unparallelize
+from hvbatch.parallel.runner import parallelize, unparallelize, warm_up
 from hvbatch.parallel.vae_decode import video_decoder
 from hvbatch.pipeline import Pipeline, Timings, decode_here
 from hvbatch.text import printable
@@ -99,6 +108,8 @@ class JobContext:
     watchdog: Watchdog
     liveness: Liveness | None
     load_seconds: float
+    groups: ProcessGroups
+    """The job's process groups, shared by every shard (one communicator per member set)."""
     prompts: PromptStore = dataclasses.field(default_factory=PromptStore)
     """Encoded prompts, kept for the job's lifetime (`Pipeline.encode_prompts`)."""
 
@@ -367,16 +378,37 @@ def _begin_row(job: JobContext, groups: ParallelGroups, attempt: int) -> dict[st
     }
 
 
+def _warm_up_compiled(job: JobContext, shard: int, dims: ParallelDims, videos: list[dict[str, Any]]) -> None:
+    """`model.compile` with collectives: compile every rank's blocks before the first collective
+    (for the shard's largest video), then meet through the heartbeat store (no deadline while
+    peers are alive), so that no collective's timeout has to cover a compile."""
+    if not job.config.model.compile or dims.video == 1:
+        return
+    job.doing(f"{shard_name(shard)}: compiling the blocks")
+    largest = max(videos, key=lambda video: video["cost"])
+    sampling = sampling_for(largest, job.config.sampling)
+    batch = 2 if sampling.cfg_scale > 1 else 1
+    inputs = warm_up_inputs(job.pipeline.transformer, sampling, batch, job.pipeline.device)
+    start = time.perf_counter()
+    warm_up(job.pipeline.transformer, *inputs)
+    logger.info("%s: blocks compiled in %.1f s", shard_name(shard), time.perf_counter() - start)
+    job.exchange(f"{shard_name(shard)}.compiled", job.world_ranks)
+
+
 def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[str, Any]:
     run, key, rank = job.run, job.identity.key, job.rank
     shard_start = time.time()
-    dims = choose_layout(job.config, run.read_shard(shard), job.setup.env)
-    groups = build_groups(dims, rank, timedelta(seconds=job.config.parallel.timeout_s))
-    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups, job.config.parallel.comm_dtype)
+    videos = run.read_shard(shard)
+    dims = choose_layout(job.config, videos, job.setup.env)
+    groups = job.groups.for_layout(dims)  # made by the first shard with these member sets, then reused
+    local = job.setup.env.local_world_size if job.setup.env else 1
+    comm_dtype = resolve_comm_dtype(job.config.parallel.comm_dtype, dims, local)
+    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups, comm_dtype)
     job.pipeline.decoder = video_decoder(groups) or decode_here  # the video's ranks share its decode
     if job.pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.pipeline.device)  # the shard's own peak
     try:
+        _warm_up_compiled(job, shard, dims, videos.to_pylist())
         attempt = _attempt_number(run, shard, job.identity)
         ctx = ShardContext(job, shard, groups, attempt)
         if rank == 0:
@@ -390,13 +422,11 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
         job.exchange(f"{shard_name(shard)}.begin", job.world_ranks)  # the ledger is up to date
         progress = _process_videos(ctx)
         job.doing(f"{shard_name(shard)} done, waiting for the other dp groups")
-        peaks = job.exchange(
-            f"{shard_name(shard)}.end", job.world_ranks, peak_memory_bytes(job.pipeline.device)
-        )
+        own = (peak_memory_bytes(job.pipeline.device), take_attention_fallbacks(job.pipeline.transformer))
+        ends = job.exchange(f"{shard_name(shard)}.end", job.world_ranks, own)
     finally:
         job.pipeline.transformer = unparallelize(job.pipeline.transformer)
         job.pipeline.decoder = decode_here
-    destroy_groups(groups)  # not after a failure: tearing down a broken group can block
     complete = False
     if rank == 0:
         recover_orphans(run, shard, key)
@@ -406,11 +436,21 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
             "prompt_seconds": progress.seconds,
             "wall_seconds": wall,
             "gpu_seconds": wall * dims.world_size,
-            "peak_memory_bytes": [int(peaks[r]) for r in sorted(peaks)],
+            "peak_memory_bytes": [int(ends[r][0]) for r in sorted(ends)],
+            "attention_fallbacks": _merged_fallbacks([ends[r][1] for r in sorted(ends)]),
         }
         ledger.end(run, shard, key, ExitReason.COMPLETED, None, measured)
         complete = ledger.mark_complete_if_done(run, shard, key)
     return {"shard": shard, "rank": rank, "videos": len(progress.seconds), "complete": complete}
+
+
+def _merged_fallbacks(per_rank: list[dict[str, int]]) -> str | None:
+    """Kernel fallbacks summed over the ranks, as JSON (None when no call fell back)."""
+    total: dict[str, int] = {}
+    for fallbacks in per_rank:
+        for reason, count in (fallbacks or {}).items():
+            total[reason] = total.get(reason, 0) + int(count)
+    return json.dumps(total, sort_keys=True) if total else None
 
 
 def _liveness(setup: RankSetup, config: Config, watchdog: Watchdog) -> Liveness | None:
@@ -443,9 +483,11 @@ def run_shards_job(
         liveness = _liveness(setup, config, watchdog)
         timings = Timings()
         pipeline = Pipeline.load(config, timings, device=setup.device)
+        world = setup.env.world_size if setup.env else 1
+        groups = ProcessGroups(world, setup.rank, timedelta(seconds=config.parallel.timeout_s))
         job = JobContext(
             run, config, pipeline, setup, identity, FaultInjector.from_spec(config.fault), watchdog, liveness,
-            timings.seconds.get("load", 0.0),
+            timings.seconds.get("load", 0.0), groups,
         )  # fmt: skip
         watchdog.start()
         results = []

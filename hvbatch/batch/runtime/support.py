@@ -22,7 +22,7 @@ from hvbatch.batch.ledger import record_rank_error
 from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir
 from hvbatch.batch.runtime.faults import VideoFaults
 from hvbatch.batch.videos import sampling_for
-from hvbatch.config import Config, VideoConfig
+from hvbatch.config import Config, SamplingConfig, VideoConfig
 from hvbatch.parallel.dims import ParallelDims
 from hvbatch.parallel.launch import DistEnv
 from hvbatch.parallel.plan import plan_for_job
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 PROCESS_START = time.time()
 ATTEMPT_KEY_VAR = "HVBATCH_ATTEMPT_KEY"
 SEGMENT_ROWS = 64
+DEFAULT_WARM_UP_TEXT_TOKENS = 77
+"""Text tokens of the compile warm-up: any length (the text length is a dynamic dimension)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,42 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def warm_up_inputs(
+    transformer: Any, sampling: SamplingConfig, batch: int, device: torch.device
+) -> tuple[Any, ...]:
+    """Forward arguments of the shapes a video of `sampling` gives the model (values meaningless):
+    what the compile warm-up runs before the first collective."""
+    from hvbatch.models.transformer import TextLengths
+    from hvbatch.sampling import embedded_guidance, latent_shape
+
+    config, dtype = transformer.config, transformer.compute_dtype
+    shape = latent_shape(sampling.height, sampling.width, sampling.num_frames, channels=config.in_channels)
+    text_len = DEFAULT_WARM_UP_TEXT_TOKENS
+    x = torch.zeros(batch, *shape, device=device, dtype=dtype)
+    t = torch.full((batch,), 900.0, device=device)
+    text = torch.zeros(batch, text_len, config.text_dim, device=device)
+    pooled = torch.zeros(batch, config.pooled_text_dim, device=device)
+    guidance = embedded_guidance(sampling.guidance_scale, batch, dtype, device)
+    return x, t, text, TextLengths((text_len,) * batch, text_len), pooled, guidance
+
+
+def take_attention_fallbacks(transformer: Any) -> dict[str, int]:
+    """Calls whose attention kernel fell back since the last call, by reason, over the kernels this
+    rank's model used (the counts are reset: each shard reports its own)."""
+    model = getattr(transformer, "model", transformer)
+    inner = getattr(transformer, "inner", None)
+    candidates = [getattr(model.attention_fn, "backend", None), getattr(transformer, "attention", None)]
+    candidates += [getattr(inner, "attention", None)]
+    backends = {id(b): b for b in (getattr(c, "backend", c) for c in candidates) if b is not None}
+    total: dict[str, int] = {}
+    for backend in backends.values():
+        for reason, count in getattr(backend, "fallbacks", {}).items():
+            total[reason] = total.get(reason, 0) + count
+        if hasattr(backend, "fallbacks"):
+            backend.fallbacks.clear()
+    return total
 
 
 def choose_layout(config: Config, videos: pa.Table, env: DistEnv | None) -> ParallelDims:
