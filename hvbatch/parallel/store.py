@@ -32,7 +32,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ logger = logging.getLogger(__name__)
 RETRY_PAUSE_S = 0.5
 MIN_TRY_S = 0.5  # what a call gets when an outage already used up the patience
 CLOSE_WAIT_S = 2.0
+IN_CALL_JOIN_S = 0.2  # a worker in a call: a healthy store answers in milliseconds
 
 
 class StoreUnresponsive(RuntimeError):
@@ -63,27 +63,33 @@ class _Worker:
         self.calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self.in_call = False
         self.thread = threading.Thread(target=self._run, name=f"hvbatch-store-{name}", daemon=True)
+        with _WORKERS_LOCK:
+            _WORKERS.add(self)
         self.thread.start()
-        _WORKERS.add(self)
 
     def _run(self) -> None:
         client = None
-        while (call := self.calls.get()) is not None:
-            self.in_call = True
-            try:
-                client = client if client is not None else self.connect()
-                call.value = call.fn(client)
-            except BaseException as err:
-                call.error, client = err, None  # a failed connection is not reused
-            finally:
-                self.in_call = False
-                call.done.set()
+        try:
+            while (call := self.calls.get()) is not None:
+                self.in_call = True
+                try:
+                    client = client if client is not None else self.connect()
+                    call.value = call.fn(client)
+                except BaseException as err:
+                    call.error, client = err, None  # a failed connection is not reused
+                finally:
+                    self.in_call = False
+                    call.done.set()
+        finally:
+            with _WORKERS_LOCK:
+                _WORKERS.discard(self)
 
     def stop(self) -> None:
         self.calls.put(None)
 
 
-_WORKERS: weakref.WeakSet[_Worker] = weakref.WeakSet()
+_WORKERS: set[_Worker] = set()  # the live workers, abandoned ones included
+_WORKERS_LOCK = threading.Lock()
 
 
 class DeadlineStore:
@@ -186,12 +192,13 @@ class DeadlineStore:
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()
-            worker.thread.join(wait_s)
+            worker.thread.join(min(wait_s, IN_CALL_JOIN_S) if worker.in_call else wait_s)
 
 
 def calls_in_flight() -> int:
     """Store calls still running in some worker (abandoned ones included)."""
-    return sum(1 for worker in list(_WORKERS) if worker.in_call and worker.thread.is_alive())
+    with _WORKERS_LOCK:
+        return sum(1 for worker in _WORKERS if worker.in_call)
 
 
 def _exit_if_a_call_is_stuck() -> None:
