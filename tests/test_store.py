@@ -261,3 +261,31 @@ def test_a_store_call_stuck_at_exit_never_aborts_the_process(
     if code:
         assert "a store call never returned" in result.stdout
     assert time.monotonic() - started < 30
+
+
+RENDEZVOUS = """
+import sys, torch
+from hvbatch.parallel.launch import DistEnv, init_distributed
+env = DistEnv(rank=1, world_size=2, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+              master_port=int(sys.argv[1]))
+init_distributed(env, torch.device("cpu"), backend="gloo", timeout_s=2.0)
+print("joined")
+"""
+
+
+def test_a_rendezvous_with_a_stopped_rank_0_ends_the_process(
+    server: tuple[subprocess.Popen[str], int],
+) -> None:
+    # init_process_group talks to rank 0's store inside torch, where a stopped server blocks it
+    # past its timeout: the process ends at the rendezvous deadline (2 s x 1.2 + 5 s) instead.
+    proc, port = server
+    os.kill(proc.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", RENDEZVOUS, str(port)],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert result.returncode == 1 and "joined" not in result.stdout, result.stderr[-2000:]
+    assert "rank 1: the rendezvous with rank 0 at 127.0.0.1" in result.stderr, result.stderr[-2000:]
+    assert "did not finish within 7 s" in result.stderr
+    assert time.monotonic() - started < 7.4 + 20  # the deadline, plus starting Python and torch

@@ -28,11 +28,13 @@ Errors are counted (`errors`); the first of an outage is logged, and so is the r
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +195,31 @@ class DeadlineStore:
         if worker is not None:
             worker.stop()
             worker.thread.join(min(wait_s, IN_CALL_JOIN_S) if worker.in_call else wait_s)
+
+
+@contextlib.contextmanager
+def exit_unless_done_within(timeout_s: float, what: str) -> Iterator[None]:
+    """For a blocking call that cannot be given a deadline of its own (`init_process_group`
+    talks to rank 0's store inside torch): if it has not returned after `timeout_s`, say what
+    hung and end the process (exit 1), as srun or the local supervisor then ends the attempt."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(timeout_s):
+            from hvbatch import process
+
+            print(
+                f"hvbatch: {what} did not finish within {timeout_s:.0f} s; exiting",
+                file=sys.stderr,
+                flush=True,
+            )
+            process.exit_now(1)
+
+    threading.Thread(target=watch, name="hvbatch-deadline", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def calls_in_flight() -> int:
