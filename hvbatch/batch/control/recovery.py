@@ -189,11 +189,14 @@ class RetryOutcome:
 def retry_shards(run: RunDir, executor: str | None, wait: bool) -> RetryOutcome:
     """Resubmit the unfinished shards whose jobs are gone (see the module docstring)."""
     config = load_config(run.root / "config.yaml")
+    if wait:  # without the lock: a job's own last step may need it meanwhile
+        unfinished = unfinished_shards(run)
+        census = _census(run, config, unfinished)
+        if census.shards_in(JobPhase.ENDING, unfinished):
+            _wait_while_ending(run, config, unfinished, census)
     with submission_lock(run):
         unfinished = unfinished_shards(run)
         census = _census(run, config, unfinished)
-        if wait and census.shards_in(JobPhase.ENDING, unfinished):
-            census = _wait_while_ending(run, config, unfinished, census)
         if census.recovered:  # status, cancel and --wait should know them again
             by_kind: dict[str, list[JobRecord]] = {}
             for record in census.recovered:
