@@ -3,8 +3,9 @@
 A shard may be submitted again only once no job that may be running it is alive. `JobCensus`
 asks the scheduler twice: about the shards' recorded jobs, and (`Executor.find_jobs`) about every
 job of the run it still lists, whatever the records say, so a lost or corrupt submission record
-never makes a live job look gone. A job found that way is given to the shards its metrics rows
-name (it has started them); one that names none (still queued) may be running any shard.
+never makes a live job look gone. A job found that way that runs one shard (a submitit array
+element) is given to the shard its metrics row names and recorded again (`recovered`); one that
+names none (still queued), or that may run several (local, plain sbatch), may be running any.
 
 Each job is alive (queued or running), ending (COMPLETING: its processes may still run) or gone
 (left the queue, or listed in a terminal state such as CANCELLED). `retry` submits the shards
