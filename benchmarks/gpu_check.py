@@ -1,5 +1,6 @@
 """One-GPU check of the CUDA path, in at most 8 minutes by construction: one JSON line per phase,
-then one verdict line per production choice (attention kernel, compile, FP8, comm dtype).
+then one verdict line per production choice (attention kernel, compile, FP8, comm dtype, SSTA for
+sparse 1.5 checkpoints, the 1.5 shard-cost rate) and one line of 1.5 speed against published figures.
 
     python benchmarks/gpu_check.py --out $OUT       # on a CUDA GPU (H100/H200/B200/A100/L40...)
     python benchmarks/gpu_check.py --cpu-smoke      # tiny sizes on the CPU: every phase's code path
@@ -25,7 +26,11 @@ Phases:
 - `step_eager`, `step_compiled`, `step_fp8`: a 720p and a 544p step (129 frames) per variant, every
   block timed, extrapolated to 20 + 40 blocks (never negative: measured durations only), peak memory;
 - `comm_dtype`: packing cost of fp8 transfers against the link time they save;
-- `vae_tile`: one VAE decode tile at the official tile size.
+- `vae_tile`: one VAE decode tile at the official tile size;
+- `hv15_step`, `ssta_attention`, `sr_step` (gpu_check_hv15.py): a HunyuanVideo-1.5 step at full
+  width and reduced depth (480p and 720p x 121 frames, with and without CFG, extrapolated to 54
+  blocks, minutes per video next to the published figures); SSTA against dense attention at the
+  720p token count; an SR transformer step (720p and 1080p SR) and the SR upsampler.
 
 `--out DIR` writes gpu_check.json and gpu_check.md there after every phase. `--cpu-smoke` runs
 the same code on the tiny model (float32, `aot_eager` for compiled blocks); tests/test_gpu_check.py
@@ -66,14 +71,17 @@ class Phase:
 PHASES: dict[str, Phase] = {
     "versions": Phase("gpu_check_phases", "phase_versions", 0.03),
     "dispatch": Phase("gpu_check_phases", "phase_dispatch", 0.04),
-    "attention_tflops": Phase("gpu_check_phases", "phase_attention_tflops", 0.11),
-    "attention_accuracy": Phase("gpu_check_phases", "phase_attention_accuracy", 0.12),
-    "sp_multirank": Phase("gpu_check_phases", "phase_sp_multirank", 0.14),
-    "step_eager": Phase("gpu_check_step", "phase_step_eager", 0.14),
-    "step_compiled": Phase("gpu_check_step", "phase_step_compiled", 0.18),
-    "step_fp8": Phase("gpu_check_step", "phase_step_fp8", 0.12),
-    "comm_dtype": Phase("gpu_check_step", "phase_comm_dtype", 0.04),
-    "vae_tile": Phase("gpu_check_step", "phase_vae_tile", 0.08),
+    "attention_tflops": Phase("gpu_check_phases", "phase_attention_tflops", 0.09),
+    "attention_accuracy": Phase("gpu_check_phases", "phase_attention_accuracy", 0.10),
+    "sp_multirank": Phase("gpu_check_phases", "phase_sp_multirank", 0.11),
+    "step_eager": Phase("gpu_check_step", "phase_step_eager", 0.11),
+    "step_compiled": Phase("gpu_check_step", "phase_step_compiled", 0.15),
+    "step_fp8": Phase("gpu_check_step", "phase_step_fp8", 0.09),
+    "comm_dtype": Phase("gpu_check_step", "phase_comm_dtype", 0.03),
+    "vae_tile": Phase("gpu_check_step", "phase_vae_tile", 0.05),
+    "hv15_step": Phase("gpu_check_hv15", "phase_hv15_step", 0.08),
+    "ssta_attention": Phase("gpu_check_hv15", "phase_ssta_attention", 0.05),
+    "sr_step": Phase("gpu_check_hv15", "phase_sr_step", 0.07),
 }
 
 
@@ -257,8 +265,105 @@ def comm_verdict(results: dict[str, dict[str, Any]]) -> str:
     )
 
 
+SSTA_PUBLISHED = "published: 1.87x end to end against FlashAttention-3 at 720p"
+
+
+def _ssta_step_speedup(results: dict[str, dict[str, Any]], ssta: dict[str, Any], ms: float) -> float | None:
+    """The 1.5 step's speed-up implied by the attention times: the measured dense step (batch 1, same
+    grid) minus `full_depth x (dense - SSTA)` per call; None without a measured step on that grid."""
+    step_record = results.get("hv15_step", {})
+    depth = step_record.get("full_depth")
+    for video in step_record.values():
+        if not (_ok(video) and video.get("grid") == ssta.get("grid") and _ok(video.get("no_cfg"))):
+            continue
+        step = video["no_cfg"].get(f"s_per_step_{depth}")
+        if not step:
+            return None
+        sparse = step - depth * (ssta["dense_ms"] - ms) / 1e3
+        return step / sparse if sparse > 0 else None
+    return None
+
+
+def ssta_verdict(results: dict[str, dict[str, Any]]) -> str:
+    """SSTA pays when the kernel `auto` runs (official if installed, else portable) beats dense by 3%."""
+    record = results.get("ssta_attention", {})
+    kernel = "official" if _ok(record.get("official")) else "portable"
+    measured = record.get(kernel)
+    if not _ok(measured) or "dense_ms" not in record:
+        why = record.get("error") or measured or "no SSTA call timed"
+        return f"ssta: use SSTA for sparse checkpoints: unmeasured ({why}); keep model.attention_mode=auto"
+    speedup = measured["speedup_vs_dense"]
+    shown = (
+        f"grid {record.get('grid')}: SSTA {kernel} {measured['ms']:.1f} ms vs dense "
+        f"{record.get('dense_backend')} {record['dense_ms']:.1f} ms per call, {speedup:.2f}x"
+    )
+    step = _ssta_step_speedup(results, record, measured["ms"])
+    shown += f", {step:.2f}x per step" if step else ""
+    shown += f" ({SSTA_PUBLISHED})"
+    if kernel == "portable" and "official" not in record:
+        shown += "; official kernel not installed (pip install flex-block-attn)"
+    if speedup >= 1.03:
+        return f"ssta: use SSTA for sparse checkpoints: yes (model.attention_mode=auto): {shown}"
+    return (
+        "ssta: use SSTA for sparse checkpoints: no (model.attention_mode=dense is faster here; the "
+        f"sparse checkpoints were distilled with SSTA: check their output dense first): {shown}"
+    )
+
+
+def _hv15_videos(results: dict[str, dict[str, Any]], branch: str) -> dict[str, dict[str, Any]]:
+    record = results.get("hv15_step", {})
+    return {k: v for k, v in record.items() if _ok(v) and _ok(v.get(branch)) and "image_tokens" in v}
+
+
+def hv15_cost_verdict(results: dict[str, dict[str, Any]]) -> str:
+    """The 1.5 `seconds_per_cost_unit` (GPU-s per image token x step x CFG branch, the unit of
+    `hvbatch/batch/control/calibration.py`) from the largest video's CFG step: the rate grows with
+    the token count (attention), and walltimes sized from the largest hold for the smaller ones."""
+    record = results.get("hv15_step", {})
+    videos = _hv15_videos(results, "cfg")
+    if not videos:
+        why = record.get("error", "no 1.5 CFG step measured")
+        return f"hv15_cost: seconds_per_cost_unit for 1.5: unmeasured ({why})"
+    key = f"s_per_step_{record['full_depth']}"
+    rates = {label: v["cfg"][key] / (2 * v["image_tokens"]) for label, v in videos.items()}
+    largest = max(videos, key=lambda label: videos[label]["image_tokens"])
+    others = "".join(f"; {label} {rate:.3g}" for label, rate in rates.items() if label != largest)
+    minutes = videos[largest]["video_min"].get("50_steps_cfg")
+    table = f"('{record.get('gpu_type') or record.get('gpu')}', '{record.get('backend')}')"
+    return (
+        f"hv15_cost: seconds_per_cost_unit for 1.5 at {table} = {rates[largest]:.3g} (GPU-s per image "
+        f"token x step x CFG branch, {largest} CFG step at {record['full_depth']} blocks{others}); "
+        f"{largest} x 50 steps with CFG = {minutes:.1f} min per video per GPU (transformer steps only)"
+    )
+
+
+def hv15_speed_line(results: dict[str, dict[str, Any]]) -> str:
+    """Minutes per video per GPU next to the published figures (GPU-seconds)."""
+    videos = _hv15_videos(results, "cfg")
+    if not videos:
+        why = results.get("hv15_step", {}).get("error", "no 1.5 CFG step measured")
+        return f"hv15_speed: unmeasured ({why})"
+    parts = []
+    for label, video in videos.items():
+        minutes = video["video_min"]
+        text = f"{label}: {minutes.get('50_steps_cfg', 0):.1f} min at 50 steps with CFG"
+        if "8_steps_step_distilled" in minutes:
+            eight, twelve = minutes["8_steps_step_distilled"], minutes["12_steps_step_distilled"]
+            text += f", {eight:.2f} / {twelve:.2f} at 8 / 12 steps step-distilled"
+        for pub in video.get("published", []):
+            text += (
+                f"; {pub['source']}: {pub['published_s'] * pub['gpus']:.0f} GPU-s at {pub['steps']} steps, "
+                f"{pub['published_gpu_s_over_ours']:.2f}x ours ({pub['ours_transformer_s']:.0f} s)"
+            )
+        parts.append(text)
+    return "hv15_speed: per video per GPU, transformer only: " + " | ".join(parts)
+
+
 def verdicts(results: dict[str, dict[str, Any]]) -> list[str]:
-    return [attention_verdict(results), compile_verdict(results), fp8_verdict(results), comm_verdict(results)]
+    return [
+        attention_verdict(results), compile_verdict(results), fp8_verdict(results), comm_verdict(results),
+        ssta_verdict(results), hv15_cost_verdict(results), hv15_speed_line(results),
+    ]  # fmt: skip
 
 
 def write_outputs(

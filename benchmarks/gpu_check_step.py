@@ -59,7 +59,8 @@ class BlockTimer(nn.Module):
         return out
 
 
-def _seconds(start: Any, end: Any) -> float:
+def lap_seconds(start: Any, end: Any) -> float:
+    """Seconds of one `BlockTimer` lap (CUDA events or wall-clock floats)."""
     return end - start if isinstance(start, float) else start.elapsed_time(end) / 1e3
 
 
@@ -111,7 +112,7 @@ def _variant(ctx: Context, name: str, backend: str, video: tuple[int, int, int])
             total = time.perf_counter() - t0
             per_kind: dict[str, list[float]] = {"double": [], "single": []}
             for kind, start, end in laps:
-                per_kind[kind].append(_seconds(start, end))
+                per_kind[kind].append(lap_seconds(start, end))
             if best is None or total < best[0]:
                 best = (total, per_kind)
     assert best is not None

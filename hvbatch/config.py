@@ -470,10 +470,10 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML atomically (temp file, then rename)."""
+    """Write the resolved config as YAML with the run's atomic writer (unique temporary name,
+    never through a symbolic link)."""
     from omegaconf import OmegaConf
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-    tmp.replace(path)
+    from hvbatch.batch.files import named_by_user, write_text_atomic
+
+    write_text_atomic(named_by_user(Path(path)), OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -34,7 +34,6 @@ import enum
 import functools
 import hashlib
 import io
-import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hvbatch.batch.files import tmp_sibling, write_atomic
+from hvbatch.batch.files import write_atomic
 
 FORMAT_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp"}
 """Pillow's format name -> the extension a frozen file gets."""
@@ -341,24 +340,10 @@ class ImageStore:
         if path.is_file() and path.stat().st_size == len(data):
             self.reused += 1
             return relative
-        if self.sync_each:
-            write_atomic(path, lambda tmp: tmp.write_bytes(data))
-        else:
-            _write_renamed(path, data)
+        write_atomic(path, lambda handle: handle.write(data), durable=self.sync_each)
         self.written += 1
         self.bytes_written += len(data)
         return relative
-
-
-def _write_renamed(path: Path, data: bytes) -> None:
-    """`data` under a temporary name, then renamed to `path` (no fsync: the caller syncs the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_frozen(run_dir: str | Path, relative: str, sha256: str, *, min_side: int = 1) -> LoadedImage:

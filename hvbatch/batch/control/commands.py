@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
+import stat
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from hvbatch.batch import ledger
+from hvbatch.batch.attempt import EXIT_DISK_FULL
 from hvbatch.batch.control import recovery
 from hvbatch.batch.control.calibration import (
     configured_rate,
@@ -29,11 +32,14 @@ from hvbatch.batch.executors.base import latest_records
 from hvbatch.batch.executors.registry import executor_for, resolve_executor
 from hvbatch.batch.files import (
     PRIVATE_DIR_MODE,
+    is_disk_full,
     make_dirs,
+    named_by_user,
     write_atomic,
     write_json_atomic,
     write_json_exclusive,
     write_parquet_atomic,
+    write_text_atomic,
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config, save_config
@@ -98,6 +104,36 @@ def check_run_dir_name(root: Path) -> None:
         )
 
 
+def check_run_dir_owner(root: Path) -> None:
+    """An existing run directory must be the user's alone: whoever else owns or can write it could
+    change `config.yaml` (whose `slurm.setup` lines later submissions run) or the pickles the jobs
+    execute."""
+    info = root.stat()
+    if info.st_uid != os.geteuid():
+        raise ValueError(
+            f"--run-dir {root} belongs to {_user_name(info.st_uid)}, not to you "
+            f"({_user_name(os.geteuid())}): its owner could change the run's config and the code its "
+            "jobs run. Choose a directory you own (a new path is created for you), or have it "
+            "chowned to you first"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = " and ".join(
+            w for w, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if info.st_mode & bit
+        )
+        raise ValueError(
+            f"--run-dir {root} is writable by {who} (mode {stat.S_IMODE(info.st_mode):04o}): anyone who can "
+            "write it could change the run's config and the code its jobs run. Choose a new "
+            f"--run-dir (it is created private), or `chmod go-w {root}` first"
+        )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def claim_run_dir(run: RunDir) -> None:
     """Take the run directory atomically: a second submit (even a concurrent one) is refused."""
     check_run_dir_name(run.root)
@@ -108,6 +144,8 @@ def claim_run_dir(run: RunDir) -> None:
     if run.root.exists() and not run.root.is_dir():
         raise ValueError(f"--run-dir {run.root} is a file, not a directory; choose another --run-dir")
     existed = run.root.is_dir()
+    if existed:
+        check_run_dir_owner(run.root)
     claim = run.root / CLAIM_NAME
     try:
         make_dirs(run.root, PRIVATE_DIR_MODE)
@@ -225,13 +263,14 @@ def run_status_command(args: argparse.Namespace) -> int:
 
 def write_manifest_file(path: Path, table: pa.Table) -> None:
     """`manifest --out`: Parquet or CSV by the file's suffix, written atomically."""
+    path = named_by_user(path)
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out {path}: the manifest is written as .parquet or .csv; name the file so")
     if suffix == ".parquet":
         write_parquet_atomic(path, table)
         return
-    write_atomic(path, lambda tmp: pa_csv.write_csv(table, tmp))
+    write_atomic(path, lambda handle: pa_csv.write_csv(table, handle))
 
 
 def run_manifest(args: argparse.Namespace) -> int:
@@ -278,7 +317,7 @@ def run_sbatch(args: argparse.Namespace) -> int:
     text = sbatch_jobs.render(run, args.template, shards)
     (run.root / "logs").mkdir(exist_ok=True)
     if args.out:
-        Path(args.out).write_text(text)
+        write_text_atomic(named_by_user(Path(args.out)), text)
         print(f"wrote {args.out}: submit it with `sbatch {args.out}`")
     else:
         print(text, end="")
@@ -286,7 +325,12 @@ def run_sbatch(args: argparse.Namespace) -> int:
 
 
 def run_shard_command(args: argparse.Namespace) -> int:
-    sbatch_jobs.run_shard(args.run_dir, [int(shard) for shard in args.shards])
+    try:
+        sbatch_jobs.run_shard(args.run_dir, [int(shard) for shard in args.shards])
+    except Exception as err:
+        if is_disk_full(err):  # logged by the job; its error record may not have fit
+            return EXIT_DISK_FULL
+        raise
     return 0
 
 

@@ -26,9 +26,11 @@ attempt: the error is recorded and the process exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import socket
 import time
 import traceback
 from datetime import timedelta
@@ -37,7 +39,8 @@ from typing import Any
 import torch
 
 from hvbatch.batch import ledger
-from hvbatch.batch.attempt import ExitReason, RankErrorKind, VideoStatus
+from hvbatch.batch.attempt import AttemptKey, ExitReason, RankErrorKind, VideoStatus
+from hvbatch.batch.files import is_disk_full
 from hvbatch.batch.ledger import VideoHistory, record_rank_error, video_histories
 from hvbatch.batch.rundir import RunDir, shard_name
 from hvbatch.batch.runtime.faults import FaultInjector, VideoFaults
@@ -46,11 +49,13 @@ from hvbatch.batch.runtime.support import (
     JobIdentity,
     ShardProgress,
     Watchdog,
+    accept_final,
     choose_layout,
     commit_video,
     manifest_row,
     peak_memory_bytes,
     recover_orphans,
+    remove_dead_temporaries,
     take_attention_fallbacks,
     warm_up_inputs,
 )
@@ -59,7 +64,7 @@ from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config
 from hvbatch.parallel.attention import resolve_comm_dtype
 from hvbatch.parallel.dims import ParallelDims, ParallelGroups, ProcessGroups
-from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
+from hvbatch.parallel.launch import DistEnv, RankSetup, dist_env_from, setup_rank, teardown_rank
 from hvbatch.parallel.liveness import Liveness, PeerLostError, StoreLostError
 from hvbatch.parallel.runner import parallelize, unparallelize, warm_up
 from hvbatch.parallel.vae_decode import video_decoder
@@ -82,8 +87,26 @@ def is_communication_error(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in text for m in (*COMMUNICATION_MARKERS, "nccl", "gloo"))
 
 
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (weights missing, corrupt or too large): no video's fault."""
+
+
+PORT_FAILURE_MARKERS = ("eaddrinuse", "address already in use", "eaddrnotavail", "failed to bind")
+
+
+def is_port_failure(err: BaseException) -> bool:
+    """The job's rendezvous port could not be bound (another process holds it)."""
+    if isinstance(err, OSError) and err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        return True
+    return any(marker in str(err).lower() for marker in PORT_FAILURE_MARKERS)
+
+
 def error_kind(err: BaseException) -> RankErrorKind:
     text = str(err).lower()
+    if is_disk_full(err):
+        return RankErrorKind.DISK_FULL
+    if isinstance(err, ModelLoadError):
+        return RankErrorKind.LOAD_FAILED
     if isinstance(err, StoreLostError):  # rank 0, the store's host, is stopped or hung
         return RankErrorKind.TIMEOUT
     if isinstance(err, PeerLostError):
@@ -173,7 +196,7 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
         result = dict(status=VideoStatus.DONE, truncated=generated.truncated, frames=generated.frames)
         result |= dict(steps_computed=generated.steps_computed, steps_skipped=generated.steps_skipped)
     except PROMPT_ERRORS as err:
-        if is_communication_error(err):
+        if is_communication_error(err) or is_disk_full(err):
             raise
         logger.error("video %s failed:\n%s", printable(video["video_id"]), traceback.format_exc())
         result = dict(status=VideoStatus.FAILED, error=f"{type(err).__name__}: {err}")
@@ -270,12 +293,12 @@ def _leader_todo(
     progress: ShardProgress,
 ) -> list[int]:  # fmt: skip
     """The videos to try in this pass; those out of attempts get their final failed row here."""
-    run, retry, key = ctx.job.run, ctx.job.config.retry, ctx.job.identity.key
+    retry, key = ctx.job.config.retry, ctx.job.identity.key
     todo = []
     for index in mine:
         video = videos[index]
         history = histories.setdefault(video["video_id"], VideoHistory())
-        if history.done or history.final or run.video_path(video["video_id"]).exists():
+        if history.done or history.final or _has_whole_final(ctx, video):
             continue
         if history.attempts >= retry.max_prompt_attempts:
             history.final = True
@@ -293,6 +316,14 @@ def _leader_todo(
             continue
         todo.append(index)
     return todo
+
+
+def _has_whole_final(ctx: ShardContext, video: dict[str, Any]) -> bool:
+    """A final mp4 without a done row counts only if it is whole (else it goes to quarantine/)."""
+    job = ctx.job
+    if not os.path.lexists(job.run.video_path(video["video_id"])):
+        return False
+    return accept_final(job.run, video, sampling_for(video, job.config.sampling), job.identity.key)
 
 
 def _process_videos(ctx: ShardContext) -> ShardProgress:
@@ -362,6 +393,17 @@ def _attempt_number(run: RunDir, shard: int, identity: JobIdentity) -> int:
     return len(rows) + (0 if any(r["attempt_key"] == str(identity.key) for r in rows) else 1)
 
 
+def _remove_dead_temporaries(run: RunDir, shard: int, key: AttemptKey) -> None:
+    """Temporary files of the shard's attempts that have ended (a write killed half-way)."""
+    live = {str(key)} | {
+        row["attempt_key"] for row in run.metrics_rows(shard) if row["exit_reason"] == ExitReason.RUNNING
+    }
+    videos = run.read_shard(shard)["video_id"].to_pylist()
+    removed = remove_dead_temporaries(run, shard, videos, live)
+    if removed:
+        logger.info("%s: removed %d temporary files of ended attempts", shard_name(shard), len(removed))
+
+
 def _begin_row(job: JobContext, groups: ParallelGroups, attempt: int) -> dict[str, Any]:
     device = job.pipeline.device
     return {
@@ -413,6 +455,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
         ctx = ShardContext(job, shard, groups, attempt)
         if rank == 0:
             ledger.reconcile(run, [shard], probe, key)
+            _remove_dead_temporaries(run, shard, key)
             ledger.begin(run, shard, key, _begin_row(job, groups, attempt) | {"started_at": shard_start})
             logger.info(
                 "%s %s (attempt %d): layout dp %d x cfg %d x ulysses %d x ring %d, attention %s",
@@ -429,7 +472,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
         job.pipeline.decoder = decode_here
     complete = False
     if rank == 0:
-        recover_orphans(run, shard, key)
+        recover_orphans(run, shard, key, job.config.sampling)
         wall = time.time() - shard_start
         measured = {
             "seconds_to_first_step": progress.first_step_at - shard_start if progress.first_step_at else None,
@@ -439,8 +482,7 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
             "peak_memory_bytes": [int(ends[r][0]) for r in sorted(ends)],
             "attention_fallbacks": _merged_fallbacks([ends[r][1] for r in sorted(ends)]),
         }
-        ledger.end(run, shard, key, ExitReason.COMPLETED, None, measured)
-        complete = ledger.mark_complete_if_done(run, shard, key)
+        complete = ledger.complete(run, shard, key, measured)
     return {"shard": shard, "rank": rank, "videos": len(progress.seconds), "complete": complete}
 
 
@@ -471,22 +513,38 @@ def _liveness(setup: RankSetup, config: Config, watchdog: Watchdog) -> Liveness 
 def run_shards_job(
     run_dir: str, shards: list[int], probe: ledger.JobProbe, on_shard: Any = None
 ) -> list[dict[str, Any]]:
-    """Entry point of a job (called on every rank): load once, then work through `shards` in order."""
+    """Entry point of a job (called on every rank): load once, then work through `shards` in order.
+
+    Failures that are not a video's (the rendezvous port taken, the model not loading, a full
+    disk) are reported with their own kind, so the attempt ends with its own exit reason and
+    charges no video (see `ExitReason.charges_videos`).
+    """
     run = RunDir(run_dir)
     config = load_config(run.root / "config.yaml")
     identity = JobIdentity.from_environment()
-    setup = setup_rank(config.parallel, config.device)
-    watchdog = Watchdog(config.retry.stall_timeout_s, run, identity.key, setup.rank)
-    liveness = None
+    env = dist_env_from(os.environ)
+    rank = env.rank if env is not None else 0
+    watchdog = Watchdog(config.retry.stall_timeout_s, run, identity.key, rank)
+    setup = liveness = None
     failed = False
     try:
+        faults = FaultInjector.from_spec(config.fault)
+        held_port = _port_fault(faults, run, shards, identity, env)
+        try:
+            setup = setup_rank(config.parallel, config.device)
+        finally:
+            if held_port is not None:
+                held_port.close()
         liveness = _liveness(setup, config, watchdog)
         timings = Timings()
-        pipeline = Pipeline.load(config, timings, device=setup.device)
+        try:
+            pipeline = Pipeline.load(config, timings, device=setup.device)
+        except Exception as err:
+            raise ModelLoadError(f"loading the model failed: {type(err).__name__}: {err}") from err
         world = setup.env.world_size if setup.env else 1
         groups = ProcessGroups(world, setup.rank, timedelta(seconds=config.parallel.timeout_s))
         job = JobContext(
-            run, config, pipeline, setup, identity, FaultInjector.from_spec(config.fault), watchdog, liveness,
+            run, config, pipeline, setup, identity, faults, watchdog, liveness,
             timings.seconds.get("load", 0.0), groups,
         )  # fmt: skip
         watchdog.start()
@@ -501,16 +559,42 @@ def run_shards_job(
         return results
     except Exception as err:
         failed = True
-        message = f"{type(err).__name__}: {err}"
-        if liveness is not None:
-            liveness.report_failure(message)
-        record_rank_error(run, identity.key, setup.rank, error_kind(err), message)
-        logger.error("rank %d: attempt %s failed:\n%s", setup.rank, identity.key, traceback.format_exc())
+        _report_failure(run, identity, rank, liveness, err, setup is None)
         raise
     finally:
         watchdog.stop()
         if liveness is not None:
             liveness.stop()
-        if not failed:  # after a failed collective, tearing the group down can block: just exit
+        if setup is not None and not failed:  # after a failed collective, tearing down can block
             teardown_rank(setup)
-        logger.debug("rank %d left after %.0f s", setup.rank, time.time() - PROCESS_START)
+        logger.debug("rank %d left after %.0f s", rank, time.time() - PROCESS_START)
+
+
+def _report_failure(
+    run: RunDir, identity: JobIdentity, rank: int, liveness: Liveness | None, err: Exception, in_setup: bool
+) -> None:
+    """Tell the peers and record the rank's error; a record that cannot be written (a full disk)
+    is logged: the exit status still says `disk-full` (`EXIT_DISK_FULL`)."""
+    message = f"{type(err).__name__}: {err}"
+    kind = error_kind(err)
+    if in_setup and is_port_failure(err):
+        kind = RankErrorKind.PORT_FAILED
+    if liveness is not None:
+        liveness.report_failure(message)
+    logger.error("rank %d: attempt %s failed (%s):\n%s", rank, identity.key, kind, traceback.format_exc())
+    try:
+        record_rank_error(run, identity.key, rank, kind, message)
+    except OSError as record_err:
+        logger.error("rank %d: could not record its error in %s: %s", rank, run.root, record_err)
+
+
+def _port_fault(
+    faults: FaultInjector | None, run: RunDir, shards: list[int], identity: JobIdentity, env: DistEnv | None
+) -> socket.socket | None:
+    """The `port-busy` fault: this rank holds the rendezvous port, as another process would."""
+    if faults is None or env is None:
+        return None
+    todo = [shard for shard in shards if shard not in run.completed_shards()]
+    shard = todo[0] if todo else -1
+    attempt = _attempt_number(run, shard, identity) if todo else 1
+    return faults.hold_port(env.master_addr, env.master_port, rank=env.rank, shard=shard, attempt=attempt)
