@@ -1,5 +1,3 @@
-import sys
+from hvbatch.cli import console_main
 
-from hvbatch.cli import main
-
-sys.exit(main())
+console_main()

@@ -15,6 +15,7 @@ from hvbatch.batch.control.commands import add_batch_parsers
 from hvbatch.config import available_presets, load_config
 from hvbatch.generate import add_generate_parser
 from hvbatch.plan_cli import add_plan_parser
+from hvbatch.process import run_then_exit
 from hvbatch.report.command import add_report_parser
 from hvbatch.text import printable_lines
 
@@ -106,5 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def console_main() -> None:
+    """The `hvbatch` executable: `main`, then `exit_process` (no native teardown at exit)."""
+    run_then_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

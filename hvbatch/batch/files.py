@@ -33,11 +33,19 @@ class CorruptRunFile(ValueError):
     """A run file that cannot be read (empty, truncated, not JSON or Parquet)."""
 
     def __init__(self, path: Path, cause: BaseException) -> None:
-        super().__init__(
-            f"{path} is corrupt or empty ({type(cause).__name__}: {cause}); "
-            f"`hvbatch retry {_run_root(path)} --repair` moves corrupt files to corrupt/ and redoes "
-            "what they recorded (videos already made are kept)"
-        )
+        root = _run_root(path)
+        if path.parent.name == "shards":  # a frozen input: nothing else holds all its columns
+            fix = (
+                "--repair cannot rebuild it (it is the frozen list of that shard's videos): restore it "
+                "from a backup, or submit the prompts file again into a new run (`hvbatch submit PROMPTS "
+                f"--run-dir NEW`; videos already made in {root / 'videos'} are not reused)"
+            )
+        else:
+            fix = (
+                f"`hvbatch retry {root} --repair` moves corrupt files to corrupt/ (rebuilding run.json and "
+                "videos.parquet) and redoes what they recorded (videos already made are kept)"
+            )
+        super().__init__(f"{path} is corrupt or empty ({type(cause).__name__}: {cause}); {fix}")
         self.path = path
 
 

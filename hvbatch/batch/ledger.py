@@ -38,7 +38,15 @@ from hvbatch.batch.attempt import (
     classify_exit,
 )
 from hvbatch.batch.files import is_disk_full, write_json_atomic, write_parquet_atomic
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, RunDir, shard_name
+from hvbatch.batch.rundir import (
+    MANIFEST_SCHEMA,
+    METRICS_SCHEMA,
+    RANK_ERROR_FIELDS,
+    RunDir,
+    json_object,
+    read_marker,
+    shard_name,
+)
 from hvbatch.config import RetryConfig
 
 logger = logging.getLogger(__name__)
@@ -68,7 +76,11 @@ def rank_errors(run: RunDir, key: AttemptKey) -> list[dict[str, Any]]:
     folder = run.root / "attempts"
     if not folder.is_dir():
         return []
-    return [run.read_json(p) for p in sorted(folder.glob(f"{key}.rank*.json"))]
+    paths = sorted(folder.glob(f"{key}.rank*.json"))
+    return [
+        json_object(p, run.read_json(p), RANK_ERROR_FIELDS, tuple(RANK_ERROR_FIELDS), "a rank's error")
+        for p in paths
+    ]
 
 
 def backoff_seconds(retry: RetryConfig, attempts_so_far: int) -> float:
@@ -362,7 +374,7 @@ def retry_delay(run: RunDir, retry: RetryConfig, shards: list[int]) -> float:
 def marker_failed_count(run: RunDir, shard: int) -> int:
     """Failed videos counted by the shard's completion marker (0 without a marker)."""
     path = run.done_marker(shard)
-    return int(run.read_json(path).get("failed", 0)) if path.is_file() else 0
+    return int(read_marker(path).get("failed", 0)) if path.is_file() else 0
 
 
 def reopen_failed_shards(run: RunDir, shards: list[int]) -> list[int]:

@@ -121,6 +121,58 @@ def _read_parts(parts: list[Path], keys: dict[str, str] | None = None) -> pa.Tab
     return table.append_column("_key", pa.array(labels, pa.string()))
 
 
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+                    bool: "a boolean", type(None): "null"}  # fmt: skip
+Field = tuple[type, ...]
+NUMBER: Field = (int, float)
+# The JSON files of a run: the fields each must hold (checked when present, `required` or not).
+MARKER_FIELDS: dict[str, Field] = {
+    "done": (int,),
+    "failed": (int,),
+    "videos": (int,),
+    "last_done_at": (*NUMBER, type(None)),
+}
+SUBMISSION_FIELDS: dict[str, Field] = {"jobs": (list,), "submitted_at": NUMBER}
+JOB_FIELDS: dict[str, Field] = {"shard": (int,), "job_id": (str, int), "executor": (str,)}
+RUN_FIELDS: dict[str, Field] = {"num_shards": (int,), "executor": (str,), "created_at": NUMBER}
+RANK_ERROR_FIELDS: dict[str, Field] = {"rank": (int,), "kind": (str,), "error": (str,)}
+
+
+def json_object(
+    path: Path, data: Any, fields: dict[str, Field], required: tuple[str, ...] = (), what: str = "object"
+) -> dict[str, Any]:
+    """`data` (read from `path`) if it is a JSON object whose fields have their types, else a
+    CorruptRunFile naming the file, like an unreadable one."""
+    if not isinstance(data, dict):
+        kind = _JSON_TYPE_NAMES.get(type(data), type(data).__name__)
+        raise CorruptRunFile(path, TypeError(f"it holds {kind} where {what} belongs"))
+    for key, types in fields.items():
+        value = data.get(key)
+        wrong = key in data and (
+            not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        )
+        if wrong or (key in required and key not in data):
+            raise CorruptRunFile(
+                path, TypeError(f"its {key!r} is {'missing' if key not in data else repr(value)}")
+            )
+    return data
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """A completion marker: an object with the shard's counts."""
+    return json_object(
+        path, read_json(path), MARKER_FIELDS, ("done", "failed"), "an object with the shard's counts"
+    )
+
+
+def read_submission(path: Path) -> dict[str, Any]:
+    """A submission record: an object whose `jobs` each name a shard, a job id and an executor."""
+    record = json_object(path, read_json(path), SUBMISSION_FIELDS, ("jobs",), "a submission record")
+    for job in record["jobs"]:
+        json_object(path, job, JOB_FIELDS, tuple(JOB_FIELDS), "a job of a submission record")
+    return record
+
+
 def _shard_of(name: str) -> int | None:
     match = SHARD_PATTERN.match(name)
     return int(match.group(1)) if match else None
@@ -198,7 +250,9 @@ class RunDir:
         return sorted(rows, key=lambda r: r.get("started_at") or 0.0)
 
     def read_run(self) -> dict[str, Any]:
-        return read_json(self.require().run_json)
+        return json_object(
+            self.run_json, read_json(self.require().run_json), RUN_FIELDS, tuple(RUN_FIELDS), "a run"
+        )
 
     def num_shards(self) -> int:
         return int(self.read_run()["num_shards"])
@@ -223,7 +277,7 @@ class RunDir:
         for path in self._files("done", sorted(shards) if shards is not None else None, ".json"):
             shard = _shard_of(path.name)
             assert shard is not None
-            found[shard] = read_json(path)
+            found[shard] = read_marker(path)
         return found
 
     def manifest_rows(self, shards: int | list[int] | None = None) -> pa.Table:
@@ -262,7 +316,7 @@ class RunDir:
         folder = self.root / "jobs"
         if not folder.is_dir():
             return []
-        return [read_json(p) for p in sorted(folder.glob("submission-*.json"))]
+        return [read_submission(p) for p in sorted(folder.glob("submission-*.json"))]
 
     def add_submission(self, payload: dict[str, Any]) -> Path:
         """Record a submission under the next free number (safe when jobs resubmit concurrently)."""

@@ -28,6 +28,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hvbatch.config import ParallelConfig
+from hvbatch.parallel.store import exit_unless_done_within
+
+RENDEZVOUS_GRACE, RENDEZVOUS_EXTRA_S = 1.2, 5.0  # torch's own timeout error comes first when it can
 
 
 @dataclass(frozen=True)
@@ -216,14 +219,18 @@ def init_distributed(
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-        device_id=device if backend == "nccl" and device.type == "cuda" else None,
-    )
+    # The rendezvous talks to rank 0's TCPStore inside torch, where a stopped rank 0 blocks it past
+    # `timeout_s`: the process ends if torch has neither returned nor raised by a later deadline.
+    where = f"rank {env.rank}: the rendezvous with rank 0 at {env.master_addr}:{env.master_port}"
+    with exit_unless_done_within(timeout_s * RENDEZVOUS_GRACE + RENDEZVOUS_EXTRA_S, where):
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" and device.type == "cuda" else None,
+        )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,13 @@ lock-step denoising loop goes through the job's rendezvous store (the TCPStore t
 
 A peer that is alive but stuck is caught by its own watchdog (`retry.stall_timeout_s`), which
 ends its process, so its heartbeat stops too. Collectives keep a short timeout for real hangs.
+
+Every store call goes through `hvbatch.parallel.store.DeadlineStore` with `peer_timeout_s` of
+patience: a store that does not answer (rank 0, its host, stopped or hung) ends a wait as a peer
+lost within `peer_timeout_s`, and a call that fails is retried meanwhile. The heartbeat thread
+likewise rides out store errors (counted, logged once) and stops only when the store has been
+silent for `peer_timeout_s`; a busy rank's heartbeat keeps moving, since the thread needs nothing
+but the GIL now and then.
 """
 
 from __future__ import annotations
@@ -28,18 +35,25 @@ from typing import Any
 
 import torch.distributed as dist
 
+from hvbatch.parallel.store import DeadlineStore, StoreUnresponsive
+
 logger = logging.getLogger(__name__)
 PREFIX = "hvbatch/"
-STORE_OP_TIMEOUT = timedelta(seconds=60)
 POLL_S = 0.05
+REPORT_PATIENCE_S = 5.0  # a failing rank's last word to its peers: worth a few seconds, no more
 
 
 class PeerLostError(RuntimeError):
     """A peer stopped sending heartbeats, reported a failure, or the job's store went away."""
 
 
-def _client(host: str, port: int) -> dist.TCPStore:
-    return dist.TCPStore(host, port, is_master=False, timeout=STORE_OP_TIMEOUT, wait_for_workers=False)
+class StoreLostError(PeerLostError):
+    """The job's store (on rank 0) stopped answering: rank 0 is stopped, hung or gone."""
+
+
+def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    timeout = timedelta(seconds=timeout_s)
+    return dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
 
 
 class Liveness:
@@ -53,29 +67,47 @@ class Liveness:
         interval_s: float,
         peer_timeout_s: float,
         on_wait: Callable[[], None] | None = None,
+        where: str = "",
     ) -> None:
         self.rank = rank
         self.interval_s = interval_s
         self.peer_timeout_s = peer_timeout_s
         self.on_wait = on_wait
         self.doing = "starting"
-        self._store = store_factory()
-        self._beat_store = store_factory()  # the heartbeat thread's own connection
+        self.where = where
+        self._store = DeadlineStore(store_factory, patience_s=peer_timeout_s, name="waits", where=where)
+        # The heartbeat thread's own connection: a wait in progress never delays a beat.
+        self._beat_store = DeadlineStore(
+            store_factory, patience_s=peer_timeout_s, name="heartbeat", where=where
+        )
         self._sequence: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="hvbatch-heartbeat", daemon=True)
+        self.heartbeat_error: str | None = None
+        """Why the heartbeat thread stopped before `stop`, if it did."""
 
     @classmethod
     def for_job(cls, host: str, port: int, rank: int, **kwargs: Any) -> Liveness:
-        return cls(lambda: _client(host, port), rank, **kwargs)
+        timeout_s, where = kwargs["peer_timeout_s"], f" on {host}:{port} (rank 0)"
+        return cls(lambda: _client(host, port, timeout_s), rank, where=where, **kwargs)
+
+    @property
+    def store_errors(self) -> int:
+        """Store calls that failed and were retried, on both connections."""
+        return self._store.errors + self._beat_store.errors
 
     def start(self) -> Liveness:
-        self._store.add(f"{PREFIX}hb/{self.rank}", 1)
+        self._call(lambda: self._store.add(f"{PREFIX}hb/{self.rank}", 1))
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 2.0) -> None:
+        """Stop the heartbeat and close both connections; returns within about `wait_s`."""
         self._stop.set()
+        self._beat_store.close(wait_s)  # a beat waiting on the store gives up at once
+        if self._thread.is_alive():
+            self._thread.join(wait_s)
+        self._store.close(wait_s)
 
     def _beat(self) -> None:
         said = None
@@ -83,17 +115,31 @@ class Liveness:
             try:
                 self._beat_store.add(f"{PREFIX}hb/{self.rank}", 1)
                 if self.doing != said:
+                    self._beat_store.set(f"{PREFIX}doing/{self.rank}", self.doing)
                     said = self.doing
-                    self._beat_store.set(f"{PREFIX}doing/{self.rank}", said)
-            except Exception:  # the store is gone (rank 0 ended): waits report it
+            except StoreUnresponsive as err:  # silent for peer_timeout_s: errors were retried meanwhile
+                if not self._stop.is_set():
+                    self.heartbeat_error = str(err)
+                    logger.error("rank %d: heartbeat stopped: %s", self.rank, err)
                 return
 
     def report_failure(self, message: str) -> None:
-        """Tell waiting peers at once that this rank is failing (best effort)."""
+        """Tell waiting peers at once that this rank is failing (best effort, a few seconds at most)."""
         try:
-            self._store.set(f"{PREFIX}dead/{self.rank}", message[:500])
-        except Exception:
+            patience = min(REPORT_PATIENCE_S, self.peer_timeout_s)
+            self._store.call(lambda store: store.set(f"{PREFIX}dead/{self.rank}", message[:500]), patience)
+        except StoreUnresponsive:
             logger.debug("could not report the failure to the store", exc_info=True)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """A store call of this rank's waits; a store that stopped answering is a lost peer."""
+        try:
+            return fn()
+        except StoreUnresponsive as err:
+            raise StoreLostError(
+                f"{err} (retry.peer_timeout_s={self.peer_timeout_s:g}): rank 0, which hosts it, "
+                "is stopped, hung or gone"
+            ) from err
 
     def exchange(self, scope: str, ranks: list[int], value: Any = None) -> dict[int, Any]:
         """Publish `value`, wait for every rank of `ranks` to publish theirs, return them all.
@@ -103,17 +149,16 @@ class Liveness:
         number = self._sequence.get(scope, 0)
         self._sequence[scope] = number + 1
         keys = {rank: f"{PREFIX}x/{scope}/{number}/{rank}" for rank in ranks}
-        try:
+
+        def exchange() -> dict[int, Any]:
             self._store.set(keys[self.rank], json.dumps(value))
             self._wait_for(keys, ranks)
             values = {rank: json.loads(self._store.get(key)) for rank, key in keys.items()}
             if number:  # everyone has read the previous round: it has published this one
                 self._store.delete_key(f"{PREFIX}x/{scope}/{number - 1}/{self.rank}")
-        except PeerLostError:
-            raise
-        except Exception as err:  # the store itself failed: rank 0 (its host) is gone
-            raise PeerLostError(f"lost the job's rendezvous store (rank 0 ended?): {err}") from err
-        return values
+            return values
+
+        return self._call(exchange)
 
     def barrier(self, scope: str, ranks: list[int]) -> None:
         self.exchange(scope, ranks)

@@ -17,26 +17,24 @@ import pyarrow.csv as pa_csv
 
 from hvbatch.batch import ledger
 from hvbatch.batch.attempt import EXIT_DISK_FULL
+from hvbatch.batch.control import recovery
 from hvbatch.batch.control.calibration import (
     configured_rate,
     gpu_seconds_per_cost,
     job_plan,
-    resubmission_config,
 )
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
 from hvbatch.batch.control.prompts import read_prompts
 from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
-from hvbatch.batch.control.status import RunSnapshot, format_status, run_status, video_table
+from hvbatch.batch.control.status import format_status, run_status, video_table
 from hvbatch.batch.executors import sbatch as sbatch_jobs
-from hvbatch.batch.executors.base import SchedulerUnavailable, latest_records, submission_lock
-from hvbatch.batch.executors.registry import executor_for, live_states, resolve_executor
+from hvbatch.batch.executors.base import latest_records
+from hvbatch.batch.executors.registry import executor_for, resolve_executor
 from hvbatch.batch.files import (
     PRIVATE_DIR_MODE,
-    CorruptRunFile,
     is_disk_full,
     make_dirs,
     named_by_user,
-    read_parquet,
     write_atomic,
     write_json_atomic,
     write_json_exclusive,
@@ -293,96 +291,27 @@ def run_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def unfinished_shards(run: RunDir) -> list[int]:
-    """Shards without a completion marker, or whose marker counts failed videos."""
-    markers = run.markers()
-    return [s for s in range(run.num_shards()) if s not in markers or markers[s].get("failed", 0)]
-
-
-def repair_run(run: RunDir) -> list[Path]:
-    """Move unreadable markers, submission records and manifest / metrics parts to corrupt/."""
-    moved = []
-    candidates = [
-        *(run.root / "done").glob("*.json"),
-        *(run.root / "jobs").glob("submission-*.json"),
-        *(run.root / "manifest").glob("*.parquet"),
-        *(run.root / "metrics").glob("*.parquet"),
-        run.root / "manifest-cache.parquet",
-    ]
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            run.read_json(path) if path.suffix == ".json" else read_parquet(path)
-        except CorruptRunFile:
-            target = run.root / "corrupt" / path.parent.name / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-            moved.append(target)
-    return moved
-
-
 def run_retry(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir).require()
     if args.repair:
-        for moved in repair_run(run):
-            print(f"moved corrupt file to {moved}")
-    config = load_config(run.root / "config.yaml")
-    with submission_lock(run):
-        records = latest_records(run)
-        unfinished = unfinished_shards(run)
-        try:
-            live = live_states(run, [records[s] for s in unfinished if s in records], config)
-        except SchedulerUnavailable as err:
-            raise SystemExit(
-                f"hvbatch retry: cannot tell which jobs of {run.root} are still alive ({err}); nothing was "
-                "submitted. Try again once the scheduler answers."
-            ) from err
-        todo = [s for s in unfinished if s not in records or records[s].job_id not in live]
-        busy = sorted(set(unfinished) - set(todo))
-        if busy:
-            print(
-                f"run {run.root}: shards {busy} still have a queued or running job; retry them once it ends"
-            )
-        if not todo:
-            print(f"run {run.root}: nothing to retry (every shard is complete or still queued)")
-            return 0
-        kind = resolve_executor(args.executor or run.read_run()["executor"])  # refuse before writing
-        # Attempts whose job ended unseen (scancel, a lost node) are closed by the next attempt of
-        # their shard when it starts (`ledger.reconcile`), not here: retry stays O(shards).
-        ledger.reopen_failed_shards(run, todo)
-        config, note = resubmission_config(config, run, todo)
-        new = executor_for(kind, run, config).submit(todo)
-    print(f"run {run.root}: resubmitted shards {todo} as {', '.join(sorted({r.job_id for r in new}))}{note}")
-    return _wait_or_stop(run) if args.wait else 0
+        for line in recovery.repair_run(run):
+            print(line)
+    outcome = recovery.retry_shards(run, args.executor, wait=args.wait)
+    if outcome.held:
+        return 1  # recovery said which shards and why
+    if args.wait and (outcome.submitted or outcome.running):
+        return _wait_or_stop(run)
+    return 0
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    run = RunDir(args.run_dir).require()
-    complete = run.completed_shards()
-    records = [r for r in latest_records(run).values() if r.shard not in complete]
-    snapshot_states = RunSnapshot.take(run).states
-    if snapshot_states is None:
-        print(
-            "hvbatch cancel: warning: the scheduler did not answer; cancelling every recorded job",
-            file=sys.stderr,
-        )
-    live = [r for r in records if snapshot_states is None or r.job_id in snapshot_states]
-    # First, so that a job finishing after its ranks are killed sees why and does not retry.
-    ledger.cancel(run, {r.job_id for r in live})
-    by_kind: dict[str, list] = {}
-    for record in live:
-        by_kind.setdefault(record.executor, []).append(record)
-    for kind, group in by_kind.items():
-        executor_for(kind, run).cancel(group)
-    print(f"run {run.root}: cancelled {len({r.job_id for r in live})} jobs")
-    return 0
+    return recovery.cancel_run(RunDir(args.run_dir).require())
 
 
 def run_sbatch(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir).require()
     try:
-        shards = [int(x) for x in args.shards.split(",")] if args.shards else unfinished_shards(run)
+        shards = [int(x) for x in args.shards.split(",")] if args.shards else recovery.unfinished_shards(run)
     except ValueError as err:
         raise ValueError(
             f"--shards {args.shards!r}: give comma-separated shard indices, e.g. --shards 0,3"

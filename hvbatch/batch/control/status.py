@@ -14,9 +14,9 @@ import pyarrow as pa
 from hvbatch.batch.attempt import ExitReason, VideoStatus
 from hvbatch.batch.executors.base import LIVE_STATES, JobRecord, SchedulerUnavailable, latest_records
 from hvbatch.batch.executors.registry import live_states
-from hvbatch.batch.files import read_json, read_parquet_parts
+from hvbatch.batch.files import read_parquet_parts
 from hvbatch.batch.ledger import manual_reset_times
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, SHARD_PATTERN, RunDir
+from hvbatch.batch.rundir import MANIFEST_SCHEMA, SHARD_PATTERN, RunDir, read_marker
 from hvbatch.config import Config, load_config
 
 MAX_TABLE_ROWS = 40
@@ -218,7 +218,7 @@ class RunReader:
     def snapshot(self, every_job: bool = False) -> RunSnapshot:
         records = latest_records(self.run)
         markers = {
-            shard: found[0] for shard, found in self._read_changed("done", ".json", None, read_json).items()
+            shard: found[0] for shard, found in self._read_changed("done", ".json", None, read_marker).items()
         }
         waiting = {r.job_id: r for s, r in records.items() if every_job or s not in markers}  # one per job
         self._config = self._config or load_config(self.run.root / "config.yaml")

@@ -3,6 +3,7 @@
     Executor.submit(shards, delay_s, manual)   one job per shard (local: one job for them all)
     Executor.live(records)                     job id -> scheduler state, for jobs still alive
     Executor.cancel(records)                   stop those jobs
+    Executor.find_jobs()                       the run's jobs the scheduler knows, records or not
     Executor.is_alive / final_state            what `hvbatch.batch.ledger.reconcile` asks
 
 Inside a job the same adapters know how to run the ranks and how to come back after a failure
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import enum
 import fcntl
 import os
 import time
@@ -31,6 +33,27 @@ from hvbatch.config import Config, load_config
 LIVE_STATES = frozenset(
     {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
 )
+# Ended, but the job's processes may still run (Slurm kills them, then runs the epilog).
+ENDING_STATES = frozenset({"COMPLETING", "SIGNALING", "STAGE_OUT"})
+# Ended for good: a job squeue still lists in one of these (until MinJobAge) is gone.
+TERMINAL_STATES = frozenset(
+    {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+     "PREEMPTED", "REVOKED", "TIMEOUT"}
+)  # fmt: skip
+
+
+class JobPhase(enum.IntEnum):
+    """Where a job is in its life, for deciding whether its shard may be submitted again."""
+
+    GONE = 0  # not in the queue, or listed in a terminal state
+    ENDING = 1  # ended, its processes may still be running (COMPLETING)
+    ALIVE = 2  # queued or running
+
+    @classmethod
+    def of(cls, state: str | None) -> JobPhase:
+        if state is None or state in TERMINAL_STATES:
+            return cls.GONE
+        return cls.ENDING if state in ENDING_STATES else cls.ALIVE  # an unknown word: alive
 
 
 class SchedulerUnavailable(RuntimeError):
@@ -57,17 +80,32 @@ class JobRecord:
         return cls(int(data["shard"]), str(data["job_id"]), str(data["executor"]), data.get("identity"))
 
 
+@dataclass(frozen=True)
+class FoundJob:
+    """A job of the run that the scheduler knows, found without the submission records."""
+
+    job_id: str
+    executor: str
+    state: str
+    identity: str | None = None
+
+    def record(self, shard: int) -> JobRecord:
+        return JobRecord(shard, self.job_id, self.executor, self.identity)
+
+
 def record_submission(
-    run: RunDir, records: list[JobRecord], executor: str, *, manual: bool, delay_s: float = 0.0
-) -> None:
+    run: RunDir, records: list[JobRecord], executor: str, *, manual: bool, delay_s: float = 0.0,
+    kind: str | None = None,
+) -> None:  # fmt: skip
     """`manual` submissions (submit, retry, a plain sbatch job's first start) give the shards a
-    fresh budget of attempts; automatic resubmissions after a failure count against it."""
+    fresh budget of attempts; automatic resubmissions after a failure count against it. `kind`
+    `recovered` re-records jobs found in the queue whose record was lost (no new budget)."""
     run.add_submission(
         {
             "submitted_at": time.time(),
             "executor": executor,
             "jobs": [record.to_dict() for record in records],
-            "kind": "manual" if manual else "auto",
+            "kind": kind or ("manual" if manual else "auto"),
             "delay_s": delay_s,
         }
     )
@@ -103,6 +141,9 @@ EXECUTOR_CLASSES: dict[str, type[Executor]] = {}
 
 class Executor(abc.ABC):
     kind: ClassVar[str]
+    one_shard_per_job: ClassVar[bool] = False
+    """Each job runs one shard (a submitit array element): a job found in the queue is then
+    placed by the shard its metrics row names; otherwise it may be running any shard."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -123,6 +164,11 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def cancel(self, records: list[JobRecord]) -> None:
         """Stop these jobs (their attempts are recorded `cancelled` first, by the caller)."""
+
+    def find_jobs(self) -> list[FoundJob]:
+        """The run's jobs that the scheduler still lists (not in a terminal state), whether or not
+        a submission record names them; raises SchedulerUnavailable."""
+        return []
 
     def is_alive(self, job_id: str) -> bool | None:
         try:

@@ -33,10 +33,11 @@ import submitit
 
 from hvbatch.batch import ledger
 from hvbatch.batch.attempt import EXIT_DISK_FULL, AttemptKey, ExitReason, ShardFate
-from hvbatch.batch.executors.base import Executor, JobRecord, RunProbe, record_submission
+from hvbatch.batch.executors.base import Executor, FoundJob, JobRecord, RunProbe, record_submission
 from hvbatch.batch.files import is_disk_full, read_parquet, write_json_exclusive
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, RetryConfig, load_config
+from hvbatch.process import task_exits_cleanly
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -65,6 +66,17 @@ def process_identity(pid: int) -> str | None:
     if fields[0] in ("Z", "X"):  # a zombie has exited
         return None
     return f"{pid}:{fields[19]}"
+
+
+def _is_controller_of(pid: int, folder: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"submitit.local._local" not in argv[:-1]:
+        return False
+    controlled = argv[argv.index(b"submitit.local._local") + 1]
+    return controlled.startswith(f"{folder}/".encode())
 
 
 def _children(pid: int) -> list[int]:
@@ -137,6 +149,18 @@ class LocalExecutor(Executor):
             if record.job_id in self.live([record]):  # only the run's own job, never a reused pid
                 kill_process_tree(int(record.job_id))
 
+    def find_jobs(self) -> list[FoundJob]:
+        """Controllers whose command line is submitit's local controller for this run's folder
+        (`submitit/<pid>/` names each one this run started)."""
+        folder = self.run.root / "submitit"
+        found = []
+        for entry in folder.iterdir() if folder.is_dir() else []:
+            if entry.name.isdigit() and _is_controller_of(int(entry.name), folder):
+                identity = process_identity(int(entry.name))
+                if identity is not None:
+                    found.append(FoundJob(entry.name, self.kind, "RUNNING", identity))
+        return found
+
     def is_alive(self, job_id: str) -> bool | None:
         records = [
             JobRecord.from_dict(data)
@@ -175,6 +199,10 @@ class LocalShardJob:
     shards: list[int] = field(default_factory=list)
 
     def __call__(self, run_dir: str, shards: list[int]) -> dict[str, Any]:
+        with task_exits_cleanly():
+            return self._supervise(run_dir, shards)
+
+    def _supervise(self, run_dir: str, shards: list[int]) -> dict[str, Any]:
         die_with_parent()
         self.run_dir, self.shards = run_dir, shards
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -356,4 +384,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hvbatch.process import run_then_exit
+
+    run_then_exit(main)

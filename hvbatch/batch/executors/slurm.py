@@ -34,7 +34,9 @@ from hvbatch.batch import ledger
 from hvbatch.batch.attempt import AttemptKey, interruption_reason, parse_sacct_state, parse_srun_failure
 from hvbatch.batch.control.calibration import resubmission_config
 from hvbatch.batch.executors.base import (
+    TERMINAL_STATES,
     Executor,
+    FoundJob,
     JobRecord,
     RunProbe,
     SchedulerUnavailable,
@@ -44,6 +46,7 @@ from hvbatch.batch.executors.base import (
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import load_config
 from hvbatch.parallel.plan import slurm_mem_gb
+from hvbatch.process import task_exits_cleanly
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -73,30 +76,52 @@ def cluster_max_array_size() -> int:
     return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
 
 
+def _squeue(arguments: list[str]) -> str | None:
+    """squeue's output; None when it says that every id given has left the queue."""
+    if not shutil.which("squeue"):
+        raise SchedulerUnavailable("squeue is not on PATH (load the Slurm module)")
+    try:
+        command = ["squeue", "-h", "-r", *arguments]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SchedulerUnavailable(f"squeue failed: {err}") from err
+    if result.returncode != 0:
+        if "Invalid job id" in result.stderr:
+            return None
+        raise SchedulerUnavailable(f"squeue exited {result.returncode}: {result.stderr.strip()[:300]}")
+    return result.stdout
+
+
 def squeue_states(job_ids: list[str]) -> dict[str, str]:
-    """`squeue` states of the given jobs (array elements expanded); absent ids have left the queue.
+    """`squeue` states of the given jobs (array elements expanded) that have not ended; absent
+    ids have left the queue, and a job listed in a terminal state (CANCELLED, COMPLETED ... until
+    MinJobAge) has ended too. A COMPLETING job is listed: its processes may still be running.
 
     Raises SchedulerUnavailable when squeue cannot answer: never "no job alive" on a failure.
     """
     if not job_ids:
         return {}
-    if not shutil.which("squeue"):
-        raise SchedulerUnavailable("squeue is not on PATH (load the Slurm module)")
-    command = ["squeue", "-h", "-r", "-o", "%i %T", "--jobs", ",".join(sorted(set(job_ids)))]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise SchedulerUnavailable(f"squeue failed: {err}") from err
-    if result.returncode != 0:
-        if "Invalid job id" in result.stderr:  # every id given has left the queue
-            return {}
-        raise SchedulerUnavailable(f"squeue exited {result.returncode}: {result.stderr.strip()[:300]}")
+    out = _squeue(["-o", "%i %T", "--jobs", ",".join(sorted(set(job_ids)))]) or ""
     states = {}
-    for line in result.stdout.splitlines():
+    for line in out.splitlines():
         parts = line.split()
-        if len(parts) == 2:
+        if len(parts) == 2 and parts[1] not in TERMINAL_STATES:
             states[parts[0]] = parts[1]
     return states
+
+
+def squeue_jobs_writing_under(folder: Path) -> dict[str, tuple[str, str]]:
+    """This user's jobs that have not ended whose stdout lies under `folder` (a run directory:
+    submitit's and the sbatch templates' logs are all inside it): job id -> (state, stdout)."""
+    out = _squeue(["--me", "-O", "JobArrayID:|,State:|,StdOut:"]) or ""
+    prefix = f"{folder}/"
+    jobs = {}
+    for line in out.splitlines():
+        job_id, _, rest = line.partition("|")
+        state, _, stdout = rest.partition("|")
+        if stdout.strip().startswith(prefix) and state.strip() not in TERMINAL_STATES:
+            jobs[job_id.strip()] = (state.strip(), stdout.strip()[len(prefix) :])
+    return jobs
 
 
 def sacct_state(job_id: str) -> str | None:
@@ -131,8 +156,18 @@ class SlurmQueue:
 
     kind = "slurm"
 
+    run: RunDir
+
     def live(self, records: list[JobRecord]) -> dict[str, str]:
         return squeue_states([record.job_id for record in records])
+
+    def find_jobs(self) -> list[FoundJob]:
+        """Jobs logging under the run: in submitit/ submitit's, in logs/ plain sbatch jobs'."""
+        jobs = squeue_jobs_writing_under(self.run.root)
+        return [
+            FoundJob(job_id, "slurm" if where.startswith("submitit/") else "sbatch", state)
+            for job_id, (state, where) in jobs.items()
+        ]
 
     def cancel(self, records: list[JobRecord]) -> None:
         scancel(sorted({record.job_id for record in records}))
@@ -143,6 +178,7 @@ class SlurmQueue:
 
 class SlurmExecutor(SlurmQueue, Executor):
     kind = "slurm"
+    one_shard_per_job = True  # one array element per shard
 
     def make_submitit(self, delay_s: float = 0.0) -> submitit.AutoExecutor:
         s, retry = self.config.slurm, self.config.retry
@@ -210,7 +246,8 @@ class SlurmShardJob:
         from hvbatch.parallel.launch import export_submitit_environment
 
         export_submitit_environment()  # RANK and MASTER_*; CUDA_VISIBLE_DEVICES left as Slurm set it
-        return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)
+        with task_exits_cleanly():
+            return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)
 
     def _set_active(self, run: RunDir, shard: int, key: AttemptKey) -> None:
         self.active = (run, shard, key)
@@ -313,4 +350,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hvbatch.process import run_then_exit
+
+    run_then_exit(main)

@@ -6,7 +6,8 @@ A spec is one or more faults separated by `;`, each a comma-separated list of `k
 
 - `action`: `raise` (RuntimeError), `oom` (torch.cuda.OutOfMemoryError), `nan` (the video's guidance
   becomes NaN, so the model itself produces NaN), `hang` (sleep forever), `exit` (os._exit(3)),
-  `kill` (SIGKILL to itself), `write-error` (OSError while the mp4 is written), `slow` (a busy
+  `kill` (SIGKILL to itself), `stop` (SIGSTOP to itself: the whole process freezes, threads and
+  a store it hosts too), `write-error` (OSError while the mp4 is written), `slow` (a busy
   rank: `seconds` of work at the step), `slow-write` (`seconds` more to write the mp4, before the
   encode starts) and `port-busy` (before the rendezvous the rank listens on the job's
   MASTER_PORT itself, so rank 0's store cannot bind it: a port another process holds; matched by
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-ACTIONS = ("raise", "oom", "nan", "hang", "exit", "kill", "write-error", "slow", "slow-write", "port-busy")
+ACTIONS = (
+    "raise", "oom", "nan", "hang", "exit", "kill", "stop", "write-error", "slow", "slow-write", "port-busy",
+)  # fmt: skip
 ENV_VAR = "HVBATCH_FAULT"
 EXIT_CODE = 3
 
@@ -129,6 +132,8 @@ def _fire(fault: Fault) -> None:
         os._exit(EXIT_CODE)
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault.action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass(frozen=True)

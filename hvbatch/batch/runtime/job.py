@@ -65,7 +65,7 @@ from hvbatch.config import Config, load_config
 from hvbatch.models.encoding import PromptStore
 from hvbatch.parallel.dims import ParallelDims, ParallelGroups, ProcessGroups
 from hvbatch.parallel.launch import DistEnv, RankSetup, dist_env_from, setup_rank, teardown_rank
-from hvbatch.parallel.liveness import Liveness, PeerLostError
+from hvbatch.parallel.liveness import Liveness, PeerLostError, StoreLostError
 from hvbatch.parallel.runner import warm_up
 from hvbatch.pipeline import Pipeline, Timings
 from hvbatch.text import printable
@@ -105,6 +105,8 @@ def error_kind(err: BaseException) -> RankErrorKind:
         return RankErrorKind.DISK_FULL
     if isinstance(err, ModelLoadError):
         return RankErrorKind.LOAD_FAILED
+    if isinstance(err, StoreLostError):  # rank 0, the store's host, is stopped or hung
+        return RankErrorKind.TIMEOUT
     if isinstance(err, PeerLostError):
         return RankErrorKind.PEER_LOST
     if is_communication_error(err):
