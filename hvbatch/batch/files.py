@@ -8,8 +8,10 @@ never a short one. Readers of the run's small JSON and Parquet files go through 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Callable
@@ -105,6 +107,44 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync_filesystem(folder: Path) -> None:
+    """Make every file written under `folder` durable: one syncfs(2) of its filesystem where the
+    C library has it, else an fsync of each file."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            fsync_file(Path(parent) / name)
+
+
+def write_folder_atomic(folder: Path, fill: Callable[[Path], None]) -> None:
+    """`fill(tmp)` writes files into a new temporary sibling folder; they are made durable at once
+    (one filesystem sync, not an fsync per file), then the folder is renamed to `folder`, which
+    must not exist: `folder` never holds a partial set of files, and thousands of files cost one
+    sync. A crash leaves no `folder`, or the whole of it."""
+    if folder.exists():
+        raise FileExistsError(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(folder)
+    tmp.mkdir()  # fails if it exists: nobody else's folder is filled
+    try:
+        fill(tmp)
+        _sync_filesystem(tmp)
+        fsync_dir(tmp)
+        os.rename(tmp, folder)
+        fsync_dir(folder.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -90,6 +92,88 @@ def _pack(costs: np.ndarray, limit: float, min_count: int) -> np.ndarray:
     return result
 
 
+def _check_limits(max_shard_cost: float, min_shards: int) -> None:
+    if not (math.isfinite(max_shard_cost) and max_shard_cost > 0):
+        raise ValueError(f"max_shard_cost must be a positive number, got {max_shard_cost!r}")
+    if min_shards < 1:
+        raise ValueError(f"min_shards must be >= 1, got {min_shards}")
+
+
+def _oversize_warning(video_id: str, row: int, cost: float, max_shard_cost: float) -> str:
+    return (
+        f"video {video_id} (row {row}) costs {cost:,.0f}, more than max_shard_cost={max_shard_cost:,.0f}: "
+        "it has a shard of its own and may not finish in the job's walltime; raise the walltime "
+        "or make the video smaller, shorter or with fewer steps"
+    )
+
+
+@dataclass
+class ShardLayout:
+    """Which shard each video goes to, and each shard's size: what `shard_videos` decides, as arrays."""
+
+    shard_of: np.ndarray
+    """Shard of each video, in the positions of the videos given (int32)."""
+    num_videos: np.ndarray
+    cost: np.ndarray
+    """Per shard: its videos and their total cost."""
+    warnings: dict[int, str] = field(default_factory=dict)
+    """Shards holding one video costlier than max_shard_cost, and what to do about it."""
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.num_videos)
+
+    def summary(self) -> list[dict[str, object]]:
+        """As `shard_summary`: per shard `index`, `num_videos`, `cost` and `warning`."""
+        return [
+            {"index": i, "num_videos": int(n), "cost": float(c), "warning": self.warnings.get(i)}
+            for i, (n, c) in enumerate(zip(self.num_videos.tolist(), self.cost.tolist(), strict=True))
+        ]
+
+
+def layout_shards(
+    cost: np.ndarray,
+    by_id: np.ndarray,
+    file_order: np.ndarray | None,
+    describe: Callable[[int], tuple[str, int]],
+    *,
+    max_shard_cost: float,
+    min_shards: int = 1,
+) -> ShardLayout:
+    """The shards of videos given as arrays (`shard_videos` says how they are chosen).
+
+    `cost`: each video's cost; `by_id`: the videos' positions sorted by video_id; `file_order`: their
+    positions in file order (row, then video_index), None when they are given in file order;
+    `describe(position)`: (video_id, row) of a video, for the warning of one too costly.
+    """
+    _check_limits(max_shard_cost, min_shards)
+    n = len(cost)
+    if not (np.isfinite(cost).all() and (cost >= 0).all()):
+        raise ValueError("videos table has a negative, infinite or null cost; pass read_prompts' output")
+    order = by_id[np.argsort(-cost[by_id], kind="stable")]  # cost descending, then video_id
+    del by_id
+    over = int((cost[order] > max_shard_cost).sum())
+    shard = np.empty(n, np.int64)
+    shard[order[:over]] = np.arange(over)
+    if over < n:
+        shard[order[over:]] = over + _pack(cost[order[over:]], max_shard_cost, min_shards - over)
+    oversize = order[:over].tolist()
+    del order
+    in_file_order = shard if file_order is None else shard[file_order]
+    used, first = np.unique(in_file_order, return_index=True)  # each shard's first video, file order
+    del in_file_order
+    number = np.zeros(int(shard.max()) + 1, np.int64)  # shards numbered by that (empty ones dropped)
+    number[used[np.argsort(first, kind="stable")]] = np.arange(len(used))
+    shard_of = number[shard].astype(np.int32)
+    del shard
+    warnings = {}
+    for j in oversize:
+        video_id, row = describe(j)
+        warnings[int(shard_of[j])] = _oversize_warning(video_id, row, float(cost[j]), max_shard_cost)
+    counts = np.bincount(shard_of, minlength=len(used))
+    return ShardLayout(shard_of, counts, np.bincount(shard_of, weights=cost, minlength=len(used)), warnings)
+
+
 def shard_videos(videos: pa.Table, *, max_shard_cost: float, min_shards: int = 1) -> list[pa.Table]:
     """Split videos (`read_prompts` output) into cost-balanced shards, deterministically.
 
@@ -100,44 +184,31 @@ def shard_videos(videos: pa.Table, *, max_shard_cost: float, min_shards: int = 1
     are numbered by their first video in file order; inside a shard, videos keep file order (row,
     then video_index). The same table gives the same shards on every machine.
     """
-    if not (math.isfinite(max_shard_cost) and max_shard_cost > 0):
-        raise ValueError(f"max_shard_cost must be a positive number, got {max_shard_cost!r}")
-    if min_shards < 1:
-        raise ValueError(f"min_shards must be >= 1, got {min_shards}")
+    _check_limits(max_shard_cost, min_shards)
     missing = {"video_id", "row", "video_index", "cost"} - set(videos.schema.names)
     if missing:
         raise ValueError(f"videos table lacks columns {sorted(missing)}; pass read_prompts' output")
-    n = videos.num_rows
-    if n == 0:
+    if videos.num_rows == 0:
         return []
-    cost = videos.column("cost").to_numpy()
-    if not (np.isfinite(cost).all() and (cost >= 0).all()):
-        raise ValueError("videos table has a negative, infinite or null cost; pass read_prompts' output")
     videos = videos.combine_chunks()  # cheap, and take() on one chunk is faster
+    cost = videos.column("cost").to_numpy()
     by_id = pc.sort_indices(videos.column("video_id")).to_numpy()
-    order = by_id[np.argsort(-cost[by_id], kind="stable")]  # cost descending, then video_id
-    over = int((cost[order] > max_shard_cost).sum())
-    shard = np.empty(n, np.int64)
-    shard[order[:over]] = np.arange(over)
-    if over < n:
-        shard[order[over:]] = over + _pack(cost[order[over:]], max_shard_cost, min_shards - over)
     file_order = np.lexsort((videos.column("video_index").to_numpy(), videos.column("row").to_numpy()))
-    used, first = np.unique(shard[file_order], return_index=True)  # each shard's first video, file order
-    number = np.zeros(int(shard.max()) + 1, np.int64)  # shards numbered by that (empty ones dropped)
-    number[used[np.argsort(first, kind="stable")]] = np.arange(len(used))
-    final = file_order[np.argsort(number[shard[file_order]], kind="stable")]
+    ids, rows = videos.column("video_id"), videos.column("row")
+    layout = layout_shards(
+        cost,
+        by_id,
+        file_order,
+        lambda j: (ids[j].as_py(), rows[j].as_py()),
+        max_shard_cost=max_shard_cost,
+        min_shards=min_shards,
+    )
+    final = file_order[np.argsort(layout.shard_of[file_order], kind="stable")]
     table = videos.take(pa.array(final))
-    ends = np.cumsum(np.bincount(number[shard])).tolist()
+    ends = np.cumsum(layout.num_videos).tolist()
     shards = [table.slice(a, b - a) for a, b in itertools.pairwise([0, *ends])]
-    for j in order[:over].tolist():
-        t = shards[number[shard[j]]]
-        vid, row, c = videos.column("video_id")[j].as_py(), videos.column("row")[j].as_py(), cost[j]
-        warning = (
-            f"video {vid} (row {row}) costs {c:,.0f}, more than max_shard_cost={max_shard_cost:,.0f}: "
-            "it has a shard of its own and may not finish in the job's walltime; raise the walltime "
-            "or make the video smaller, shorter or with fewer steps"
-        )
-        shards[number[shard[j]]] = t.replace_schema_metadata({WARNING_KEY: warning.encode()})
+    for index, warning in layout.warnings.items():
+        shards[index] = shards[index].replace_schema_metadata({WARNING_KEY: warning.encode()})
     return shards
 
 
