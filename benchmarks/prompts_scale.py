@@ -6,7 +6,7 @@
 For each size, writes a prompt file of short prompts and a few columns (prompt, seed, height,
 width, num_frames, some nulls that take the config defaults, 5% of rows asking for 2-4 videos)
 in row groups of 1M rows, then runs each mode in a fresh child process that prints its own wall
-time and peak RSS (`ru_maxrss` of that process, so a neighbour's memory never counts). `submit`
+time and peak RSS (VmHWM of that process: a neighbour's memory never counts). `submit`
 uses the local executor with the job submission replaced by recording it (the figure is the
 control plane's own cost: reading, sharding, writing the run directory). Files are removed after
 each size unless `--keep`.
@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -64,6 +63,13 @@ def _schema() -> pa.Schema:
     return pa.schema([("prompt", pa.string()), *((n, pa.int64()) for n in names), ("num_videos", pa.int32())])
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). Its ru_maxrss would not do: Linux carries the parent's
+    peak over the fork and exec that started it."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
 def child(mode: str, prompts: str, run_dir: str) -> None:
     """One command in this process; prints {seconds, peak_rss_mib} as JSON on the last line."""
     from hvbatch.batch.executors.base import JobRecord, record_submission
@@ -83,7 +89,7 @@ def child(mode: str, prompts: str, run_dir: str) -> None:
     with contextlib.redirect_stdout(out):
         code = main(argv)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     lines = out.getvalue().splitlines()
     print(json.dumps({"code": code, "seconds": seconds, "peak_rss_mib": peak, "first": lines[:1]}))
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -82,7 +81,9 @@ def _write_part(run: RunDir, path: Path, table: pa.Table, shard_ids: list[str]) 
         summaries.write_part_summary(path, table, shard_ids)
 
 
-def build_run(root: Path, num_shards: int, parts_per_shard: int, videos_per_part: int, complete: bool) -> RunDir:
+def build_run(
+    root: Path, num_shards: int, parts_per_shard: int, videos_per_part: int, complete: bool
+) -> RunDir:
     """A run directory as its jobs leave it (files written directly: only the result matters)."""
     run = RunDir(root)
     for folder in ("shards", "manifest", "metrics", "done", "jobs"):
@@ -121,13 +122,20 @@ def build_run(root: Path, num_shards: int, parts_per_shard: int, videos_per_part
     me = os.getpid()
     jobs = [{"shard": s, "job_id": str(me), "executor": "local", "identity": process_identity(me)}
             for s in range(num_shards)]  # fmt: skip
-    submission = {"submitted_at": now - 120, "executor": "local", "jobs": jobs, "kind": "manual", "delay_s": 0}
+    submission = {"submitted_at": now - 120, "executor": "local", "jobs": jobs, "kind": "manual"}
     (run.root / "jobs" / "submission-0001.json").write_text(json.dumps(submission))
     run.run_json.write_text(
         json.dumps({"prompts": "prompts.parquet", "num_shards": num_shards,
                     "num_videos": num_shards * per_shard, "executor": "local", "created_at": now - 120})
     )  # fmt: skip
     return run
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). Its ru_maxrss would not do: Linux carries the parent's
+    peak over the fork and exec that started it."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def child_status(run_dir: str) -> None:
@@ -142,7 +150,7 @@ def child_status(run_dir: str) -> None:
         assert main(["status", run_dir, "--json"]) == 0
     seconds = time.perf_counter() - start
     counts = json.loads(out.getvalue())["counts"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "counts": counts}))
 
 
@@ -159,11 +167,9 @@ def time_status(args: argparse.Namespace) -> None:
             cmd = [sys.executable, __file__, "child-status", str(run.root)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.splitlines()[-1])
-            print(
-                f"| {parts:,} | {num_shards:,} x {args.parts_per_shard} x {args.videos_per_part} | {state} | "
-                f"{call} | {result['seconds']:.2f} s | {result['peak_rss_mib']:.0f} MiB | {result['counts']} |",
-                flush=True,
-            )
+            layout = f"{num_shards:,} x {args.parts_per_shard} x {args.videos_per_part}"
+            figures = f"{result['seconds']:.2f} s | {result['peak_rss_mib']:.0f} MiB"
+            print(f"| {parts:,} | {layout} | {state} | {call} | {figures} | {result['counts']} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -201,9 +207,10 @@ def time_polls(args: argparse.Namespace) -> None:
             _, _, counts = poll_run(reader)
             seconds.append(time.perf_counter() - start)
             done_extra = counts["done"]
+        median = statistics.median(seconds)
         print(
             f"| {args.shards:,} running shards x {args.parts_per_shard} parts | first poll {first_s:.2f} s "
-            f"| next polls ({args.changed} parts changed before each): median {statistics.median(seconds):.2f} s, "
+            f"| next polls ({args.changed} parts changed before each): median {median:.2f} s, "
             f"max {max(seconds):.2f} s | done {first[2]['done']} -> {done_extra} |"
         )
     finally:

@@ -111,28 +111,25 @@ class PromptIds:
     one length, so the keys sort as the ids do), 8 bytes a row. With one, as strings.
     """
 
-    def __init__(self, strings: bool) -> None:
+    CHUNK = 1 << 20
+
+    def __init__(self, strings: bool, num_rows: int) -> None:
         self.strings = strings
+        self.num_rows = num_rows
         self._chunks: list[pa.Array] = []
         self._explicit: list[np.ndarray] = []
-        self._keys: list[np.ndarray] = []
+        self.keys = np.zeros(0 if strings else num_rows, np.uint64)
+        """uint64 key of each row's id (hashed ids only)."""
         self._sorted: np.ndarray | None = None
 
     def add(self, b: _IdBatch) -> None:
+        """The ids of the batch of rows `b.offset`.. (batches come in file order)."""
         if self.strings:
             self._chunks.append(b.ids)
             self._explicit.append(b.explicit)
         else:
-            self._keys.append(b.hashes)
+            self.keys[b.offset : b.offset + len(b.hashes)] = b.hashes
         self._sorted = None
-
-    @property
-    def keys(self) -> np.ndarray:
-        """uint64 key per row (hashed ids only)."""
-        assert not self.strings
-        if len(self._keys) != 1:
-            self._keys = [np.concatenate(self._keys) if self._keys else np.zeros(0, np.uint64)]
-        return self._keys[0]
 
     @property
     def strings_array(self) -> pa.ChunkedArray:
@@ -148,29 +145,39 @@ class PromptIds:
             return self.strings_array.take(pa.array(rows, pa.int64())).combine_chunks()
         return hex_ids(self.keys[rows].astype(">u8").tobytes())
 
+    def slice(self, offset: int, length: int) -> pa.Array:
+        """The ids of rows offset..offset+length-1."""
+        if self.strings:
+            return self.strings_array.slice(offset, length).combine_chunks()
+        return hex_ids(self.keys[offset : offset + length].astype(">u8").tobytes())
+
     def sorted_rows(self) -> np.ndarray:
-        """Rows in id order (byte-wise, as Arrow sorts strings)."""
+        """Rows in id order (byte-wise, as Arrow sorts strings); int32 when the rows fit."""
         if self._sorted is None:
             if self.strings:
-                self._sorted = pc.sort_indices(self.strings_array).to_numpy().astype(np.int64)
+                order = pc.sort_indices(self.strings_array).to_numpy()
             else:
-                self._sorted = np.argsort(self.keys, kind="stable")
+                order = np.argsort(self.keys, kind="stable")
+            self._sorted = order.astype(np.int32) if self.num_rows < 2**31 else order.astype(np.int64)
         return self._sorted
 
     def _duplicate_rows(self) -> np.ndarray:
+        """Rows whose id another row has, ascending (adjacent equal ids in id order)."""
         order = self.sorted_rows()
         if len(order) < 2:
             return np.zeros(0, np.int64)
-        if self.strings:
-            ids = self.strings_array.take(pa.array(order))
-            same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
-        else:
-            keys = self.keys[order]
-            same = keys[1:] == keys[:-1]
         dup = np.zeros(len(order), bool)
-        dup[1:] |= same
-        dup[:-1] |= same
-        return np.sort(order[dup])
+        for start in range(0, len(order) - 1, self.CHUNK):  # bounded temporaries
+            stop = min(len(order), start + self.CHUNK + 1)
+            if self.strings:
+                ids = self.strings_array.take(pa.array(order[start:stop]))
+                same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
+            else:
+                keys = self.keys[order[start:stop]]
+                same = keys[1:] == keys[:-1]
+            dup[start + 1 : stop] |= same
+            dup[start : stop - 1] |= same
+        return np.sort(order[dup]).astype(np.int64)
 
     def check_duplicates(self, problems: Problems) -> None:
         """Ids used by more than one row, grouped as explicit, hashed, or an explicit id equal to a hash."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from hvbatch.batch.control.prompts import (
     FLOAT_COLUMNS,
@@ -36,55 +37,60 @@ from hvbatch.config import SamplingConfig
 
 @dataclass
 class PromptIndex:
-    """A validated prompt file: its rows' ids and video counts, and each video's cost (file order)."""
+    """A validated prompt file: its rows' ids, video counts and costs; its videos follow (file order:
+    row, then video_index)."""
 
     scan: PromptScan
     defaults: SamplingConfig
     counts: np.ndarray
     """Videos of each row (int32)."""
-    cost: np.ndarray
-    """Cost of each video, in file order (row, then video_index)."""
+    row_cost: np.ndarray
+    """Cost of each of a row's videos (float64)."""
     largest: dict[str, Any]
     """The first video (file order) of the highest cost, as a `VIDEO_SCHEMA` row."""
     cost_by_threshold: dict[float, float] = field(default_factory=dict)
     """Total cost of the videos of each `cache_threshold` (for the dry run's step-caching line)."""
+    num_videos: int = 0
+    total_cost: float = 0.0
 
-    @property
-    def num_videos(self) -> int:
-        return len(self.cost)
-
-    @property
-    def total_cost(self) -> float:
-        return float(self.cost.sum())
+    def __post_init__(self) -> None:
+        self.num_videos = int(self.counts.sum(dtype=np.int64))
+        self.total_cost = float(np.dot(self.row_cost, self.counts))
+        self._starts: np.ndarray | None = None
 
     def _suffixed(self) -> bool:
-        return bool((self.counts != 1).any())
+        return self.num_videos != len(self.counts)
+
+    def _video_dtype(self) -> type:
+        return np.int32 if self.num_videos < 2**31 else np.int64
+
+    def starts(self) -> np.ndarray:
+        """The first video of each row."""
+        if self._starts is None:
+            ends = np.cumsum(self.counts, dtype=np.int64)
+            self._starts = (ends - self.counts).astype(self._video_dtype())
+        return self._starts
+
+    def video_costs(self) -> np.ndarray:
+        return np.repeat(self.row_cost, self.counts) if self._suffixed() else self.row_cost
 
     def video_rows(self) -> np.ndarray:
         """The row of each video."""
-        rows = np.arange(len(self.counts), dtype=np.int64)
+        rows = np.arange(len(self.counts), dtype=self._video_dtype())
         return np.repeat(rows, self.counts) if self._suffixed() else rows
 
-    def video_indexes(self) -> np.ndarray:
-        """Each video's index among its row's videos."""
-        if not self._suffixed():
-            return np.zeros(len(self.counts), np.int64)
-        starts = np.cumsum(self.counts) - self.counts
-        return np.arange(self.num_videos) - np.repeat(starts, self.counts)
-
     def video_id(self, video: int) -> str:
-        row = int(np.searchsorted(np.cumsum(self.counts), video, side="right"))
-        prompt_id = self.scan.ids.at(np.array([row])).to_pylist()[0]
-        if self.counts[row] == 1:
-            return prompt_id
-        return f"{prompt_id}#{video - int(np.cumsum(self.counts)[row] - self.counts[row])}"
+        row = int(np.searchsorted(self.starts(), video, side="right")) - 1
+        prompt_id = self.scan.ids.slice(row, 1)[0].as_py()
+        return prompt_id if self.counts[row] == 1 else f"{prompt_id}#{video - int(self.starts()[row])}"
 
     def by_id(self) -> np.ndarray:
         """Videos sorted by video_id, as `pc.sort_indices` sorts the ids of `read_prompts`' table.
 
-        A video id is its row's prompt id P, or P#k when the row makes several videos. Ranking rows
+        A video id is its row's prompt id P, or P#k when the row makes several videos. Rows ranked
         by P, or by P# where the row makes several (so that `a#0` sorts after `a b`, as '#' does
-        after ' '), then k by its decimal string, gives that order exactly (ids hold no `#`).
+        after ' '), each followed by its videos with k in the order of its decimal string, give
+        that order exactly (ids hold no `#`).
         """
         ids = self.scan.ids
         if not self._suffixed():
@@ -93,27 +99,26 @@ class PromptIndex:
             several = pa.array(self.counts != 1)
             texts = ids.strings_array
             marked = pc.if_else(several, pc.binary_join_element_wise(texts, "", "#"), texts)
-            row_order = pc.sort_indices(marked).to_numpy().astype(np.int64)
+            row_order = pc.sort_indices(marked).to_numpy().astype(self._video_dtype())
+            del marked
         else:
             row_order = ids.sorted_rows()  # hashes of one length: no id is a prefix of another
-        row_rank = np.empty(len(row_order), np.int64)
-        row_rank[row_order] = np.arange(len(row_order))
+        counts = self.counts[row_order]
+        by_id = np.repeat(self.starts()[row_order], counts)
         del row_order
-        top = int(self.counts.max())
-        digits = np.arange(top).astype(str)
-        index_rank = np.empty(top, np.int64)
-        index_rank[np.argsort(digits, kind="stable")] = np.arange(top)
-        key = row_rank[self.video_rows()] * top + index_rank[self.video_indexes()]
-        return np.argsort(key, kind="stable")
+        for count in np.unique(counts[counts > 1]).tolist():  # each row's videos in k's string order
+            digit_order = np.argsort(np.arange(count).astype(str), kind="stable").astype(by_id.dtype)
+            here = np.repeat(counts == count, counts)
+            by_id[here] += np.tile(digit_order, int(here.sum()) // count)
+        return by_id
 
     def layout(self, *, max_shard_cost: float, min_shards: int = 1) -> ShardLayout:
         """The shards `shard_videos` would make of `read_prompts`' table of this file."""
-        rows = self.video_rows()
         return layout_shards(
-            self.cost,
+            self.video_costs(),
             self.by_id(),
             None,
-            lambda j: (self.video_id(j), int(rows[j])),
+            lambda j: (self.video_id(j), int(np.searchsorted(self.starts(), j, side="right")) - 1),
             max_shard_cost=max_shard_cost,
             min_shards=min_shards,
         )
@@ -125,11 +130,11 @@ class PromptIndex:
 
 
 class _Collector:
-    """Per clean batch: the videos per row, each video's cost, the costliest video, thresholds."""
+    """Per clean batch: the videos and cost of each row, the costliest video, thresholds."""
 
-    def __init__(self) -> None:
-        self.counts: list[np.ndarray] = []
-        self.costs: list[np.ndarray] = []
+    def __init__(self, num_rows: int) -> None:
+        self.counts = np.zeros(num_rows, np.int32)
+        self.row_cost = np.zeros(num_rows, np.float64)
         self.largest: dict[str, Any] | None = None
         self.largest_cost = -1.0
         self.by_threshold: dict[float, float] = {}
@@ -138,20 +143,19 @@ class _Collector:
         if not clean:
             return
         nums = b.numbers
-        count = nums["num_videos"].astype(np.int32)
+        count = nums["num_videos"]
         steps = nums["num_inference_steps"]
         row_cost = video_cost(nums["height"], nums["width"], nums["num_frames"], steps)
-        self.counts.append(count)
-        several = bool((count != 1).any())
-        self.costs.append(np.repeat(row_cost, count) if several else row_cost)
+        rows = slice(b.offset, b.offset + len(count))
+        self.counts[rows] = count
+        self.row_cost[rows] = row_cost
         best = int(np.argmax(row_cost))
         if row_cost[best] > self.largest_cost:
             self.largest_cost = float(row_cost[best])
             self.largest = _first_video(b, best, float(row_cost[best]))
-        thresholds = nums["cache_threshold"]
-        weights = row_cost * count if several else row_cost
-        values, inverse = np.unique(thresholds, return_inverse=True)
-        for value, total in zip(values.tolist(), np.bincount(inverse, weights=weights).tolist(), strict=True):
+        values, inverse = np.unique(nums["cache_threshold"], return_inverse=True)
+        totals = np.bincount(inverse, weights=row_cost * count)
+        for value, total in zip(values.tolist(), totals.tolist(), strict=True):
             self.by_threshold[value] = self.by_threshold.get(value, 0.0) + total
 
 
@@ -172,14 +176,12 @@ def _first_video(b: _Batch, i: int, cost: float) -> dict[str, Any]:
 def index_prompts(path: str | Path, defaults: SamplingConfig) -> PromptIndex:
     """Read and validate a prompt file as `read_prompts` does (the same problems, the same ids),
     keeping only the compact `PromptIndex`."""
-    collect = _Collector()
+    try:
+        num_rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException):
+        num_rows = 0  # scan_prompts names the problem
+    collect = _Collector(num_rows)
     scan = scan_prompts(path, defaults, collect)
     assert collect.largest is not None  # a file without rows is a problem
-    return PromptIndex(
-        scan,
-        defaults,
-        np.concatenate(collect.counts),
-        np.concatenate(collect.costs),
-        collect.largest,
-        collect.by_threshold,
-    )
+    counts, costs, largest = collect.counts, collect.row_cost, collect.largest
+    return PromptIndex(scan, defaults, counts, costs, largest, collect.by_threshold)

@@ -458,7 +458,7 @@ def scan_prompts(
     if parquet.metadata.num_rows == 0:
         problems.add("file", "has no rows; add at least one prompt")
     used: dict[str, int] = {}
-    ids = PromptIds(strings="id" in usable)
+    ids = PromptIds("id" in usable, parquet.metadata.num_rows)
     offset = 0
     for batch in _batches(parquet, path, usable) if usable else ():
         b = _read_batch(batch, offset, defaults, used, problems)
@@ -480,7 +480,7 @@ def reread_batches(scan: PromptScan, defaults: SamplingConfig) -> Iterator[_Batc
     parquet = pq.ParquetFile(scan.path)
     offset, ignored = 0, _Problems(scan.path)
     for batch in _batches(parquet, scan.path, scan.columns):
-        ids = scan.ids.at(np.arange(offset, offset + batch.num_rows))
+        ids = scan.ids.slice(offset, batch.num_rows)
         yield _read_batch(batch, offset, defaults, {}, ignored, ids=ids)
         offset += batch.num_rows
 

@@ -36,17 +36,23 @@ def _deal(loads: np.ndarray, c: float, m: int) -> np.ndarray | None:
     return shard[pick] if len(pick) == m and complete.all() else None
 
 
+DEAL_CHUNK = 1 << 20
+"""Most items `_deal` takes at once (its temporaries are a few times this many)."""
+
+
 def _lpt(costs: np.ndarray, k: int) -> np.ndarray:
     """Shard of each item (costs sorted descending) by longest-processing-time-first greedy.
 
     Each item goes to the least-loaded shard, the lowest index on ties. Long runs of equal costs
-    are dealt in bulk by `_deal` (the same result), short ones with a heap.
+    are dealt in bulk by `_deal` (the same result: greedy is sequential, so a run dealt in pieces
+    is the run dealt at once), short ones with a heap.
     """
-    assign = np.empty(len(costs), np.int64)
+    assign = np.empty(len(costs), np.int32 if k < 2**31 else np.int64)
     loads = np.zeros(k)
     heap: list[tuple[float, int]] | None = None
-    bounds = [0, *(np.flatnonzero(np.diff(costs)) + 1).tolist(), len(costs)]
-    for start, end in itertools.pairwise(bounds):
+    bounds = [0, *(np.flatnonzero(costs[1:] != costs[:-1]) + 1).tolist(), len(costs)]
+    pieces = [piece for start, end in itertools.pairwise(bounds) for piece in _pieces(start, end)]
+    for start, end in pieces:
         c = float(costs[start])
         dealt = _deal(loads, c, end - start) if c > 0 and end - start >= max(32, k // 8) else None
         if dealt is not None:
@@ -65,18 +71,23 @@ def _lpt(costs: np.ndarray, k: int) -> np.ndarray:
     return assign
 
 
+def _pieces(start: int, end: int) -> list[tuple[int, int]]:
+    return [(a, min(end, a + DEAL_CHUNK)) for a in range(start, end, DEAL_CHUNK)]
+
+
 def _pack(costs: np.ndarray, limit: float, min_count: int) -> np.ndarray:
     """LPT assignment (costs sorted descending, each <= limit) into the fewest shards, at least
     `min_count` (at most one per item), whose loads all stay within `limit`: from a lower bound,
     galloping up, then bisecting."""
     n = len(costs)
     lower = max(min_count, math.ceil(float(costs.sum()) / limit), int((costs > limit / 2).sum()), 1)
-    tried: dict[int, np.ndarray | None] = {}
+    best: list[tuple[int, np.ndarray]] = []  # the fewest shards found to fit, and their assignment
 
     def fits(k: int) -> bool:
         assign = _lpt(costs, k)
         ok = float(np.bincount(assign, weights=costs, minlength=k).max()) <= limit
-        tried[k] = assign if ok else None
+        if ok and (not best or k < best[0][0]):
+            best[:] = [(k, assign)]
         return ok
 
     lo = hi = min(lower, n)
@@ -87,9 +98,8 @@ def _pack(costs: np.ndarray, limit: float, min_count: int) -> np.ndarray:
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    result = tried[hi]
-    assert result is not None
-    return result
+    assert best and best[0][0] == hi
+    return best[0][1]
 
 
 def _check_limits(max_shard_cost: float, min_shards: int) -> None:
@@ -150,21 +160,27 @@ def layout_shards(
     n = len(cost)
     if not (np.isfinite(cost).all() and (cost >= 0).all()):
         raise ValueError("videos table has a negative, infinite or null cost; pass read_prompts' output")
-    order = by_id[np.argsort(-cost[by_id], kind="stable")]  # cost descending, then video_id
-    del by_id
-    over = int((cost[order] > max_shard_cost).sum())
-    shard = np.empty(n, np.int64)
+    keyed = cost[by_id]
+    np.negative(keyed, out=keyed)
+    order = by_id[np.argsort(keyed, kind="stable")]  # cost descending, then video_id
+    del keyed, by_id
+    sorted_cost = cost[order]
+    over = int((sorted_cost > max_shard_cost).sum())
+    shard = np.empty(n, np.int32 if n < 2**31 else np.int64)
     shard[order[:over]] = np.arange(over)
     if over < n:
-        shard[order[over:]] = over + _pack(cost[order[over:]], max_shard_cost, min_shards - over)
+        shard[order[over:]] = over + _pack(sorted_cost[over:], max_shard_cost, min_shards - over)
     oversize = order[:over].tolist()
-    del order
+    del order, sorted_cost
     in_file_order = shard if file_order is None else shard[file_order]
-    used, first = np.unique(in_file_order, return_index=True)  # each shard's first video, file order
+    # Shards numbered by their first video in file order (a shard left empty gets no number).
+    first = np.full(int(shard.max()) + 1, n, np.int64)
+    np.minimum.at(first, in_file_order, np.arange(n, dtype=shard.dtype))
     del in_file_order
-    number = np.zeros(int(shard.max()) + 1, np.int64)  # shards numbered by that (empty ones dropped)
-    number[used[np.argsort(first, kind="stable")]] = np.arange(len(used))
-    shard_of = number[shard].astype(np.int32)
+    used = np.flatnonzero(first < n)
+    number = np.zeros(len(first), np.int32)
+    number[used[np.argsort(first[used], kind="stable")]] = np.arange(len(used))
+    shard_of = number[shard]
     del shard
     warnings = {}
     for j in oversize:
