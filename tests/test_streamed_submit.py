@@ -108,6 +108,23 @@ def test_the_streamed_read_reports_the_same_problems(tmp_path: Path, monkeypatch
     assert len(joined) < 2_000
 
 
+def test_a_file_changed_between_the_two_reads_is_refused(tmp_path: Path) -> None:
+    path = _mixed_file(tmp_path / "p.parquet", explicit_ids=False)
+    index = index_prompts(path, CONFIG.sampling)
+    layout = index.layout(max_shard_cost=1e18, min_shards=3)
+    table = pq.read_table(path)
+    counts = table["num_videos"].to_numpy().copy()
+    counts[5] += 1  # other videos than the ones checked and sharded
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("num_videos"), "num_videos", pa.array(counts)), path
+    )
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(PromptFileError, match="changed while hvbatch read it; nothing was submitted"):
+        commands.create_run(run, CONFIG, path, frozen.StreamedShards(index, layout), "local")
+    assert not run.exists() and not (run.root / "shards").exists()
+    assert sorted(p.name for p in run.root.iterdir()) == [".hvbatch-claim"]
+
+
 def test_dry_run_and_submit_of_a_streamed_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _mixed_file(tmp_path / "p.parquet", explicit_ids=True)
     overrides = ["model=tiny", "sampling.cache=teacache", "batch.min_shards=5"]

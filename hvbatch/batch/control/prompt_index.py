@@ -27,6 +27,7 @@ from hvbatch.batch.control.prompts import (
     PromptScan,
     _Batch,
     _expand,
+    changed_while_read,
     reread_batches,
     scan_prompts,
     video_cost,
@@ -124,8 +125,12 @@ class PromptIndex:
         )
 
     def video_batches(self) -> Iterator[pa.RecordBatch]:
-        """Every video again (`VIDEO_SCHEMA`), in file order, read from the file a second time."""
+        """Every video again (`VIDEO_SCHEMA`), in file order, read from the file a second time
+        (`reread_batches`: the same file, or `PromptFileError`)."""
         for b in reread_batches(self.scan, self.defaults):
+            rows = slice(b.offset, b.offset + len(b.ids))
+            if not np.array_equal(b.numbers["num_videos"], self.counts[rows]):
+                raise changed_while_read(self.scan.path)
             yield _expand(b)
 
 

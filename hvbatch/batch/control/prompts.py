@@ -39,6 +39,7 @@ import difflib
 import hashlib
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,6 +440,13 @@ class PromptScan:
     """The known columns with a usable type (what a second read of the file reads)."""
     num_rows: int
     ids: PromptIds
+    stamp: tuple[int, int, int] = (0, 0, 0)
+    """The file's inode, size and mtime when the scan began: a second read checks them."""
+
+
+def _stamp(path: str | Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def scan_prompts(
@@ -450,6 +458,7 @@ def scan_prompts(
     rows of the file; the first few rows of each problem are listed and all are counted)."""
     problems = _Problems(path)
     try:
+        stamp = _stamp(path)
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
     except (OSError, pa.ArrowException) as err:
@@ -471,18 +480,35 @@ def scan_prompts(
         if count and (name in usable or name not in schema.names) and name in _CONFIG_NUMBERS:
             _check_default(name, getattr(defaults, name), count, problems)
     problems.raise_if_any()
-    return PromptScan(Path(path), usable, offset, ids)
+    return PromptScan(Path(path), usable, offset, ids, stamp)
+
+
+def changed_while_read(path: Path) -> PromptFileError:
+    return PromptFileError(
+        path,
+        [f"{path}: changed while hvbatch read it; nothing was submitted: remove the half-made run "
+         "directory and submit again once the file is complete"],
+    )  # fmt: skip
 
 
 def reread_batches(scan: PromptScan, defaults: SamplingConfig) -> Iterator[_Batch]:
     """The validated file's batches again, in the same order and with the same values and ids as
-    the scan's (ids are not made again: they come from `scan.ids`)."""
+    the scan's (ids are not made again: they come from `scan.ids`). Raises `PromptFileError` if the
+    file changed since the scan (what was checked is not what would be submitted)."""
+    changed = changed_while_read(scan.path)
+    if _stamp(scan.path) != scan.stamp:
+        raise changed
     parquet = pq.ParquetFile(scan.path)
-    offset, ignored = 0, _Problems(scan.path)
+    offset, problems = 0, _Problems(scan.path)
     for batch in _batches(parquet, scan.path, scan.columns):
         ids = scan.ids.slice(offset, batch.num_rows)
-        yield _read_batch(batch, offset, defaults, {}, ignored, ids=ids)
+        b = _read_batch(batch, offset, defaults, {}, problems, ids=ids)
+        if problems or len(ids) != batch.num_rows:
+            raise changed
+        yield b
         offset += batch.num_rows
+    if offset != scan.num_rows or _stamp(scan.path) != scan.stamp:
+        raise changed
 
 
 def read_prompts(path: str | Path, defaults: SamplingConfig) -> pa.Table:
