@@ -75,10 +75,13 @@ def _part(shard: int, ids: list[str], complete: bool, now: float) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
-def _write_part(run: RunDir, path: Path, table: pa.Table, shard_ids: list[str]) -> None:
-    pq.write_table(table, path)
+def _write_part(path: Path, table: pa.Table, index_of: dict[str, int]) -> None:
+    """A part and, where this version of the code has them, its summary (as its writer does)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
     if summaries is not None:
-        summaries.write_part_summary(path, table, shard_ids)
+        summaries.write_part_summary(path, table, index_of)
 
 
 def build_run(
@@ -96,6 +99,7 @@ def build_run(
         videos = _videos(shard, per_shard)
         pq.write_table(videos, run.shard_path(shard))
         ids = videos["video_id"].to_pylist()
+        index_of = {video_id: i for i, video_id in enumerate(ids)}
         index_parts.append(
             videos.select(["video_id", "prompt", "seed"]).append_column(
                 "shard", pa.array(np.full(per_shard, shard), pa.int32())
@@ -104,15 +108,16 @@ def build_run(
         for p in range(parts_per_shard):
             dp, segment = p % 8, p // 8
             part = _part(shard, ids[p * videos_per_part : (p + 1) * videos_per_part], complete, now)
-            _write_part(run, run.manifest_part(shard, KEY, dp, segment), part, ids)
+            _write_part(run.manifest_part(shard, KEY, dp, segment), part, index_of)
         metrics = {name: None for name in METRICS_SCHEMA.names} | {
             "job_id": "1", "attempt_key": KEY, "shard": shard, "started_at": now - 60,
             "exit_reason": "completed" if complete else "running", "finished_at": now if complete else None,
         }  # fmt: skip
         metrics_path = run.metrics_part(shard, KEY)
-        pq.write_table(pa.Table.from_pylist([metrics], schema=METRICS_SCHEMA), metrics_path)
+        metrics_table = pa.Table.from_pylist([metrics], schema=METRICS_SCHEMA)
+        pq.write_table(metrics_table, metrics_path)
         if summaries is not None:
-            summaries.write_metrics_summary(metrics_path, metrics)
+            summaries.write_metrics_summary(metrics_path, metrics_table)
         if complete:
             marker = {"shard": shard, "videos": per_shard, "done": per_shard, "failed": 0, "job_id": "1",
                       "attempt_key": KEY, "attempts": 1, "last_exit": "completed", "last_exit_detail": None,
@@ -191,18 +196,14 @@ def time_polls(args: argparse.Namespace) -> None:
         for _ in range(args.polls):
             for flat in rng.choice(args.shards * args.parts_per_shard, args.changed, replace=False).tolist():
                 shard, p = divmod(flat, args.parts_per_shard)
-                ids = RunDir(run.root).read_shard(shard)["video_id"].to_pylist()
+                ids = run.read_shard(shard)["video_id"].to_pylist()
                 chunk = ids[p * args.videos_per_part : (p + 1) * args.videos_per_part]
                 table = _part(shard, chunk, False, time.time())
                 status = table["status"].to_pylist()
                 status[len(chunk) // 2] = "done"  # the started video is done now
                 table = table.set_column(9, "status", pa.array(status, pa.string()))
-                path = run.manifest_part(shard, KEY, p % 8, p // 8)
-                tmp = path.with_name(f".{path.name}.tmp")
-                pq.write_table(table, tmp)
-                os.replace(tmp, path)
-                if summaries is not None:
-                    summaries.write_part_summary(path, table, ids)
+                index_of = {video_id: i for i, video_id in enumerate(ids)}
+                _write_part(run.manifest_part(shard, KEY, p % 8, p // 8), table, index_of)
             start = time.perf_counter()
             _, _, counts = poll_run(reader)
             seconds.append(time.perf_counter() - start)

@@ -217,12 +217,17 @@ def test_polls_read_only_what_changed(tmp_path: Path, monkeypatch: pytest.Monkey
     run = _busy_run(tmp_path)
     reads: list[str] = []
     real_tally, real_part = summaries.read_part_tally, status._read_manifest_part
-    monkeypatch.setattr(
-        status, "read_part_tally", lambda p, s: reads.append(f"summary {p.name}") or real_tally(p, s)
-    )
-    monkeypatch.setattr(
-        status, "_read_manifest_part", lambda p: reads.append(f"part {p.name}") or real_part(p)
-    )
+
+    def tally(path: str, stamp: tuple[int, int, int]) -> summaries.PartTally | None:
+        reads.append(f"summary {os.path.basename(path)}")
+        return real_tally(path, stamp)
+
+    def part(path: Path) -> pa.Table:
+        reads.append(f"part {path.name}")
+        return real_part(path)
+
+    monkeypatch.setattr(status, "read_part_tally", tally)
+    monkeypatch.setattr(status, "_read_manifest_part", part)
     reader = RunReader(run)
     snapshot = RunSnapshot.take(run)
     first = reader.counts(snapshot)[0]

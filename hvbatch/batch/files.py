@@ -170,8 +170,11 @@ def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
     """One open, one read: a file replaced meanwhile (a job rewriting its part) is read whole,
     old or new, never its old footer with its new pages."""
     data = path.read_bytes()
-    try:
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+    try:  # ParquetFile, not read_table: a few times faster on the run's small files
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        if missing := set(columns or ()) - set(parquet.schema_arrow.names):
+            raise pa.ArrowInvalid(f"no column {', '.join(sorted(missing))}")
+        return parquet.read(columns=columns, use_threads=len(data) > 1 << 20)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptRunFile(path, err) from err
 

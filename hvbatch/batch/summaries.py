@@ -114,22 +114,34 @@ def write_metrics_summary(part: Path, table: pa.Table) -> None:
     _write(part, {"kind": "metrics", "row": table.to_pylist()[0]})
 
 
-def read_summary(part: Path, stamp: tuple[int, int, int], kind: str) -> dict[str, Any] | None:
+def _load(path: str) -> Any:
+    """JSON from a small file: os-level calls only (a reader opens thousands of these)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return json.loads(b"".join(chunks).decode())
+
+
+def read_summary(part: str | Path, stamp: tuple[int, int, int], kind: str) -> dict[str, Any] | None:
     """The summary of `part` if it is of `kind` and names `stamp`; None if missing, corrupt, of
     another version or stale."""
+    part = os.fspath(part)
     try:
-        with open(summary_path(part), "rb") as handle:
-            data = json.loads(handle.read())
+        data = _load(part.removesuffix(".parquet") + SUFFIX)
     except (OSError, ValueError):
         return None
     if not (isinstance(data, dict) and data.get("version") == VERSION and data.get("kind") == kind):
         return None
-    if data.get("part") != part.name or data.get("stamp") != list(stamp):
+    if data.get("part") != os.path.basename(part) or data.get("stamp") != list(stamp):
         return None
     return data
 
 
-def read_part_tally(part: Path, stamp: tuple[int, int, int]) -> PartTally | None:
+def read_part_tally(part: str | Path, stamp: tuple[int, int, int]) -> PartTally | None:
     data = read_summary(part, stamp, "manifest")
     try:
         return None if data is None else PartTally.from_json(data)
@@ -137,7 +149,7 @@ def read_part_tally(part: Path, stamp: tuple[int, int, int]) -> PartTally | None
         return None
 
 
-def read_metrics_row(part: Path, stamp: tuple[int, int, int]) -> dict[str, Any] | None:
+def read_metrics_row(part: str | Path, stamp: tuple[int, int, int]) -> dict[str, Any] | None:
     data = read_summary(part, stamp, "metrics")
     row = None if data is None else data.get("row")
     return row if isinstance(row, dict) and isinstance(row.get("shard"), int) else None

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hvbatch.batch.attempt import ExitReason
 from hvbatch.batch.executors.base import LIVE_STATES, JobRecord, SchedulerUnavailable, latest_records
@@ -193,10 +194,11 @@ class RunReader:
         self._files: dict[str, tuple[Stamp, Any]] = {}
 
     def _read_changed(
-        self, folder: str, ext: str, shards: set[int] | None, read: Callable[[int, Path, Stamp], Any]
+        self, folder: str, ext: str, shards: set[int] | None, read: Callable[[int, str, Stamp], Any]
     ) -> dict[int, list[Any]]:
         """Per shard, `read(shard, path, stamp)` of `folder`'s files of `shards` (all if None),
-        each in name order; a file unchanged since the last call is not read again."""
+        each in name order; a file unchanged since the last call is not read again. (Paths are
+        strings: a poll of thousands of files is mostly the cost of handling their names.)"""
         found: dict[int, list[Any]] = {}
         directory = self.run.root / folder
         if not directory.is_dir():
@@ -211,7 +213,7 @@ class RunReader:
                 stamp = stamp_of(entry.stat())
                 cached = self._files.get(f"{folder}/{entry.name}")
                 if cached is None or cached[0] != stamp:
-                    content = read(int(match[1]), Path(entry.path), stamp)
+                    content = read(int(match[1]), entry.path, stamp)
                     cached = self._files[f"{folder}/{entry.name}"] = (stamp, content)
             except FileNotFoundError:
                 continue  # replaced or moved aside since the listing
@@ -225,22 +227,27 @@ class RunReader:
     def shard_sizes(self) -> np.ndarray:
         """Videos of each shard (from `videos.parquet`'s shard column)."""
         if self._shard_sizes is None:
-            shard = self.run.all_videos(["shard"])["shard"].to_numpy()
-            self._shard_sizes = np.bincount(shard, minlength=self.num_shards())
+            sizes = np.zeros(self.num_shards(), np.int64)
+            counted = pc.value_counts(self.run.all_videos(["shard"])["shard"])  # (to_numpy imports pandas)
+            values, counts = (counted.field(name).to_pylist() for name in ("values", "counts"))
+            for shard, count in zip(values, counts, strict=True):
+                if 0 <= shard < len(sizes):
+                    sizes[shard] = count
+            self._shard_sizes = sizes
         return self._shard_sizes
 
-    def _tally(self, shard: int, path: Path, stamp: Stamp) -> PartTally:
+    def _tally(self, shard: int, path: str, stamp: Stamp) -> PartTally:
         tally = read_part_tally(path, stamp)
         if tally is not None:
             return tally
         if shard not in self._shard_index:
             self._shard_index[shard] = shard_index(self.run.read_shard(shard)["video_id"].to_pylist())
-        return PartTally.of_table(_read_manifest_part(path), self._shard_index[shard])
+        return PartTally.of_table(_read_manifest_part(Path(path)), self._shard_index[shard])
 
-    def _metrics_row(self, shard: int, path: Path, stamp: Stamp) -> dict[str, Any]:
+    def _metrics_row(self, shard: int, path: str, stamp: Stamp) -> dict[str, Any]:
         row = read_metrics_row(path, stamp)
         if row is None:
-            return self.run.read_metrics_part(path)
+            return self.run.read_metrics_part(Path(path))
         return {name: row.get(name) for name in METRICS_SCHEMA.names}
 
     def metrics_rows(self, shards: set[int]) -> list[dict[str, Any]]:
@@ -251,7 +258,7 @@ class RunReader:
 
     def snapshot(self, every_job: bool = False) -> RunSnapshot:
         records = latest_records(self.run)
-        read_marker = lambda shard, path, stamp: read_json(path)
+        read_marker = lambda shard, path, stamp: read_json(Path(path))
         markers = {
             shard: found[0] for shard, found in self._read_changed("done", ".json", None, read_marker).items()
         }
