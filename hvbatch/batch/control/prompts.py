@@ -325,12 +325,13 @@ def _read_batch(
     """Validate one batch, fill defaults (counting their use in `used`), and make every row's id.
 
     `ids`: the rows' ids when they are known already (a second read of a validated file), which
-    skips making them; their `hashes` are then not set (zeros)."""
+    skips making them and the checks of the values; their `hashes` are then not set (zeros)."""
     n = batch.num_rows
     names = batch.schema.names
+    check = ids is None
     col = lambda name: batch.column(name) if name in names else None
     prompt = _text(col("prompt")) if "prompt" in names else pa.nulls(n, pa.string())
-    bad = _check_prompts(prompt, offset, problems) if "prompt" in names else np.ones(n, bool)
+    bad = _check_prompts(prompt, offset, problems) if "prompt" in names and check else np.ones(n, bool)
     negative = _text(col("negative_prompt")) if "negative_prompt" in names else None
     hashed: dict[str, pa.Array | None] = {"prompt": prompt, "negative_prompt": negative}
     unset = n if negative is None else negative.null_count
@@ -345,10 +346,12 @@ def _read_batch(
             hashed[name] = None
             continue
         values, ok = _numbers(arr, name, offset, problems)
+        numbers[name] = np.where(ok, values, default)
+        used[name] = used.get(name, 0) + arr.null_count
+        if not check:
+            continue
         _check_rules(name, values, ok, offset, problems)
         bad |= ~ok & ~arr.is_null().to_numpy(zero_copy_only=False)
-        used[name] = used.get(name, 0) + arr.null_count
-        numbers[name] = np.where(ok, values, default)
         exact = values.view(np.int64) if values.dtype == np.float64 else values  # floats: IEEE-754 bits
         hashed[name] = pa.array(exact, mask=~ok)
     last_seed = INT64_MAX - (np.maximum(numbers["num_videos"], 1) - 1)  # seeds seed..seed+n-1 fit in int64
@@ -357,7 +360,7 @@ def _read_batch(
         "columns seed, num_videos", "with seed + num_videos - 1 over 2**63-1", seeds_over, offset
     )
     filled_negative = (
-        pa.array([defaults.negative_prompt] * n, pa.string())
+        pa.repeat(pa.scalar(defaults.negative_prompt, pa.string()), n)
         if negative is None
         else pc.fill_null(negative, defaults.negative_prompt)
     )
@@ -416,6 +419,12 @@ def _expand(b: _Batch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([*arrays, pa.array(video_cost(h, w, f, steps))], schema=VIDEO_SCHEMA)
 
 
+def _open(path: str | Path) -> pq.ParquetFile:
+    """The prompt file, read a column chunk at a time through a small buffer (pyarrow's default
+    pre-buffering would keep the whole file in memory until the end of the read)."""
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+
+
 def _batches(parquet: pq.ParquetFile, path: str | Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """The file's record batches; a page that cannot be decoded names the file instead of a traceback."""
     batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
@@ -459,7 +468,7 @@ def scan_prompts(
     problems = _Problems(path)
     try:
         stamp = _stamp(path)
-        parquet = pq.ParquetFile(path)
+        parquet = _open(path)
         schema = parquet.schema_arrow
     except (OSError, pa.ArrowException) as err:
         raise PromptFileError(path, [f"{path}: cannot be read as a Parquet file ({err})"]) from err
@@ -498,7 +507,7 @@ def reread_batches(scan: PromptScan, defaults: SamplingConfig) -> Iterator[_Batc
     changed = changed_while_read(scan.path)
     if _stamp(scan.path) != scan.stamp:
         raise changed
-    parquet = pq.ParquetFile(scan.path)
+    parquet = _open(scan.path)
     offset, problems = 0, _Problems(scan.path)
     for batch in _batches(parquet, scan.path, scan.columns):
         ids = scan.ids.slice(offset, batch.num_rows)
