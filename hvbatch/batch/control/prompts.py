@@ -309,9 +309,14 @@ def _hash_ids(canonical: pa.Array) -> tuple[pa.Array, np.ndarray]:
     start = canonical.offset
     offsets = np.frombuffer(canonical.buffers()[1], np.int32)[start : start + len(canonical) + 1].tolist()
     data = canonical.buffers()[2].to_pybytes() if canonical.buffers()[2] else b""
-    b2 = hashlib.blake2b
-    digests = b"".join([b2(data[a:b], digest_size=8).digest() for a, b in itertools.pairwise(offsets)])
-    return hex_ids(digests), np.frombuffer(digests, ">u8").astype(np.uint64)
+    new, digests = hashlib.blake2b(digest_size=8).copy, []  # copying a hash: no keyword parsing
+    append = digests.append
+    for a, b in itertools.pairwise(offsets):
+        h = new()
+        h.update(data[a:b])
+        append(h.digest())
+    joined = b"".join(digests)
+    return hex_ids(joined), np.frombuffer(joined, ">u8").astype(np.uint64)
 
 
 def _read_batch(
