@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import io
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,13 @@ def _schema() -> pa.Schema:
     return pa.schema([("prompt", pa.string()), *((n, pa.int64()) for n in names), ("num_videos", pa.int32())])
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process, all its threads (on a machine shared with other work, closer to
+    what the command costs than its wall time)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mib() -> float:
     """This process's own peak RSS (VmHWM). Its ru_maxrss would not do: Linux carries the parent's
     peak over the fork and exec that started it."""
@@ -91,7 +99,9 @@ def child(mode: str, prompts: str, run_dir: str) -> None:
     seconds = time.perf_counter() - start
     peak = peak_rss_mib()
     lines = out.getvalue().splitlines()
-    print(json.dumps({"code": code, "seconds": seconds, "peak_rss_mib": peak, "first": lines[:1]}))
+    result = {"code": code, "seconds": seconds, "cpu": cpu_seconds(), "peak_rss_mib": peak}
+    result["first"] = lines[:1]
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -104,8 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
-    print("| rows | file | mode | seconds | peak RSS | bytes/row | first line |")
-    print("|---|---|---|---|---|---|---|")
+    print("| rows | file | mode | wall | CPU | peak RSS | bytes/row | first line |")
+    print("|---|---|---|---|---|---|---|---|")
     for rows in args.rows:
         folder = Path(args.tmp) / f"hvbatch-prompts-scale-{rows}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -124,7 +134,7 @@ def main() -> None:
                 result = json.loads(done.stdout.splitlines()[-1])
                 per_row = result["peak_rss_mib"] * 2**20 / rows
                 print(
-                    f"| {rows:,} | {size} | {mode} | {result['seconds']:.1f} s | "
+                    f"| {rows:,} | {size} | {mode} | {result['seconds']:.1f} s | {result['cpu']:.1f} s | "
                     f"{result['peak_rss_mib']:,.0f} MiB | {per_row:.0f} | {' '.join(result['first'])} |",
                     flush=True,
                 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -136,6 +137,13 @@ def build_run(
     return run
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process, all its threads (on a machine shared with other work, closer to
+    what the command costs than its wall time)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mib() -> float:
     """This process's own peak RSS (VmHWM). Its ru_maxrss would not do: Linux carries the parent's
     peak over the fork and exec that started it."""
@@ -156,7 +164,7 @@ def child_status(run_dir: str) -> None:
     seconds = time.perf_counter() - start
     counts = json.loads(out.getvalue())["counts"]
     peak = peak_rss_mib()
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "counts": counts}))
+    print(json.dumps({"seconds": seconds, "cpu": cpu_seconds(), "peak_rss_mib": peak, "counts": counts}))
 
 
 def time_status(args: argparse.Namespace) -> None:
@@ -173,7 +181,7 @@ def time_status(args: argparse.Namespace) -> None:
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.splitlines()[-1])
             layout = f"{num_shards:,} x {args.parts_per_shard} x {args.videos_per_part}"
-            figures = f"{result['seconds']:.2f} s | {result['peak_rss_mib']:.0f} MiB"
+            figures = f"{result['seconds']:.2f} s | {result['cpu']:.2f} s | {result['peak_rss_mib']:.0f} MiB"
             print(f"| {parts:,} | {layout} | {state} | {call} | {figures} | {result['counts']} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
