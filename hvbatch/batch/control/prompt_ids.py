@@ -154,12 +154,14 @@ class PromptIds:
     def sorted_rows(self) -> np.ndarray:
         """Rows in id order (byte-wise, as Arrow sorts strings); int32 when the rows fit."""
         if self._sorted is None:
-            if self.strings:
-                order = pc.sort_indices(self.strings_array).to_numpy()
-            else:
-                order = np.argsort(self.keys, kind="stable")
+            # (hash keys are unique, but for duplicates, which are an error: no need for a stable sort)
+            order = pc.sort_indices(self.strings_array).to_numpy() if self.strings else np.argsort(self.keys)
             self._sorted = order.astype(np.int32) if self.num_rows < 2**31 else order.astype(np.int64)
         return self._sorted
+
+    def release_order(self) -> None:
+        """Forget `sorted_rows` (4 bytes a row) once its user has it."""
+        self._sorted = None
 
     def _duplicate_rows(self) -> np.ndarray:
         """Rows whose id another row has, ascending (adjacent equal ids in id order)."""

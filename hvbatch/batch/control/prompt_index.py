@@ -32,7 +32,7 @@ from hvbatch.batch.control.prompts import (
     scan_prompts,
     video_cost,
 )
-from hvbatch.batch.control.shards import ShardLayout, layout_shards
+from hvbatch.batch.control.shards import MAX_COST_GROUPS, ShardLayout, layout_shards
 from hvbatch.config import SamplingConfig
 
 
@@ -51,6 +51,8 @@ class PromptIndex:
     """The first video (file order) of the highest cost, as a `VIDEO_SCHEMA` row."""
     cost_by_threshold: dict[float, float] = field(default_factory=dict)
     """Total cost of the videos of each `cache_threshold` (for the dry run's step-caching line)."""
+    distinct_costs: np.ndarray | None = None
+    """The costs that occur (None if too many to list)."""
     num_videos: int = 0
     total_cost: float = 0.0
 
@@ -95,7 +97,9 @@ class PromptIndex:
         """
         ids = self.scan.ids
         if not self._suffixed():
-            return ids.sorted_rows()
+            by_rows = ids.sorted_rows()
+            ids.release_order()
+            return by_rows
         if ids.strings:
             several = pa.array(self.counts != 1)
             texts = ids.strings_array
@@ -104,6 +108,7 @@ class PromptIndex:
             del marked
         else:
             row_order = ids.sorted_rows()  # hashes of one length: no id is a prefix of another
+        ids.release_order()
         counts = self.counts[row_order]
         by_id = np.repeat(self.starts()[row_order], counts)
         del row_order
@@ -122,6 +127,7 @@ class PromptIndex:
             lambda j: (self.video_id(j), int(np.searchsorted(self.starts(), j, side="right")) - 1),
             max_shard_cost=max_shard_cost,
             min_shards=min_shards,
+            distinct_costs=self.distinct_costs,
         )
 
     def video_batches(self) -> Iterator[pa.RecordBatch]:
@@ -143,6 +149,7 @@ class _Collector:
         self.largest: dict[str, Any] | None = None
         self.largest_cost = -1.0
         self.by_threshold: dict[float, float] = {}
+        self.distinct: set[float] | None = set()
 
     def __call__(self, b: _Batch, clean: bool) -> None:
         if not clean:
@@ -158,6 +165,9 @@ class _Collector:
         if row_cost[best] > self.largest_cost:
             self.largest_cost = float(row_cost[best])
             self.largest = _first_video(b, best, float(row_cost[best]))
+        if self.distinct is not None:
+            self.distinct.update(np.unique(row_cost).tolist())
+            self.distinct = self.distinct if len(self.distinct) <= MAX_COST_GROUPS else None
         values, inverse = np.unique(nums["cache_threshold"], return_inverse=True)
         totals = np.bincount(inverse, weights=row_cost * count)
         for value, total in zip(values.tolist(), totals.tolist(), strict=True):
@@ -189,4 +199,5 @@ def index_prompts(path: str | Path, defaults: SamplingConfig) -> PromptIndex:
     scan = scan_prompts(path, defaults, collect)
     assert collect.largest is not None  # a file without rows is a problem
     counts, costs, largest = collect.counts, collect.row_cost, collect.largest
-    return PromptIndex(scan, defaults, counts, costs, largest, collect.by_threshold)
+    distinct = None if collect.distinct is None else np.array(sorted(collect.distinct))
+    return PromptIndex(scan, defaults, counts, costs, largest, collect.by_threshold, distinct)

@@ -102,6 +102,26 @@ def _pack(costs: np.ndarray, limit: float, min_count: int) -> np.ndarray:
     return best[0][1]
 
 
+MAX_COST_GROUPS = 256
+
+
+def _by_cost(
+    cost: np.ndarray, by_id: np.ndarray, distinct: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`by_id` stably sorted by cost, descending, and the costs in that order. With few distinct
+    costs (batches have a few sizes and step counts), one pass per cost instead of a sort."""
+    keyed = cost[by_id]
+    if distinct is None or len(distinct) > MAX_COST_GROUPS:
+        np.negative(keyed, out=keyed)
+        order = by_id[np.argsort(keyed, kind="stable")]
+        return order, cost[order]
+    values = np.sort(distinct)[::-1]
+    pieces = [by_id[keyed == value] for value in values.tolist()]
+    counts = [len(piece) for piece in pieces]
+    assert sum(counts) == len(by_id), "a cost missing from distinct_costs"
+    return np.concatenate(pieces), np.repeat(values, counts)
+
+
 def _check_limits(max_shard_cost: float, min_shards: int) -> None:
     if not (math.isfinite(max_shard_cost) and max_shard_cost > 0):
         raise ValueError(f"max_shard_cost must be a positive number, got {max_shard_cost!r}")
@@ -149,22 +169,21 @@ def layout_shards(
     *,
     max_shard_cost: float,
     min_shards: int = 1,
+    distinct_costs: np.ndarray | None = None,
 ) -> ShardLayout:
     """The shards of videos given as arrays (`shard_videos` says how they are chosen).
 
     `cost`: each video's cost; `by_id`: the videos' positions sorted by video_id; `file_order`: their
     positions in file order (row, then video_index), None when they are given in file order;
-    `describe(position)`: (video_id, row) of a video, for the warning of one too costly.
+    `describe(position)`: (video_id, row) of a video, for the warning of one too costly;
+    `distinct_costs`: the costs that occur, when known (a sort of every video is then not needed).
     """
     _check_limits(max_shard_cost, min_shards)
     n = len(cost)
     if not (np.isfinite(cost).all() and (cost >= 0).all()):
         raise ValueError("videos table has a negative, infinite or null cost; pass read_prompts' output")
-    keyed = cost[by_id]
-    np.negative(keyed, out=keyed)
-    order = by_id[np.argsort(keyed, kind="stable")]  # cost descending, then video_id
-    del keyed, by_id
-    sorted_cost = cost[order]
+    order, sorted_cost = _by_cost(cost, by_id, distinct_costs)  # cost descending, then video_id
+    del by_id
     over = int((sorted_cost > max_shard_cost).sum())
     shard = np.empty(n, np.int32 if n < 2**31 else np.int64)
     shard[order[:over]] = np.arange(over)
