@@ -4,9 +4,10 @@ Shards come either as tables in memory (`ShardTables`, from `shard_videos`) or s
 prompt file (`StreamedShards`: a `PromptIndex` and its `ShardLayout`). A streamed shard's videos
 are spread over the whole file, so the file's second read deals them into a few spill files, each
 holding a range of shards and at most `SPILL_BYTES` of videos; each spill file then becomes its
-shards. Memory stays at about two spill files, whatever the size of the run. The shard files are
-written into a temporary folder, made durable by one filesystem sync and renamed to `shards/`
-(`files.write_folder_atomic`): thousands of shards cost one sync, not an fsync each.
+shards, written by two threads while the next spill file is read. Memory stays at about three
+spill files, whatever the size of the run. The shard files are written into a temporary folder,
+made durable by one filesystem sync and renamed to `shards/` (`files.write_folder_atomic`):
+thousands of shards cost one sync, not an fsync each.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ INDEX_SCHEMA = pa.schema(
 )
 """`videos.parquet`: every video of the run with its shard, in shard order."""
 INDEX_ROW_GROUP = 262_144
-SPILL_BYTES = 96 * 2**20
+SPILL_BYTES = 64 * 2**20
 SHARD_COLUMN = "__shard"
 WRITERS = 2
 
@@ -99,8 +100,7 @@ class StreamedShards:
         _spill(itertools.chain([first], batches), self.layout.shard_of, bucket_of, paths)
         for bucket, path in enumerate(paths):
             lo, hi = bounds[bucket], bounds[bucket + 1]
-            with pa.memory_map(str(path)) as source:
-                table = pa.ipc.open_file(source).read_all()
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # mapped (kept while used)
             path.unlink()
             order = np.argsort(table[SHARD_COLUMN].to_numpy(), kind="stable")  # file order in a shard
             table = table.drop_columns([SHARD_COLUMN]).take(pa.array(order))
@@ -129,8 +129,7 @@ def _spill(
     batches: Iterator[pa.RecordBatch], shard_of: np.ndarray, bucket_of: np.ndarray, paths: list[Path]
 ) -> None:
     """Each video, with its shard, into the spill file of its shard's range (file order kept)."""
-    codec = "lz4" if pa.Codec.is_available("lz4") else None
-    options = pa.ipc.IpcWriteOptions(compression=codec)
+    options = pa.ipc.IpcWriteOptions(compression=None)  # read back memory-mapped, without a copy
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     start = 0
     try:
@@ -164,11 +163,14 @@ def write_frozen_inputs(run: RunDir, frozen: FrozenShards) -> None:
 
         def write_index(tmp: Path) -> None:
             with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer, ThreadPoolExecutor(WRITERS) as pool:
-                for group in frozen.groups(scratch):
-                    written = _write_group(pool, folder, run, group)
-                    writer.write_table(_index_rows(group), row_group_size=INDEX_ROW_GROUP)
-                    for future in written:
+                writing: list[Future[None]] = []
+                for group in frozen.groups(scratch):  # the next group is read while one is written
+                    for future in writing:
                         future.result()
+                    writing = _write_group(pool, folder, run, group)
+                    writer.write_table(_index_rows(group), row_group_size=INDEX_ROW_GROUP)
+                for future in writing:
+                    future.result()
                 if not frozen.num_shards:
                     writer.write_table(INDEX_SCHEMA.empty_table())
 
