@@ -233,7 +233,7 @@ def run_submit(args: argparse.Namespace) -> int:
 def run_status_command(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir).require()
     status = run_status(run)
-    text = json.dumps(status.to_dict(), indent=2) if args.json else format_status(run, status)
+    text = status.to_json() if args.json else format_status(run, status)
     print(printable_lines(text))
     return 0
 

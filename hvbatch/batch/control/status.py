@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -153,6 +154,13 @@ class RunStatus:
             "stopped": self.stopped,
         }
 
+    def to_json(self) -> str:
+        """`status --json`: indented, with a line per shard of the job table (json's C encoder
+        writes each; an indented dump of 100,000 shards would take seconds)."""
+        head = json.dumps(self.to_dict() | {"jobs": None}, indent=2)
+        jobs = ",\n".join(f"    {json.dumps(job)}" for job in self.jobs)
+        return head.replace('"jobs": null', f'"jobs": [\n{jobs}\n  ]' if jobs else '"jobs": []', 1)
+
 
 def format_duration(seconds: float) -> str:
     """`45s`, `12m 5s`, `2h 10m`, `3d 4h`: two units at most."""
@@ -175,6 +183,20 @@ def _read_manifest_part(path: Path) -> pa.Table:
 
 
 Stamp = tuple[int, int, int]
+
+
+def _read_marker(path: str) -> Any:
+    """A completion marker (os-level reads: a complete run has one per shard); a bad one is
+    named by `read_json`'s error."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        return json.loads(data)
+    except ValueError:
+        return read_json(Path(path))
 
 
 class RunReader:
@@ -201,7 +223,7 @@ class RunReader:
         strings: a poll of thousands of files is mostly the cost of handling their names.)"""
         found: dict[int, list[Any]] = {}
         directory = self.run.root / folder
-        if not directory.is_dir():
+        if (shards is not None and not shards) or not directory.is_dir():
             return found
         with os.scandir(directory) as entries:
             listed = sorted((e for e in entries if e.name.endswith(ext)), key=lambda e: e.name)
@@ -258,7 +280,7 @@ class RunReader:
 
     def snapshot(self, every_job: bool = False) -> RunSnapshot:
         records = latest_records(self.run)
-        read_marker = lambda shard, path, stamp: read_json(Path(path))
+        read_marker = lambda shard, path, stamp: _read_marker(path)
         markers = {
             shard: found[0] for shard, found in self._read_changed("done", ".json", None, read_marker).items()
         }
