@@ -1,25 +1,40 @@
-"""One-GPU check of the CUDA path, in at most 8 minutes: one JSON line per phase on stdout.
+"""One-GPU check of the CUDA path, in at most 8 minutes by construction: one JSON line per phase,
+then one verdict line per production choice (attention kernel, compile, FP8, comm dtype, SSTA for
+sparse 1.5 checkpoints, the 1.5 shard-cost rate) and one line of 1.5 speed against published figures.
 
-    python benchmarks/gpu_check.py                 # on a CUDA GPU (H100/H200/A100/L40...)
-    python benchmarks/gpu_check.py --cpu-smoke     # tiny sizes on the CPU: every phase's code path
-    python benchmarks/gpu_check.py --phases versions attention_tflops
+    python benchmarks/gpu_check.py --out $OUT       # on a CUDA GPU (H100/H200/B200/A100/L40...)
+    python benchmarks/gpu_check.py --cpu-smoke      # tiny sizes on the CPU: every phase's code path
+    python benchmarks/gpu_check.py --phases versions attention_accuracy
 
-Phases (each with its own try/except and time budget; a phase that fails or runs out of time
-reports `"ok": false` and the next one runs):
-- `versions`: torch, CUDA, cuDNN, NCCL, GPU, installed external attention kernels;
-- `dispatch`: SDPA's priority order and the aten kernel each production call site runs
-  (model blocks, token refiner, sequence-parallel LSE blocks, the ring-1 joint call);
-- `attention_tflops`: TFLOP/s per backend at 119,056 tokens, 24 heads x 128, bf16;
-- `attention_lse`: `attention_with_lse` per backend against a float32 reference (output and
-  LSE), and 2/4/8 key blocks plus a text block merged with `merge_blocks` against one call;
-- `sp_transformer`: the sequence-parallel transformer (NCCL, world size 1) against the plain one;
-- `transformer_step`: one step at 720p and 544p (129 frames), full width, depths 2+4 and 4+8
-  extrapolated linearly to 20+40 blocks, for the default backend, the best one, compiled, and
-  FP8; peak memory per variant (reset between them); weights built directly in bf16 on the GPU;
-- `vae_tile`: one VAE decode tile at the official tile size (32x32 latent cells, 16 latent frames).
+Each phase runs in a process of its own with a hard budget: at its budget the process group is
+killed (an inductor compile that hangs goes with it, compile workers included), the phase is
+reported `"ok": false` with what it had recorded so far, and the next phase runs. Budgets are
+shares of the time left, so the whole check ends within `--budget-s` (default 480 s) whatever a
+phase does. This process imports no torch: it cannot be stuck in CUDA itself.
 
-`--cpu-smoke` runs the same code on the tiny model (float32, `aot_eager` for the compiled
-variant so that it takes seconds); tests/test_gpu_check.py runs it in CI. Its numbers mean nothing.
+Phases:
+- `versions`: torch, CUDA, cuDNN, NCCL, GPU, external kernels, whether PyTorch trusts cuDNN here;
+- `dispatch`: SDPA's priority order read after a first SDPA call (PyTorch sets it lazily) and
+  compared with hvbatch's mirror of PyTorch's cuDNN rule; the aten kernel each call site runs;
+- `attention_tflops`: TFLOP/s per kernel at 119,056 tokens, 24 heads x 128, bf16;
+- `attention_accuracy`: every kernel, plain and with its LSE, at 4,112 and 119,056 queries (not
+  multiples of 128) against a float32 reference on 256 rows (the tail included), a canary tensor
+  for out-of-bounds writes, and 2/4/8 key blocks plus a text block merged against one call;
+- `sp_multirank`: the real multi-rank sequence-parallel code on this one GPU (gloo between
+  processes, CUDA compute; see gpu_check_sp.py for what it proves and does not) and NCCL's eager
+  start-up on a world of 1;
+- `step_eager`, `step_compiled`, `step_fp8`: a 720p and a 544p step (129 frames) per variant, every
+  block timed, extrapolated to 20 + 40 blocks (never negative: measured durations only), peak memory;
+- `comm_dtype`: packing cost of fp8 transfers against the link time they save;
+- `vae_tile`: one VAE decode tile at the official tile size;
+- `hv15_step`, `ssta_attention`, `sr_step` (gpu_check_hv15.py): a HunyuanVideo-1.5 step at full
+  width and reduced depth (480p and 720p x 121 frames, with and without CFG, extrapolated to 54
+  blocks, minutes per video next to the published figures); SSTA against dense attention at the
+  720p token count; an SR transformer step (720p and 1080p SR) and the SR upsampler.
+
+`--out DIR` writes gpu_check.json and gpu_check.md there after every phase. `--cpu-smoke` runs
+the same code on the tiny model (float32, `aot_eager` for compiled blocks); tests/test_gpu_check.py
+runs it in CI with omegaconf, submitit and imageio-ffmpeg unimportable. Its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -27,439 +42,352 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import platform
-import socket
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hvbatch.config import TransformerConfig, transformer_preset
-from hvbatch.models.attention import LocalAttention
-from hvbatch.models.attention_backends import (
-    AttentionBackend,
-    auto_choice,
-    device_info,
-    installed_kernels,
-    math_with_lse,
-)
-from hvbatch.models.fp8 import quantize_model_fp8
-from hvbatch.models.runtime import compile_blocks
-from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
-from hvbatch.models.vae import AutoencoderKLCausal3D, VaeConfig
-from hvbatch.parallel.attention import merge_blocks
-from hvbatch.sampling import latent_shape
-
-FULL_DEPTH = (20, 40)
-SDPA_OPS = (
-    "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_attention_math",
-)
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+START_RESERVE_S = 5.0
+"""Kept back from the total for killing the last phase and writing the results."""
+MIN_PHASE_S = 8.0
+"""A phase left less than this is skipped (a process start with torch takes seconds)."""
 
 
-@dataclass
-class Sizes:
-    """Full sizes on a GPU; tiny ones for `--cpu-smoke`."""
-
-    device: str
-    dtype: torch.dtype
-    tokens: int
-    heads: int
-    head_dim: int
-    lse_tokens: int
-    text_tokens: int
-    videos: dict[str, tuple[int, int, int]]
-    depths: tuple[tuple[int, int], tuple[int, int]]
-    transformer: TransformerConfig
-    vae: VaeConfig
-    vae_tile: tuple[int, int]
-    compile_backend: str = "inductor"
-    repeats: int = 2
-    """Timed calls after the warm-up (the best one counts)."""
-
-    @classmethod
-    def full(cls) -> Sizes:
-        config = transformer_preset("hunyuan-video-t2v-720p")
-        return cls(
-            "cuda", torch.bfloat16, 119_056, 24, 128, 4096, 256,
-            {"720p": (720, 1280, 129), "544p": (544, 960, 129)},
-            ((2, 4), (4, 8)), config, VaeConfig(), (32, 16),
-        )  # fmt: skip
-
-    @classmethod
-    def smoke(cls) -> Sizes:
-        config = transformer_preset("tiny")
-        tiny_vae = VaeConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4)
-        return cls(
-            "cpu", torch.float32, 96, 2, 16, 40, 8,
-            {"64p": (64, 64, 5), "48p": (48, 64, 5)},
-            ((1, 2), (2, 4)), config, tiny_vae, (4, 2), "aot_eager", 1,
-        )  # fmt: skip
+@dataclass(frozen=True)
+class Phase:
+    module: str
+    function: str
+    share: float
+    """This phase's share of the time left when it starts (shares of later phases count too)."""
 
 
-@dataclass
-class Context:
-    sizes: Sizes
-    deadline: float
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-class OutOfTime(RuntimeError):
-    pass
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str, repeats: int = 3, budget_s: float = 60.0) -> float:
-    """Best seconds per call after one warm-up; fewer repeats when the budget is short."""
-    start = time.monotonic()
-    fn()
-    synchronize(device)
-    best = math.inf
-    for _ in range(repeats):
-        if time.monotonic() - start > budget_s and best < math.inf:
-            break
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def ops_run(fn: Callable[[], object]) -> list[str]:
-    """The SDPA aten kernels `fn` dispatches to (profiler op names, in call order, deduplicated)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    seen: list[str] = []
-    for event in prof.events():
-        name = event.name.removeprefix("aten::")
-        if name in SDPA_OPS and name not in seen:
-            seen.append(name)
-    return seen
-
-
-def qkv(sizes: Sizes, q_len: int, k_len: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator(device=sizes.device).manual_seed(seed)
-    shapes = ((1, sizes.heads, q_len, sizes.head_dim), (1, sizes.heads, k_len, sizes.head_dim))
-    q = torch.randn(shapes[0], generator=g, device=sizes.device, dtype=sizes.dtype)
-    k, v = (torch.randn(shapes[1], generator=g, device=sizes.device, dtype=sizes.dtype) for _ in range(2))
-    return q, k, v
-
-
-def _nccl_version() -> str:
-    version = torch.cuda.nccl.version()
-    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-
-
-def phase_versions(ctx: Context) -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "nccl": _nccl_version() if cuda else None,
-        "gpu": torch.cuda.get_device_name() if cuda else None,
-        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
-        "external_kernels": sorted(installed_kernels()),
-    }
-
-
-def phase_dispatch(ctx: Context) -> dict[str, Any]:
-    s = ctx.sizes
-    order = [str(torch.nn.attention.SDPBackend(i)).split(".")[-1] for i in torch._C._get_sdp_priority_order()]
-    info = device_info(s.device)
-    auto = AttentionBackend(auto_choice(info, s.dtype, s.head_dim), info)
-    q, k, v = qkv(s, 512 if s.device == "cuda" else 32, 512 if s.device == "cuda" else 32)
-    q_BLHD, k_BLHD, v_BLHD = (t.transpose(1, 2) for t in (q, k, v))
-    sites = {
-        "blocks (model.attention=auto)": lambda: LocalAttention(auto)(q_BLHD, k_BLHD, v_BLHD),
-        "token refiner (SDPA default)": lambda: AttentionBackend("default").attention(q, k, v),
-        "sequence parallel, ring > 1 (LSE)": lambda: auto.attention_with_lse(q, k, v),
-        "sequence parallel, ring 1 (joint call)": lambda: auto.attention(q, k, v),
-    }
-    return {
-        "sdpa_priority": order,
-        "auto_backend": auto.name,
-        "call_sites": {site: ops_run(fn) or [f"external {auto.name}"] for site, fn in sites.items()},
-    }
-
-
-def attention_backends(with_math: bool) -> list[str]:
-    names = ["default", "cudnn", "flash", "efficient", *sorted(installed_kernels())]
-    return [*names, "math"] if with_math else names
-
-
-def phase_attention_tflops(ctx: Context) -> dict[str, Any]:
-    s = ctx.sizes
-    q, k, v = qkv(s, s.tokens, s.tokens)
-    flops = 4.0 * s.tokens**2 * s.heads * s.head_dim
-    info = device_info(s.device)
-    out: dict[str, Any] = {
-        "tokens": s.tokens,
-        "heads": s.heads,
-        "head_dim": s.head_dim,
-        "dtype": str(s.dtype),
-    }
-    for name in attention_backends(with_math=s.device == "cpu"):
-        if ctx.left() < 20:
-            out[name] = "skipped: phase budget"
-            continue
-        try:
-            backend = AttentionBackend(name, info)
-            ran = ops_run(lambda b=backend: b.attention(q, k, v)) or [f"external {name}"]
-            seconds = timed(
-                lambda b=backend: b.attention(q, k, v), s.device, s.repeats + 1, min(30, ctx.left())
-            )
-            out[name] = {
-                "ms": round(seconds * 1e3, 2),
-                "tflops": round(flops / seconds / 1e12, 1),
-                "ran": ran,
-            }
-        except Exception as err:
-            out[name] = f"error: {type(err).__name__}: {str(err)[:160]}"
-    timings = {n: r["tflops"] for n, r in out.items() if isinstance(r, dict)}
-    out["best"] = max(timings, key=timings.get) if timings else None
-    return out
-
-
-def _errors(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor) -> dict:
-    return {
-        "out_max_abs": float((out.float() - ref_out).abs().max()),
-        "lse_max_abs": float((lse - ref_lse).abs().max()),
-    }
-
-
-def phase_attention_lse(ctx: Context) -> dict[str, Any]:
-    s = ctx.sizes
-    n_text = s.text_tokens
-    q, k, v = qkv(s, s.lse_tokens, s.lse_tokens + n_text, seed=1)
-    ref_out, ref_lse = math_with_lse(q.float(), k.float(), v.float())
-    info = device_info(s.device)
-    out: dict[str, Any] = {"tokens": s.lse_tokens, "text_tokens": n_text}
-    for name in attention_backends(with_math=True):
-        if ctx.left() < 10:
-            out[name] = "skipped: phase budget"
-            continue
-        try:
-            backend = AttentionBackend(name, info)
-            result: dict[str, Any] = _errors(*backend.attention_with_lse(q, k, v), ref_out, ref_lse)
-            img_k, img_v = k[:, :, :-n_text], v[:, :, :-n_text]
-            for blocks in (2, 4, 8):
-                merged, lse = backend.attention_with_lse(q, k[:, :, -n_text:], v[:, :, -n_text:])
-                for k_b, v_b in zip(img_k.chunk(blocks, 2), img_v.chunk(blocks, 2), strict=True):
-                    merged, lse = merge_blocks(merged, lse, *backend.attention_with_lse(q, k_b, v_b))
-                result[f"ring_{blocks}_blocks"] = _errors(merged, lse, ref_out, ref_lse)
-            out[name] = result
-        except Exception as err:
-            out[name] = f"error: {type(err).__name__}: {str(err)[:160]}"
-    return out
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_transformer(sizes: Sizes, double: int, single: int, seed: int = 0) -> HunyuanVideoTransformer:
-    """Random weights made directly on the device in the compute dtype (no fp32 copy)."""
-    base = sizes.transformer
-    config = TransformerConfig(**{**base.__dict__, "num_double_blocks": double, "num_single_blocks": single})
-    torch.manual_seed(seed)
-    with torch.device(sizes.device), default_dtype(sizes.dtype):
-        model = HunyuanVideoTransformer(config)
-        for name, param in model.named_parameters():
-            if param.ndim >= 2:  # keep activations in range: N(0, 1/fan_in) like a trained model
-                param.data.normal_(0, math.prod(param.shape[1:]) ** -0.5)
-            elif "norm" not in name:
-                param.data.zero_()
-    return model.eval().requires_grad_(False)
-
-
-def step_inputs(sizes: Sizes, video: tuple[int, int, int]) -> tuple[tuple, dict]:
-    cfg, dev, dtype = sizes.transformer, sizes.device, sizes.dtype
-    channels, t, h, w = latent_shape(*video)
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(1, channels, t, h, w, generator=g, device=dev, dtype=dtype)
-    text = torch.randn(1, sizes.text_tokens, cfg.text_dim, generator=g, device=dev, dtype=dtype)
-    pooled = torch.randn(1, cfg.pooled_text_dim, generator=g, device=dev, dtype=dtype)
-    lengths = TextLengths((sizes.text_tokens,), sizes.text_tokens)
-    guidance = torch.tensor([6016.0], device=dev, dtype=dtype)
-    return (x, torch.tensor([900.0], device=dev), text, lengths, pooled), {"guidance": guidance}
-
-
-def phase_sp_transformer(ctx: Context) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    from hvbatch.parallel.dims import ParallelDims, build_groups
-    from hvbatch.parallel.runner import SequenceParallelTransformer
-
-    s = ctx.sizes
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    backend = "nccl" if s.device == "cuda" else "gloo"
-    device_id = torch.device("cuda", 0) if backend == "nccl" else None
-    # This process alone, on this machine, whatever MASTER_* the environment holds.
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device_id
-    )
-    try:
-        model = build_transformer(s, *s.depths[0])
-        args, kwargs = step_inputs(s, next(iter(s.videos.values())))
-        with torch.no_grad():
-            plain = model(*args, **kwargs).float()
-            groups = build_groups(ParallelDims(dp=1, ulysses=1, ring=1, world_size=1), 0)
-            runner = SequenceParallelTransformer(model, groups)
-            parallel = runner(*args, **kwargs).float()
-        rel = float((parallel - plain).norm() / plain.norm())
-        return {"process_group": backend, "layout": "u1 r1", "rel_err": rel, "ok_1e-2": rel < 1e-2}
-    finally:
-        dist.destroy_process_group()
-
-
-def _peak_gib(device: str) -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
-
-
-def _reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def step_flops(config: TransformerConfig, image: int, text: int, double: int, single: int) -> float:
-    """Matmul FLOPs of one forward: each stream's linears on its own tokens, attention on all."""
-    d, mlp = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
-    per_token_double = 2 * (3 * d * d + d * d + 2 * d * mlp)  # qkv, proj, fc1, fc2 of one stream
-    per_token_single = 2 * (d * (3 * d + mlp) + (d + mlp) * d)  # linear1, linear2
-    tokens = image + text
-    attention = 4.0 * tokens**2 * d
-    return double * ((image + text) * per_token_double + attention) + single * (
-        tokens * per_token_single + attention
-    )
-
-
-def _variant(ctx: Context, name: str, backend: str, video: tuple[int, int, int]) -> dict[str, Any]:
-    """Time depths D1 and D2 (same double:single ratio as 20:40) and extrapolate to 20+40."""
-    s = ctx.sizes
-    args, kwargs = step_inputs(s, video)
-    seconds, peaks = [], []
-    for double, single in s.depths:
-        _reset_peak(s.device)
-        model = build_transformer(s, double, single)
-        info = device_info(s.device)
-        model.attention_fn = LocalAttention(AttentionBackend(backend, info))
-        if name == "fp8":
-            quantize_model_fp8(model)
-        if name == "compiled":
-            compile_blocks(model, backend=s.compile_backend)
-        with torch.no_grad():
-            budget = min(60, ctx.left())
-            seconds.append(timed(lambda m=model: m(*args, **kwargs), s.device, s.repeats, budget))
-        peaks.append(_peak_gib(s.device))
-        del model
-    (d1, _), (d2, _) = s.depths
-    unit = (seconds[1] - seconds[0]) / ((d2 - d1) / d1)  # one D1 worth of blocks
-    full = seconds[0] + unit * (FULL_DEPTH[0] / d1 - 1)
-    _, t, h, w = latent_shape(*video)
-    image = t * (h // 2) * (w // 2)
-    flops = step_flops(s.transformer, image, s.text_tokens, *FULL_DEPTH)
-    return {
-        "backend": backend,
-        "ms_depth": {f"{d}+{n}": round(x * 1e3, 1) for (d, n), x in zip(s.depths, seconds, strict=True)},
-        "s_per_step_20+40": round(full, 3),
-        "tflops_20+40": round(flops / full / 1e12, 1) if full > 0 else None,
-        "peak_gib": peaks,
-    }
-
-
-def phase_transformer_step(ctx: Context) -> dict[str, Any]:
-    s = ctx.sizes
-    best = ctx.results.get("attention_tflops", {}).get("best") or auto_choice(
-        device_info(s.device), s.dtype, s.head_dim
-    )
-    variants = [("default", "default"), ("best", best), ("compiled", best), ("fp8", best)]
-    out: dict[str, Any] = {}
-    for label, video in s.videos.items():
-        for name, backend in variants:
-            key = f"{label}/{name}"
-            if ctx.left() < 15:
-                out[key] = "skipped: phase budget"
-                continue
-            try:
-                out[key] = _variant(ctx, name, backend, video)
-            except Exception as err:
-                out[key] = f"error: {type(err).__name__}: {str(err)[:160]}"
-    return out
-
-
-def phase_vae_tile(ctx: Context) -> dict[str, Any]:
-    s = ctx.sizes
-    dtype = torch.float16 if s.device == "cuda" else torch.float32
-    _reset_peak(s.device)
-    with torch.device(s.device), default_dtype(dtype):
-        vae = AutoencoderKLCausal3D(s.vae).eval().requires_grad_(False)
-    size, frames = s.vae_tile
-    z = torch.randn(1, s.vae.latent_channels, frames, size, size, device=s.device, dtype=dtype)
-    with torch.no_grad():
-        seconds = timed(lambda: vae.decode(z), s.device, repeats=2, budget_s=min(60, ctx.left()))
-    return {
-        "tile_latent": [frames, size, size],
-        "dtype": str(dtype),
-        "s": round(seconds, 3),
-        "peak_gib": _peak_gib(s.device),
-    }
-
-
-PHASES: dict[str, tuple[Callable[[Context], dict[str, Any]], float]] = {
-    # name: (function, share of the total budget)
-    "versions": (phase_versions, 0.02),
-    "dispatch": (phase_dispatch, 0.04),
-    "attention_tflops": (phase_attention_tflops, 0.15),
-    "attention_lse": (phase_attention_lse, 0.08),
-    "sp_transformer": (phase_sp_transformer, 0.06),
-    "transformer_step": (phase_transformer_step, 0.55),
-    "vae_tile": (phase_vae_tile, 0.10),
+PHASES: dict[str, Phase] = {
+    "versions": Phase("gpu_check_phases", "phase_versions", 0.03),
+    "dispatch": Phase("gpu_check_phases", "phase_dispatch", 0.04),
+    "attention_tflops": Phase("gpu_check_phases", "phase_attention_tflops", 0.09),
+    "attention_accuracy": Phase("gpu_check_phases", "phase_attention_accuracy", 0.10),
+    "sp_multirank": Phase("gpu_check_phases", "phase_sp_multirank", 0.11),
+    "step_eager": Phase("gpu_check_step", "phase_step_eager", 0.11),
+    "step_compiled": Phase("gpu_check_step", "phase_step_compiled", 0.15),
+    "step_fp8": Phase("gpu_check_step", "phase_step_fp8", 0.09),
+    "comm_dtype": Phase("gpu_check_step", "phase_comm_dtype", 0.03),
+    "vae_tile": Phase("gpu_check_step", "phase_vae_tile", 0.05),
+    "hv15_step": Phase("gpu_check_hv15", "phase_hv15_step", 0.08),
+    "ssta_attention": Phase("gpu_check_hv15", "phase_ssta_attention", 0.05),
+    "sr_step": Phase("gpu_check_hv15", "phase_sr_step", 0.07),
 }
 
 
-def run_phase(name: str, sizes: Sizes, budget_s: float, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    fn, _ = PHASES[name]
-    ctx = Context(sizes, time.monotonic() + budget_s, results)
-    _reset_peak(sizes.device)
-    start = time.monotonic()
+def phase_budgets(chosen: list[str], left_s: float) -> float:
+    """The first phase's budget: its share of what is left (time a phase does not use passes on)."""
+    return left_s * PHASES[chosen[0]].share / sum(PHASES[p].share for p in chosen)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the phase's whole process group (compile workers, spawned ranks) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _tail(path: Path, lines: int = 12) -> str:
     try:
-        record = {"phase": name, "ok": True, **fn(ctx)}
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_phase(
+    name: str, budget_s: float, workdir: Path, results: dict[str, dict[str, Any]], smoke: bool, stall: bool
+) -> dict[str, Any]:
+    """Run one phase in its own process group; kill it at `budget_s`. Its record, partial or whole."""
+    record_path, results_path, log_path = (
+        workdir / f"{name}.{ext}" for ext in ("record.json", "in.json", "log")
+    )
+    results_path.write_text(json.dumps(results, default=str))
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        name,
+        "--phase-budget-s",
+        f"{budget_s:.1f}",
+    ]
+    command += ["--record", str(record_path), "--results", str(results_path)]
+    command += ["--cpu-smoke"] * smoke + ["--stall"] * stall
+    start = time.monotonic()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+        )
+        try:
+            returncode: int | None = process.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+            _kill(process)
+    seconds = time.monotonic() - start
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    out: dict[str, Any] = {"phase": name, "ok": returncode == 0 and "error" not in record}
+    out |= {k: v for k, v in record.items() if k != "phase"}
+    if returncode is None:
+        out["error"] = f"killed at its budget of {budget_s:.0f} s (abandoned; the next phase runs)"
+    elif returncode != 0 and "error" not in out:
+        out["error"] = f"exit status {returncode}"
+    if not out["ok"]:
+        out["log_tail"] = _tail(log_path)
+    out["seconds"], out["budget_s"] = round(seconds, 1), round(budget_s, 1)
+    return out
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """Inside a phase's process: run it, recording into `args.record` as it goes."""
+    sys.path[:0] = [str(HERE), str(ROOT)]
+    import importlib
+    import traceback
+
+    from gpu_check_phases import Context, Recorder, Sizes
+
+    rec = Recorder(Path(args.record))
+    rec["pid"] = os.getpid()
+    if args.stall:  # test hook: a phase that overruns (as a stuck compile would)
+        time.sleep(3600)
+    sizes = Sizes.smoke() if args.cpu_smoke else Sizes.full()
+    results = json.loads(Path(args.results).read_text())
+    ctx = Context(sizes, time.monotonic() + args.phase_budget_s - 1.0, results)
+    phase = PHASES[args.child]
+    try:
+        getattr(importlib.import_module(phase.module), phase.function)(ctx, rec)
     except Exception as err:
-        record = {"phase": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:400],
-                  "trace": traceback.format_exc(limit=3)[-600:]}  # fmt: skip
-    record["seconds"] = round(time.monotonic() - start, 2)
-    record["budget_s"] = round(budget_s, 1)
-    results[name] = record
-    return record
+        rec["trace"] = traceback.format_exc(limit=4)[-800:]
+        rec["error"] = f"{type(err).__name__}: {err}"[:400]
+        return 1
+    return 0
+
+
+def _ok(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def attention_verdict(results: dict[str, dict[str, Any]]) -> str:
+    """The fastest kernel among those accurate at every length (plain and LSE), against `auto`."""
+    speed, accuracy = results.get("attention_tflops", {}), results.get("attention_accuracy", {})
+    auto = results.get("dispatch", {}).get("auto_backend") or results.get("versions", {}).get("auto_backend")
+    accurate: dict[str, bool] = {}
+    for key, value in accuracy.items():
+        if "/" not in key or not _ok(value):
+            continue
+        name = key.split("/", 1)[1]
+        parts = [value["plain"], value["lse"], *(v for k, v in value.items() if k.startswith("ring_"))]
+        good = all(p["finite"] and p["out_rel"] < 2e-2 and p.get("lse_max_abs", 0) < 5e-2 for p in parts)
+        accurate[name] = accurate.get(name, True) and good and value["canary_intact"]
+    candidates = {n: v["tflops"] for n, v in speed.items() if _ok(v) and accurate.get(n) and n != "sage"}
+    if not candidates:
+        return "attention: undecided (no kernel both timed and checked accurate); keep model.attention=auto"
+    best = max(candidates, key=candidates.__getitem__)
+    bad = sorted(n for n, ok in accurate.items() if not ok)
+    warn = f"; INACCURATE: {', '.join(bad)} (never use them)" if bad else ""
+    if auto == best:
+        return f"attention: auto -> {best}, {candidates[best]:.0f} TFLOP/s, accurate: keep auto{warn}"
+    if auto not in candidates:
+        why = "inaccurate" if accurate.get(auto) is False else "not measured accurate"
+        return f"attention: set model.attention={best} (auto's {auto} was {why}){warn}"
+    ratio = candidates[best] / candidates[auto]
+    if ratio < 1.03:
+        return f"attention: auto -> {auto} is within 3% of the fastest ({best}): keep auto{warn}"
+    return f"attention: set model.attention={best} ({ratio:.2f}x auto's {auto}, accurate){warn}"
+
+
+def _step_seconds(record: dict[str, Any], variant: str) -> dict[str, float]:
+    return {
+        k.split("/")[0]: v["s_per_step_20+40"]
+        for k, v in record.items()
+        if k.endswith(f"/{variant}") and _ok(v)
+    }
+
+
+def compile_verdict(results: dict[str, dict[str, Any]]) -> str:
+    eager = _step_seconds(results.get("step_eager", {}), "best")
+    compiled_record = results.get("step_compiled", {})
+    compiled = _step_seconds(compiled_record, "compiled")
+    both = sorted(set(eager) & set(compiled))
+    if not both:
+        why = compiled_record.get("error", "no compiled step measured")
+        return f"compile: off (model.compile=false): unmeasured ({why})"
+    speedups = {v: eager[v] / compiled[v] for v in both}
+    first = next(v for k, v in compiled_record.items() if k.endswith("/compiled") and _ok(v))["first_call_s"]
+    shown = ", ".join(f"{v} {x:.2f}x" for v, x in speedups.items())
+    if min(speedups.values()) >= 1.03:
+        return f"compile: on (model.compile=true): {shown} per step; first call (compile) {first:.0f} s"
+    return f"compile: off (model.compile=false): {shown} per step does not pay the {first:.0f} s compile"
+
+
+def fp8_verdict(results: dict[str, dict[str, Any]]) -> str:
+    eager = _step_seconds(results.get("step_eager", {}), "best")
+    record = results.get("step_fp8", {})
+    fp8 = _step_seconds(record, "fp8")
+    both = sorted(set(eager) & set(fp8))
+    if not both:
+        why = record.get("error", "no step measured")
+        return f"fp8: off (model.quantize=none; auto may not use it): unmeasured ({why})"
+    speedups = {v: eager[v] / fp8[v] for v in both}
+    errors = [v["rel_err_vs_bf16"] for k, v in record.items() if k.endswith("/fp8") and _ok(v)]
+    shown = ", ".join(f"{v} {x:.2f}x" for v, x in speedups.items()) + f", output {max(errors):.1%} from bf16"
+    if min(speedups.values()) >= 1.03 and max(errors) < 0.05:
+        return f"fp8: on (auto may use model.quantize=fp8 on this GPU): {shown}"
+    return f"fp8: off (model.quantize=none; auto may not use it): {shown}"
+
+
+def comm_verdict(results: dict[str, dict[str, Any]]) -> str:
+    record = results.get("comm_dtype", {})
+    if "pack_unpack_ms" not in record:
+        return "comm_dtype: auto (fp8 across nodes only, by the memory-traffic estimate): unmeasured"
+    cost, nvlink, ib = record["pack_unpack_ms"], record["nvlink_ms_saved"], record["infiniband_ms_saved"]
+    inside = "none" if cost >= nvlink else "fp8"
+    across = "fp8" if cost < ib else "none"
+    keep = (
+        "keep auto"
+        if (inside, across) == ("none", "fp8")
+        else f"measured: {inside} inside a node, {across} across"
+    )
+    return (
+        f"comm_dtype: {keep} (packing {cost:.2f} ms per block transfer vs {nvlink:.2f} ms saved on NVLink, "
+        f"{ib:.2f} ms on InfiniBand; link speeds assumed)"
+    )
+
+
+SSTA_PUBLISHED = "published: 1.87x end to end against FlashAttention-3 at 720p"
+
+
+def _ssta_step_speedup(results: dict[str, dict[str, Any]], ssta: dict[str, Any], ms: float) -> float | None:
+    """The 1.5 step's speed-up implied by the attention times: the measured dense step (batch 1, same
+    grid) minus `full_depth x (dense - SSTA)` per call; None without a measured step on that grid."""
+    step_record = results.get("hv15_step", {})
+    depth = step_record.get("full_depth")
+    for video in step_record.values():
+        if not (_ok(video) and video.get("grid") == ssta.get("grid") and _ok(video.get("no_cfg"))):
+            continue
+        step = video["no_cfg"].get(f"s_per_step_{depth}")
+        if not step:
+            return None
+        sparse = step - depth * (ssta["dense_ms"] - ms) / 1e3
+        return step / sparse if sparse > 0 else None
+    return None
+
+
+def ssta_verdict(results: dict[str, dict[str, Any]]) -> str:
+    """SSTA pays when the kernel `auto` runs (official if installed, else portable) beats dense by 3%."""
+    record = results.get("ssta_attention", {})
+    kernel = "official" if _ok(record.get("official")) else "portable"
+    measured = record.get(kernel)
+    if not _ok(measured) or "dense_ms" not in record:
+        why = record.get("error") or measured or "no SSTA call timed"
+        return f"ssta: use SSTA for sparse checkpoints: unmeasured ({why}); keep model.attention_mode=auto"
+    speedup = measured["speedup_vs_dense"]
+    shown = (
+        f"grid {record.get('grid')}: SSTA {kernel} {measured['ms']:.1f} ms vs dense "
+        f"{record.get('dense_backend')} {record['dense_ms']:.1f} ms per call, {speedup:.2f}x"
+    )
+    step = _ssta_step_speedup(results, record, measured["ms"])
+    shown += f", {step:.2f}x per step" if step else ""
+    shown += f" ({SSTA_PUBLISHED})"
+    if kernel == "portable" and "official" not in record:
+        shown += "; official kernel not installed (pip install flex-block-attn)"
+    if speedup >= 1.03:
+        return f"ssta: use SSTA for sparse checkpoints: yes (model.attention_mode=auto): {shown}"
+    return (
+        "ssta: use SSTA for sparse checkpoints: no (model.attention_mode=dense is faster here; the "
+        f"sparse checkpoints were distilled with SSTA: check their output dense first): {shown}"
+    )
+
+
+def _hv15_videos(results: dict[str, dict[str, Any]], branch: str) -> dict[str, dict[str, Any]]:
+    record = results.get("hv15_step", {})
+    return {k: v for k, v in record.items() if _ok(v) and _ok(v.get(branch)) and "image_tokens" in v}
+
+
+def hv15_cost_verdict(results: dict[str, dict[str, Any]]) -> str:
+    """The 1.5 `seconds_per_cost_unit` (GPU-s per image token x step x CFG branch, the unit of
+    `hvbatch/batch/control/calibration.py`) from the largest video's CFG step: the rate grows with
+    the token count (attention), and walltimes sized from the largest hold for the smaller ones."""
+    record = results.get("hv15_step", {})
+    videos = _hv15_videos(results, "cfg")
+    if not videos:
+        why = record.get("error", "no 1.5 CFG step measured")
+        return f"hv15_cost: seconds_per_cost_unit for 1.5: unmeasured ({why})"
+    key = f"s_per_step_{record['full_depth']}"
+    rates = {label: v["cfg"][key] / (2 * v["image_tokens"]) for label, v in videos.items()}
+    largest = max(videos, key=lambda label: videos[label]["image_tokens"])
+    others = "".join(f"; {label} {rate:.3g}" for label, rate in rates.items() if label != largest)
+    minutes = videos[largest]["video_min"].get("50_steps_cfg")
+    table = f"('{record.get('gpu_type') or record.get('gpu')}', '{record.get('backend')}')"
+    return (
+        f"hv15_cost: seconds_per_cost_unit for 1.5 at {table} = {rates[largest]:.3g} (GPU-s per image "
+        f"token x step x CFG branch, {largest} CFG step at {record['full_depth']} blocks{others}); "
+        f"{largest} x 50 steps with CFG = {minutes:.1f} min per video per GPU (transformer steps only)"
+    )
+
+
+def hv15_speed_line(results: dict[str, dict[str, Any]]) -> str:
+    """Minutes per video per GPU next to the published figures (GPU-seconds)."""
+    videos = _hv15_videos(results, "cfg")
+    if not videos:
+        why = results.get("hv15_step", {}).get("error", "no 1.5 CFG step measured")
+        return f"hv15_speed: unmeasured ({why})"
+    parts = []
+    for label, video in videos.items():
+        minutes = video["video_min"]
+        text = f"{label}: {minutes.get('50_steps_cfg', 0):.1f} min at 50 steps with CFG"
+        if "8_steps_step_distilled" in minutes:
+            eight, twelve = minutes["8_steps_step_distilled"], minutes["12_steps_step_distilled"]
+            text += f", {eight:.2f} / {twelve:.2f} at 8 / 12 steps step-distilled"
+        for pub in video.get("published", []):
+            text += (
+                f"; {pub['source']}: {pub['published_s'] * pub['gpus']:.0f} GPU-s at {pub['steps']} steps, "
+                f"{pub['published_gpu_s_over_ours']:.2f}x ours ({pub['ours_transformer_s']:.0f} s)"
+            )
+        parts.append(text)
+    return "hv15_speed: per video per GPU, transformer only: " + " | ".join(parts)
+
+
+def verdicts(results: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        attention_verdict(results), compile_verdict(results), fp8_verdict(results), comm_verdict(results),
+        ssta_verdict(results), hv15_cost_verdict(results), hv15_speed_line(results),
+    ]  # fmt: skip
+
+
+def write_outputs(
+    out_dir: Path, results: dict[str, dict[str, Any]], lines: list[str], meta: dict[str, Any]
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"meta": meta, "phases": results, "verdicts": lines}
+    markdown = [
+        f"# gpu_check {meta.get('date', '')}",
+        "",
+        *(f"- {line}" for line in lines),
+        "",
+        "| phase | ok | s | budget s |",
+    ]
+    markdown += ["|---|---|---|---|"] + [
+        f"| {n} | {r['ok']} | {r['seconds']} | {r['budget_s']} |" for n, r in results.items()
+    ]
+    for name, text in (
+        ("gpu_check.json", json.dumps(data, indent=1, default=str)),
+        ("gpu_check.md", "\n".join(markdown) + "\n"),
+    ):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,19 +397,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (CI)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="total time budget (default 8 min)")
     parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES))
+    parser.add_argument("--out", help="write gpu_check.json and gpu_check.md into this directory")
+    parser.add_argument("--stall-phase", choices=list(PHASES), help="test hook: this phase overruns")
+    parser.add_argument("--child", choices=list(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--phase-budget-s", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--record", help=argparse.SUPPRESS)
+    parser.add_argument("--results", help=argparse.SUPPRESS)
+    parser.add_argument("--stall", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print(json.dumps({"phase": "setup", "ok": False, "error": "no CUDA GPU: run with --cpu-smoke"}))
-        return 2
-    sizes = Sizes.smoke() if args.cpu_smoke else Sizes.full()
-    end = time.monotonic() + args.budget_s
-    results: dict[str, dict[str, Any]] = {}
+    if args.child:
+        return child_main(args)
+    start = time.monotonic()
+    end = start + args.budget_s - START_RESERVE_S
     chosen = [p for p in PHASES if p in args.phases]
-    for i, name in enumerate(chosen):
-        # This phase's share of what is left: time a phase does not use passes to the next ones.
-        share = PHASES[name][1] / sum(PHASES[p][1] for p in chosen[i:])
-        budget = max(5.0, (end - time.monotonic()) * share)
-        print(json.dumps(run_phase(name, sizes, budget, results), default=str), flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:] if argv is None else argv}
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        for i, name in enumerate(chosen):
+            left = end - time.monotonic()
+            budget = phase_budgets(chosen[i:], left)
+            if budget < MIN_PHASE_S:
+                results[name] = {
+                    "phase": name,
+                    "ok": False,
+                    "error": "skipped: no time left",
+                    "seconds": 0,
+                    "budget_s": 0,
+                }
+            else:
+                results[name] = run_phase(
+                    name, budget, Path(tmp), results, args.cpu_smoke, name == args.stall_phase
+                )
+            print(json.dumps(results[name], default=str), flush=True)
+            if args.out:
+                write_outputs(Path(args.out), results, verdicts(results), meta)
+    lines = verdicts(results)
+    meta["total_s"] = round(time.monotonic() - start, 1)
+    for line in lines:
+        print(f"verdict: {line}", flush=True)
+    print(json.dumps({"total_s": meta["total_s"], "budget_s": args.budget_s}), flush=True)
+    if args.out:
+        write_outputs(Path(args.out), results, lines, meta)
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 

@@ -3,22 +3,25 @@
 Resolution order (later wins): the dataclass defaults, the model preset named by `model=<name>`,
 a user YAML file, then command-line `key=value` overrides. `model=tiny` and
 `model=hunyuan-video-t2v-720p` name the presets in `configs/model/`.
+
+omegaconf (and pyyaml) are imported where a config is loaded or saved, not at import: the
+dataclasses and `transformer_preset` work without them (benchmarks/gpu_check.py on a bare GPU
+machine imports the models, which import these dataclasses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-
 from hvbatch.config_checks import check_config, check_overrides, preset_problem
 
 if TYPE_CHECKING:
     import torch
+    from omegaconf import DictConfig
 
 DEFAULT_MODEL_PRESET = "hunyuan-video-t2v-720p"
 
@@ -138,6 +141,10 @@ class ModelConfig:
     """Attention kernel: auto (by GPU: FA3/FA4 when installed, else cuDNN on Hopper/Blackwell; flash on
     Ampere/Ada; the default on CPU), default, cudnn, flash, efficient, math, fa3, fa4 or sage (FP8
     attention, lossy). A kernel that cannot serve the device, dtype or shape falls back."""
+    attention_mode: str = "auto"
+    """HunyuanVideo-1.5: auto (SSTA sparse attention for the checkpoints whose config asks for it,
+    the official `*_sparse` ones; dense for the others), dense (full attention for every checkpoint)
+    or ssta (SSTA with the checkpoint's or the official parameters). HunyuanVideo 1.0 is always dense."""
     compile: bool = False
     """torch.compile each double and single block (regional). Off by default: turn it on on CUDA once
     benchmarks/gpu_check.py shows it pays there; the first step of a run pays the compile time."""
@@ -209,10 +216,11 @@ class ParallelConfig:
     cfg: str = "auto"
     """CFG-parallel degree: 2 runs the unconditional and conditional branches on two halves of a
     video's GPUs (only with sampling.cfg_scale > 1), 1 runs both as one batch, or `auto`."""
-    comm_dtype: str = "none"
+    comm_dtype: str = "auto"
     """`fp8` sends the sequence-parallel attention transfers (Ulysses all-to-all, ring K/V) as float8
     e4m3 with per-token, per-head scales (about half the bytes of bf16, slightly less accurate);
-    `none` sends them exact."""
+    `none` sends them exact; `auto` is fp8 only for a layout whose Ulysses or ring group crosses nodes
+    (inside a node, packing costs more memory traffic than NVLink saves)."""
     gpus_per_node: int = 8
     """GPUs per node the planner may use (a job's own count overrides it at run time)."""
     num_nodes: int = 1
@@ -255,7 +263,9 @@ class SlurmConfig:
     """Ranks per node: one per GPU."""
     cpus_per_task: int | None = None
     mem_gb: int | None = None
-    """Memory per node; None lets the cluster's default apply."""
+    """Host memory per node in GB. None: from the memory model (`hvbatch.parallel.plan.slurm_mem_gb`:
+    each rank's offloaded text encoders, 15.3 GB, plus 4 GiB per rank and 10%: 173 GB for 8 ranks);
+    the cluster's default only for the random-weight presets."""
     array_parallelism: int = 256
     """Most array elements running at once."""
     max_array_size: int | None = None
@@ -270,9 +280,13 @@ class SlurmConfig:
 class BatchConfig:
     """How prompts become shards and jobs."""
 
-    seconds_per_cost_unit: float = 3.3e-4
-    """Estimated GPU-seconds per (image token x step) for one SP group; 720p x 129 frames x 50 steps on
-    one H100 is about 1904 s (published), i.e. 3.2e-4 s per token-step."""
+    seconds_per_cost_unit: float | None = None
+    """GPU-seconds per (image token x step) on one GPU, what shards and walltimes are sized from. None:
+    from the table by `batch.gpu_type` and the kernel `model.attention` runs there (H100: 3.3e-4 with
+    FlashAttention-2, the official 1904 s for 720p x 129 x 50 steps; 1.85e-4 with cuDNN or FA3), and
+    for jobs submitted after some videos are done (retry, resubmission) the run's own median."""
+    gpu_type: str = "h100"
+    """The GPU the jobs run on, for the default `seconds_per_cost_unit`: h100, h200, b200, a100, l40s."""
     reserve_s: float = 600.0
     """Seconds of each job kept for start-up, loading and the last video's write."""
     min_shards: int = 1
@@ -350,21 +364,33 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
 
 
-def _preset_yaml(name: str) -> DictConfig:
-    """The preset's YAML; only names listed by `available_presets` are read, never a path."""
+def _preset_path(name: str) -> Path:
+    """The preset's YAML file; only names listed by `available_presets` are read, never a path."""
     problem = preset_problem(name, available_presets())
     if problem is not None:
         raise ValueError(problem)
-    loaded = OmegaConf.load(_preset_dir() / f"{name}.yaml")
+    return _preset_dir() / f"{name}.yaml"
+
+
+def _preset_yaml(name: str) -> DictConfig:
+    from omegaconf import DictConfig, OmegaConf
+
+    loaded = OmegaConf.load(_preset_path(name))
     assert isinstance(loaded, DictConfig)
     return loaded
 
 
 def transformer_preset(name: str) -> TransformerConfig:
-    """The transformer architecture of a named preset, as a plain dataclass."""
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), _preset_yaml(name))
-    config = OmegaConf.to_object(merged.transformer)
-    assert isinstance(config, TransformerConfig)
+    """The transformer architecture of a named preset, as a plain dataclass (pyyaml only: no omegaconf)."""
+    import yaml
+
+    data = yaml.safe_load(_preset_path(name).read_text(encoding="utf-8")) or {}
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    given = data.get("transformer") or {}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"preset {name}: unknown transformer keys {unknown}; valid: {sorted(fields)}")
+    config = TransformerConfig(**given)
     config.validate()
     return config
 
@@ -392,6 +418,9 @@ MAX_CONFIG_FILE_BYTES = 1 << 20
 def _load_yaml_file(path: str | Path) -> DictConfig:
     """A user's YAML file as plain data: no `!!python/...` objects (omegaconf loads with a safe
     loader) and no aliases (`*name`: a few lines of them expand to billions of nodes)."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
     where = f"config file {path}"
     try:
         if Path(path).stat().st_size > MAX_CONFIG_FILE_BYTES:
@@ -419,6 +448,8 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
     The result is checked once (`hvbatch.config_checks`): one ValueError lists every problem.
     """
+    from omegaconf import OmegaConf
+
     check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
     layers: list[Any] = [OmegaConf.structured(Config)]
@@ -439,8 +470,10 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-    tmp.replace(path)
+    """Write the resolved config as YAML with the run's atomic writer (unique temporary name,
+    never through a symbolic link)."""
+    from omegaconf import OmegaConf
+
+    from hvbatch.batch.files import named_by_user, write_text_atomic
+
+    write_text_atomic(named_by_user(Path(path)), OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -95,7 +95,7 @@ BOUNDS: dict[str, Bound] = {
     "slurm.mem_gb": OPTIONAL_AT_LEAST_1,
     "slurm.array_parallelism": AT_LEAST_1,
     "slurm.max_array_size": OPTIONAL_AT_LEAST_1,
-    "batch.seconds_per_cost_unit": POSITIVE,
+    "batch.seconds_per_cost_unit": Bound(0, open_low=True, optional=True),
     "batch.min_shards": AT_LEAST_1,
     "batch.encode_window": AT_LEAST_1,
     "retry.max_attempts": AT_LEAST_1,
@@ -108,8 +108,9 @@ X264_PRESETS = "ultrafast superfast veryfast faster fast medium slow slower very
 CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.cfg": ("auto", "1", "2"),
-    "parallel.comm_dtype": ("none", "fp8"),  # as hvbatch.parallel.attention.COMM_DTYPES
+    "parallel.comm_dtype": ("auto", "none", "fp8"),  # as hvbatch.parallel.attention.COMM_DTYPE_CHOICES
     "batch.executor": ("auto", "slurm", "local"),
+    "batch.gpu_type": ("h100", "h200", "b200", "a100", "l40s"),  # as batch.control.calibration.GPU_TYPES
     "model.dtype": DTYPES,
     "model.text_encoder_dtype": DTYPES,
     "model.vae_dtype": DTYPES,
@@ -118,6 +119,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # As hvbatch.models.attention_backends.BACKEND_CHOICES (a test keeps the two equal).
     "model.attention": ("auto", "default", "cudnn", "flash", "efficient", "math", "fa3", "fa4", "sage"),
     "model.quantize": ("none", "fp8"),
+    # As hvbatch.models.hunyuan_video_15.ssta_attention.ATTENTION_MODES (a test keeps the two equal).
+    "model.attention_mode": ("auto", "dense", "ssta"),
     "sampling.cache": ("none", "teacache", "fbcache"),  # as hvbatch.sampling.cache.CACHE_MODES
 }
 PARALLEL_MODES = ("throughput", "latency")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -312,25 +313,36 @@ def test_a_retry_reopens_videos_that_had_failed_for_good(tmp_path: Path) -> None
     assert not video_histories(run, 0, None)["a"].final
 
 
-def test_an_mp4_is_on_disk_before_it_gets_its_final_name(
+def test_an_mp4_is_on_disk_and_checked_before_it_gets_its_final_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from hvbatch.batch import files
     from hvbatch.batch.runtime import support
 
     events: list[str] = []
-    real_link = support.os.link
-    monkeypatch.setattr(support, "fsync_file", lambda path: events.append(f"fsync {Path(path).name}"))
-    monkeypatch.setattr(support, "fsync_dir", lambda path: events.append("fsync dir"))
+    real_fsync, real_link, real_check = files.os.fsync, files.os.link, support.check_mp4
 
-    def link(src: str, dst: str) -> None:
-        events.append(f"link {Path(src).name}")
-        real_link(src, dst)
+    def fsync(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append("fsync dir" if target.is_dir() else f"fsync {target.name}")
+        real_fsync(fd)
 
-    monkeypatch.setattr(support.os, "link", link)
+    def link(src: str, dst: str, **kwargs: object) -> None:
+        events.append(f"link {src}")
+        real_link(src, dst, **kwargs)
+
+    def check(handle: object, **kwargs: int) -> object:
+        events.append(f"check {kwargs}")
+        return real_check(handle, **kwargs)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "link", link)
+    monkeypatch.setattr(support, "check_mp4", check)
     run = RunDir(tmp_path)
     assert commit_video(
         run, "a", np.zeros((3, 16, 16, 3), np.uint8), VideoConfig(), AttemptKey.parse("job1.r0"), None
     )
     tmp_name = events[0].split(" ", 1)[1]
-    assert tmp_name.endswith(".tmp.mp4")
-    assert events == [f"fsync {tmp_name}", f"link {tmp_name}", "fsync dir"]
+    assert tmp_name.startswith(f".{run.video_path('a').name}.job1.r0.") and tmp_name.endswith(".tmp")
+    frames = {"frames": 3, "width": 16, "height": 16}
+    assert events == [f"fsync {tmp_name}", f"check {frames}", f"link {tmp_name}", "fsync dir"]

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from hvbatch.config import SamplingConfig, transformer_preset
 from hvbatch.models import random_transformer
-from hvbatch.parallel.dims import ParallelDims, ParallelGroups, build_groups, destroy_groups
+from hvbatch.parallel.dims import ParallelDims, ParallelGroups, ProcessGroups
 from hvbatch.parallel.runner import CfgParallelTransformer, parallelize, unparallelize
 from hvbatch.sampling import denoise, initial_noise, new_step_cache
 from tests.helpers import rel_err
@@ -39,10 +39,11 @@ def cfg_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     init_gloo(rank, world, port)
     try:
         model = random_transformer(transformer_preset("tiny"), seed=0)
+        job_groups = ProcessGroups(world, rank)  # as a job: one group per member set, reused by layouts
         for dp, cfg, ulysses, ring in LAYOUTS:
             dims = ParallelDims(dp=dp, ulysses=ulysses, ring=ring, world_size=world, cfg=cfg)
             dims.validate(model.config.num_heads, cfg_scale=3.0)
-            groups = build_groups(dims, rank)
+            groups = job_groups.for_layout(dims)
             runner = parallelize(model, groups)
             assert isinstance(runner, CfgParallelTransformer)
             latents = run_cases(runner)  # "cfg" splits its batch of 2; "plain" runs whole on both halves
@@ -52,7 +53,6 @@ def cfg_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(result, Path(out_dir) / f"d{dp}c{cfg}u{ulysses}r{ring}-rank{rank}.pt")
             assert unparallelize(runner) is model
             dist.barrier()
-            destroy_groups(groups)
     finally:
         dist.destroy_process_group()
 

@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 
 from hvbatch.config import load_config, transformer_preset
 from hvbatch.models import random_transformer
-from hvbatch.parallel.attention import SCALE_BYTES, USPAttention, pack_fp8, unpack_fp8
-from hvbatch.parallel.dims import ParallelDims, build_groups, destroy_groups
+from hvbatch.parallel import transport
+from hvbatch.parallel.attention import SCALE_BYTES, USPAttention, pack_fp8, resolve_comm_dtype, unpack_fp8
+from hvbatch.parallel.dims import ParallelDims, build_groups
 from hvbatch.parallel.runner import SequenceParallelTransformer
 from tests.helpers import rel_err
 from tests.parallel_worker import run_cases
@@ -30,19 +31,24 @@ def compression_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from tests.parallel_worker import init_gloo
 
     init_gloo(rank, world, port)
+    real_staged = transport.staged
     try:
         model = random_transformer(transformer_preset("tiny"), seed=0)
         for ulysses, ring in LAYOUTS:
             groups = build_groups(ParallelDims(dp=1, ulysses=ulysses, ring=ring, world_size=world), rank)
             result = {}
-            for comm_dtype in ("none", "fp8"):
-                runner = SequenceParallelTransformer(model, groups, comm_dtype)
+            for comm_dtype in ("none", "fp8", "staged"):
+                if comm_dtype == "staged":  # the host staging path of gloo with CUDA tensors, forced
+                    transport.staged = lambda tensor, group: True
+                runner = SequenceParallelTransformer(
+                    model, groups, "none" if comm_dtype == "staged" else comm_dtype
+                )
                 latents = run_cases(runner)
                 result[comm_dtype] = {"latents": latents, "bytes": dict(runner.attention.stats.bytes_sent)}
                 model.attention_fn = runner.single_device_attention_fn
+            transport.staged = real_staged
             torch.save(result, Path(out_dir) / f"u{ulysses}r{ring}-rank{rank}.pt")
             dist.barrier()
-            destroy_groups(groups)
     finally:
         dist.destroy_process_group()
 
@@ -68,6 +74,10 @@ def test_fp8_transfers_are_close_and_smaller(tmp_path: Path) -> None:
             for exact_kind in ("text", "gather"):  # the text tokens and the final gather stay exact
                 assert fp8["bytes"][exact_kind] == exact["bytes"][exact_kind]
         assert torch.equal(per_rank[0]["fp8"]["latents"]["cfg"], per_rank[1]["fp8"]["latents"]["cfg"])
+        for result in per_rank:  # staged through host buffers: the same bits
+            assert all(
+                torch.equal(result["staged"]["latents"][n], result["none"]["latents"][n]) for n in reference
+            )
 
 
 def test_pack_round_trip() -> None:
@@ -83,8 +93,31 @@ def test_pack_round_trip() -> None:
 
 
 def test_comm_dtype_is_validated() -> None:
-    with pytest.raises(ValueError, match=r"parallel\.comm_dtype='int4' is not one of none, fp8"):
+    with pytest.raises(ValueError, match=r"parallel\.comm_dtype='int4' is not one of auto, none, fp8"):
         load_config(overrides=["parallel.comm_dtype=int4"])
     dims = ParallelDims(dp=1, ulysses=1, ring=1, world_size=1)
     with pytest.raises(ValueError, match=r"parallel\.comm_dtype='fp16' is not one of none, fp8"):
         USPAttention(build_groups(dims, 0), comm_dtype="fp16")
+
+
+@pytest.mark.parametrize(
+    ("dp", "ulysses", "ring", "gpus_per_node", "expected"),
+    [
+        (1, 8, 1, 8, "none"),  # one node: NVLink, packing costs more than it saves
+        (2, 4, 1, 8, "none"),
+        (1, 8, 2, 8, "fp8"),  # the ring spans the two nodes
+        (1, 4, 4, 8, "fp8"),  # u4 x r4 on 2 x 8: the ring groups {0, 4, 8, 12} cross nodes
+        (2, 4, 2, 8, "none"),  # 16 GPUs, each video inside one node
+        (1, 2, 2, 2, "fp8"),  # 2 GPUs per node: the ring crosses
+        (1, 16, 1, 8, "fp8"),  # a Ulysses group across nodes (only by an explicit setting)
+        (8, 1, 1, 8, "none"),  # no sequence parallelism: nothing to compress
+    ],
+)
+def test_comm_dtype_auto_compresses_only_across_nodes(
+    dp: int, ulysses: int, ring: int, gpus_per_node: int, expected: str
+) -> None:
+    dims = ParallelDims(dp=dp, ulysses=ulysses, ring=ring, world_size=dp * ulysses * ring)
+    assert resolve_comm_dtype("auto", dims, gpus_per_node) == expected
+    assert resolve_comm_dtype("none", dims, gpus_per_node) == "none"
+    assert resolve_comm_dtype("fp8", dims, gpus_per_node) == "fp8"
+    assert load_config().parallel.comm_dtype == "auto"  # the default

@@ -155,3 +155,61 @@ def test_compiled_blocks_under_sequence_parallelism() -> None:
     finally:
         dist.destroy_process_group()
     assert rel_err(got, expected) < 1e-5
+
+
+def warm_up_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """ulysses 2: the warm-up compiles both block graphs with every collective forbidden; the real
+    forward afterwards compiles nothing more and equals the eager model."""
+    from pathlib import Path
+
+    from torch._dynamo.testing import CompileCounter
+
+    from hvbatch.parallel.runner import warm_up
+    from tests.parallel_worker import init_gloo
+
+    init_gloo(rank, world, port)
+    try:
+        eager = random_transformer(transformer_preset("tiny"), seed=0)
+        model = random_transformer(transformer_preset("tiny"), seed=0)
+        counter = CompileCounter()
+        compile_blocks(model, backend=counter)
+        runner = SequenceParallelTransformer(model, build_groups(ParallelDims(1, 2, 1, world), rank))
+        cond = conditioning(1, 9)
+        lengths = TextLengths.from_mask(cond.text_mask, 1, cond.text_states.shape[1])
+        inputs = (initial_noise(LATENT_SHAPE, 1), torch.tensor([900.0]), cond.text_states, lengths)
+        inputs += (cond.text_states_2, torch.tensor([6016.0]))
+        real = {
+            name: getattr(dist, name) for name in ("all_to_all_single", "all_gather", "batch_isend_irecv")
+        }
+
+        def forbidden(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("a collective ran during the compile warm-up")
+
+        for name in real:
+            setattr(dist, name, forbidden)
+        try:
+            warm_up(runner, *inputs)
+        finally:
+            for name, fn in real.items():
+                setattr(dist, name, fn)
+        compiled_in_warm_up = counter.frame_count
+        with torch.no_grad():
+            got = runner(*inputs)  # type: ignore[arg-type]
+            expected = eager(*inputs)  # type: ignore[arg-type]
+        result = {"warm_up": compiled_in_warm_up, "after": counter.frame_count, "err": rel_err(got, expected)}
+        torch.save(result, Path(out_dir) / f"warm{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compile_warm_up_runs_no_collective_and_leaves_nothing_to_compile(tmp_path: Any) -> None:
+    import torch.multiprocessing as mp
+
+    from tests.test_parallel import free_port
+
+    mp.spawn(warm_up_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"warm{rank}.pt")
+        assert result["warm_up"] >= 2, result  # the double- and single-block graphs (and their pieces)
+        assert result["after"] == result["warm_up"], result  # the timed run compiles nothing
+        assert result["err"] < 1e-5

@@ -100,3 +100,34 @@ def test_bad_quantize_value_is_refused() -> None:
     model = random_transformer(transformer_preset("tiny"), seed=0)
     with pytest.raises(ValueError, match=r"model.quantize='int4'.*none, fp8"):
         configure_transformer(model, ModelConfig(quantize="int4"), torch.device("cpu"))
+
+
+def test_bias_and_fast_accumulation_go_into_the_one_scaled_mm(scaled_mm_calls: mock.MagicMock) -> None:
+    """No separate bias pass and no float32 copy of the output: `_scaled_mm` adds the bias itself."""
+    layer, dequantized = _fp8_linear(64, 48, per_row=True)
+    x = torch.randn(3, 64)
+    with mock.patch("torch.Tensor.__add__", side_effect=AssertionError("a separate bias add")):
+        out = layer(x)
+    kwargs = scaled_mm_calls.call_args.kwargs
+    assert kwargs["use_fast_accum"] is True and torch.equal(kwargs["bias"], layer.bias)
+    assert rel_err(out, F.linear(x, dequantized, layer.bias)) < 0.05
+
+
+def test_activation_quantization_compiles_into_one_graph() -> None:
+    """`quantize_rows` (what runs compiled on a GPU) traces whole, with dynamic sizes, and compiled it
+    gives the eager bits: float8 values and float32 row scales."""
+    from torch._dynamo.testing import CompileCounter
+
+    from hvbatch.models.fp8 import quantize_rows
+
+    counter = CompileCounter()
+    fused = torch.compile(quantize_rows, backend=counter, dynamic=True, fullgraph=True)
+    for rows, width in ((37, 64), (5, 320), (119, 48)):  # one graph for every M and K
+        x = torch.randn(rows, width, dtype=torch.bfloat16) * 3
+        q, scale = fused(x)
+        q_ref, scale_ref = quantize_rows(x)
+        assert q.dtype == FP8_DTYPE and scale.dtype == torch.float32 and scale.shape == (rows, 1)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
+    assert counter.frame_count == 1
+    big = torch.full((2, 16), 448.0 * 7)
+    assert torch.isfinite(quantize_rows(big)[0].float()).all()  # the clamp: no NaN from rounding above 448

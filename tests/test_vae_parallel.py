@@ -16,7 +16,8 @@ from torch.utils._pytree import tree_leaves
 
 from hvbatch.models.vae import AutoencoderKLCausal3D
 from hvbatch.models.vae_tiling import VaeTilingConfig, tile_plan
-from hvbatch.parallel.vae_decode import ParallelVaeDecoder, assign_tiles
+from hvbatch.parallel.dims import ParallelDims, ProcessGroups
+from hvbatch.parallel.vae_decode import ParallelVaeDecoder, assign_tiles, video_decoder
 from hvbatch.pipeline import TINY_VAE
 from tests.parallel_worker import init_gloo
 from tests.test_parallel import free_port
@@ -114,6 +115,56 @@ def test_parallel_decode_equals_one_rank_with_lower_peak_memory(tmp_path: Path) 
         untiled = tiny_vae().decode_latents(latents()[:, :, :2, :2, :2])
     assert torch.equal(per_rank[2]["untiled"], untiled)
     assert per_rank[0]["untiled"] is None and per_rank[1]["untiled"] is None
+
+
+def video_group_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """dp 2 x ulysses 2: each video's two ranks decode it; record every send and receive."""
+    init_gloo(rank, world, port)
+    transfers: list[dict[str, Any]] = []
+
+    def recording(op: Any, kind: str) -> Any:
+        def wrapped(tensor: torch.Tensor, *args: Any, group: Any = None, **kwargs: Any) -> Any:
+            peer = kwargs.get("dst", kwargs.get("src", args[0] if args else None))
+            members = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+            transfers.append({"kind": kind, "peer": peer, "group": members})
+            return op(tensor, *args, group=group, **kwargs)
+
+        return wrapped
+
+    dist.send, dist.recv = recording(dist.send, "send"), recording(dist.recv, "recv")  # this process only
+    try:
+        groups = ProcessGroups(world, rank).for_layout(
+            ParallelDims(dp=2, ulysses=2, ring=1, world_size=world)
+        )
+        decoder = video_decoder(groups)
+        assert decoder is not None and decoder.group is groups.video
+        vae, z = tiny_vae(), latents()
+        with torch.no_grad():
+            video = decoder(vae, z, TILING)
+        torch.save(
+            {"video": video, "transfers": transfers, "video_ranks": groups.video_ranks},
+            Path(out_dir) / f"g{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_decode_transfers_stay_inside_the_video_group(tmp_path: Path) -> None:
+    """Boxes go point-to-point within the video's own group (not the world: NCCL would build a
+    two-rank communicator per leader-sender pair there), and the video is still right."""
+    mp.spawn(video_group_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
+    per_rank = [torch.load(tmp_path / f"g{r}.pt") for r in range(4)]
+    with torch.no_grad():
+        one = tiny_vae().decode_latents(latents(), TILING)
+    for rank, result in enumerate(per_rank):
+        assert result["video_ranks"] == ([0, 1] if rank < 2 else [2, 3])
+        assert result["transfers"], rank
+        for transfer in result["transfers"]:
+            assert transfer["group"] == result["video_ranks"] and transfer["peer"] in result["video_ranks"]
+        if rank in (0, 2):
+            assert (result["video"] - one).abs().max().item() <= 1e-6
+        else:
+            assert result["video"] is None
 
 
 @pytest.mark.parametrize(

@@ -33,13 +33,17 @@ class ExitReason(str, enum.Enum):
     CANCELLED = "cancelled"
     NODE_FAILURE = "node-failure"
     LOST = "lost"
+    LOAD_FAILED = "load-failed"  # the model did not load
+    PORT_FAILED = "port-failed"  # no rendezvous port could be found or bound
+    SUPERVISOR_ERROR = "supervisor-error"  # the local supervisor's own code failed
+    DISK_FULL = "disk-full"  # a write in the run directory found no space (ENOSPC, EDQUOT)
 
     def __str__(self) -> str:
         return self.value
 
     @property
-    def charges_videos(self) -> bool:
-        """Whether the videos it interrupted count one attempt (not for reasons outside the videos)."""
+    def charges_shard(self) -> bool:
+        """Whether it uses one of the shard's `retry.max_attempts`."""
         return self not in (
             ExitReason.RUNNING,
             ExitReason.COMPLETED,
@@ -47,6 +51,22 @@ class ExitReason(str, enum.Enum):
             ExitReason.PREEMPTED,
             ExitReason.CANCELLED,
         )
+
+    @property
+    def outside_the_videos(self) -> bool:
+        """A fault of the job's surroundings: it charges no video, and a shard that runs out of
+        attempts for it stops without marking its videos failed."""
+        return self in (
+            ExitReason.LOAD_FAILED,
+            ExitReason.PORT_FAILED,
+            ExitReason.SUPERVISOR_ERROR,
+            ExitReason.DISK_FULL,
+        )
+
+    @property
+    def charges_videos(self) -> bool:
+        """Whether the videos it interrupted count one attempt (not for reasons outside the videos)."""
+        return self.charges_shard and not self.outside_the_videos
 
 
 class RankErrorKind(str, enum.Enum):
@@ -57,6 +77,9 @@ class RankErrorKind(str, enum.Enum):
     STALLED = "stalled"  # this rank made no progress (the watchdog)
     OOM = "oom"
     FAILED = "failed"
+    LOAD_FAILED = "load-failed"  # the model did not load on this rank
+    PORT_FAILED = "port-failed"  # the rendezvous port was taken
+    DISK_FULL = "disk-full"  # a write found no space
 
     def __str__(self) -> str:
         return self.value
@@ -69,6 +92,7 @@ class ShardFate(str, enum.Enum):
     RETRY = "retry"  # a new attempt after the backoff
     REQUEUED = "requeued"  # walltime or preemption: the executor requeues the same job
     GAVE_UP = "gave-up"  # attempts used up: its unfinished videos failed for good
+    STOPPED = "stopped"  # attempts used up by faults outside the videos: none marked failed
     LEFT = "left"  # cancelled: only `hvbatch retry` brings it back
 
     def __str__(self) -> str:
@@ -162,10 +186,21 @@ def parse_srun_failure(text: str) -> int | str | None:
 
 
 EXIT_STALLED = 124
+EXIT_DISK_FULL = 75
+"""A rank's exit status after a write found no space (its error record may not fit either)."""
 
 # What the ranks said wins over how the processes ended: a peer that timed out names the cause
-# of a hang, while the hung rank only shows the SIGKILL that srun or the supervisor sent it.
-_KIND_PRIORITY = (RankErrorKind.TIMEOUT, RankErrorKind.STALLED, RankErrorKind.OOM, RankErrorKind.FAILED)
+# of a hang, while the hung rank only shows the SIGKILL that srun or the supervisor sent it. A
+# rank that could not write, bind or load names the cause of its peers' timeouts.
+_KIND_PRIORITY = (
+    RankErrorKind.DISK_FULL,
+    RankErrorKind.PORT_FAILED,
+    RankErrorKind.LOAD_FAILED,
+    RankErrorKind.TIMEOUT,
+    RankErrorKind.STALLED,
+    RankErrorKind.OOM,
+    RankErrorKind.FAILED,
+)
 
 
 def signal_name(number: int) -> str:
@@ -195,6 +230,8 @@ def classify_exit(
         return ExitReason.CRASH, f"killed by {signal_name(number)}"
     if exit_code == EXIT_STALLED:
         return ExitReason.STALLED, "no progress within retry.stall_timeout_s"
+    if exit_code == EXIT_DISK_FULL:
+        return ExitReason.DISK_FULL, "a write in the run directory found no space (see the job log)"
     if exit_code:
         detail = f"exit code {exit_code}" + (f"; rank {peer['rank']}: {peer['error']}" if peer else "")
         return ExitReason.CRASH, detail

@@ -1,7 +1,12 @@
 """Durable, atomic files: write to a temporary name, fsync, rename, fsync the folder.
 
-A node that crashes mid-write leaves either the old file or the new one under the final name,
-never a short one. Readers of the run's small JSON and Parquet files go through `read_json` and
+The one writer of every file in a run directory. A node that crashes mid-write leaves either the
+old file or the new one under the final name, never a short one. Temporary names are unique
+(host, pid, random) and created with O_EXCL | O_NOFOLLOW in a folder opened with O_NOFOLLOW, and
+the rename or link happens in that same folder: a write never follows a symbolic link it did not
+make (a link at the final name is replaced, a folder that is a link is refused).
+
+Readers of the run's small JSON and Parquet files go through `read_json` and
 `read_parquet`, which name a corrupt or empty file and say how to repair the run.
 """
 
@@ -9,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,12 +50,42 @@ def _run_root(path: Path) -> Path:
     return path.parent
 
 
-def tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+TMP_SUFFIX = ".tmp"
+_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
-def fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
+class DiskFullError(OSError):
+    """A write in the run found no space (ENOSPC or EDQUOT); the message names the file."""
+
+
+class UnsafePath(ValueError):
+    """A write that would go through a symbolic link hvbatch did not make."""
+
+
+def named_by_user(path: Path) -> Path:
+    """A path the user typed (`--out`): its folder resolved (links in it are the user's own), its
+    last component kept, so that a link there is replaced by the file, never followed."""
+    path = path.expanduser()
+    return path.parent.resolve() / path.name
+
+
+def tmp_name(name: str, tag: str = "") -> str:
+    """A hidden, unique temporary name beside `name`: `.<name>.[<tag>.]<host>.<pid>.<random>.tmp`."""
+    middle = f"{tag}." if tag else ""
+    return f".{name}.{middle}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+
+
+def tmp_sibling(path: Path, tag: str = "") -> Path:
+    return path.with_name(tmp_name(path.name, tag))
+
+
+def fsync_dir(folder: Path | int) -> None:
+    """fsync a folder (a path or an open descriptor); some filesystems cannot, which is not an error."""
+    with contextlib.suppress(OSError):
+        if isinstance(folder, int):
+            os.fsync(folder)
+            return
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -58,7 +94,7 @@ def fsync_dir(folder: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
@@ -73,40 +109,103 @@ def make_dirs(folder: Path, mode: int = SHARED_DIR_MODE) -> None:
             parent.mkdir(mode=mode if parent == folder else SHARED_DIR_MODE)
 
 
-def _write_bytes_durably(tmp: Path, data: bytes) -> None:
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+def open_folder(folder: Path) -> int:
+    """A descriptor of `folder` (created if missing), refusing a folder that is a symbolic link:
+    every step of a write then happens in this very directory, whatever is renamed meanwhile."""
+    make_dirs(folder)
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if folder.is_symlink():
+            raise UnsafePath(
+                f"refusing to write in {folder}: it is a symbolic link (to {os.readlink(folder)}), which "
+                "hvbatch did not make; remove the link"
+            ) from err
+        raise
+
+
+@contextlib.contextmanager
+def fresh_file(path: Path, tag: str = "") -> Iterator[tuple[int, str, BinaryIO]]:
+    """(folder descriptor, temporary name, its file) of a new temporary sibling of `path`, made with
+    O_EXCL | O_NOFOLLOW (never an existing file or a link); removed on the way out unless renamed."""
+    try:
+        dir_fd = open_folder(path.parent)
+        try:
+            name = tmp_name(path.name, tag)
+            handle = os.fdopen(os.open(name, _FILE_FLAGS, 0o666, dir_fd=dir_fd), "w+b")
+            try:
+                yield dir_fd, name, handle
+            finally:
+                with contextlib.suppress(OSError):  # flushing what a full disk refused fails again
+                    handle.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(err.errno, f"no space left to write {path} ({err.strerror or err})") from err
+        raise
+
+
+def _flush_durably(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def write_exclusive(
+    path: Path,
+    write: Callable[[BinaryIO], None],
+    *,
+    tag: str = "",
+    check: Callable[[BinaryIO], None] | None = None,
+) -> bool:
+    """`write(file)` to a fresh temporary sibling, fsync it, `check(file)` it, then hard-link it to
+    `path`, which never replaces anything (a link at `path` included); False if `path` existed.
+
+    A filesystem without hard links gets a rename unless `path` exists (racy there, and said so).
+    """
+    with fresh_file(path, tag) as (dir_fd, name, handle):
+        write(handle)
+        _flush_durably(handle)
+        if check is not None:
+            check(handle)
+        try:
+            os.link(name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+            if os.path.lexists(path):
+                return False
+            os.replace(name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        fsync_dir(dir_fd)
+        return True
 
 
 def write_json_exclusive(path: Path, payload: Any) -> bool:
     """Write `path` atomically unless it exists (hard link of a temp file); False if it existed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    _write_bytes_durably(tmp, json.dumps(payload, indent=2, sort_keys=True).encode())
-    try:
-        os.link(tmp, path)
-        fsync_dir(path.parent)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = json.dumps(payload, indent=2, sort_keys=True).encode()
+    return write_exclusive(path, lambda handle: handle.write(data))
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary sibling, fsync it, rename it to `path`, fsync the folder: a crash
-    leaves the old file or the new one, never a short one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = True) -> None:
+    """`write(file)` to a fresh temporary sibling, fsync it, rename it to `path`, fsync the folder: a
+    crash leaves the old file or the new one, never a short one. A symbolic link at `path` is
+    replaced by the file (never followed); a folder that is a link is refused (`UnsafePath`).
+
+    `durable=False` skips both fsyncs, for a caller that makes a whole folder durable at once
+    afterwards (a final name still never holds a partial file)."""
+    with fresh_file(path) as (dir_fd, name, handle):
+        write(handle)
+        if durable:
+            _flush_durably(handle)
+        else:
+            handle.flush()
+        os.replace(name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if durable:
+            fsync_dir(dir_fd)
 
 
 def _sync_filesystem(folder: Path) -> None:
@@ -115,7 +214,7 @@ def _sync_filesystem(folder: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     syncfs = getattr(libc, "syncfs", None)
     if syncfs is not None:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             if syncfs(fd) == 0:
                 return
@@ -130,33 +229,53 @@ def write_folder_atomic(folder: Path, fill: Callable[[Path], None]) -> None:
     """`fill(tmp)` writes files into a new temporary sibling folder; they are made durable at once
     (one filesystem sync, not an fsync per file), then the folder is renamed to `folder`, which
     must not exist: `folder` never holds a partial set of files, and thousands of files cost one
-    sync. A crash leaves no `folder`, or the whole of it."""
-    if folder.exists():
+    sync. A crash leaves no `folder`, or the whole of it. The temporary folder is made here
+    (mkdir fails on anything already there, a link included) and only its owner can write in it,
+    so `fill` may create files in it by name."""
+    if os.path.lexists(folder):
         raise FileExistsError(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder.parent)
     tmp = tmp_sibling(folder)
-    tmp.mkdir()  # fails if it exists: nobody else's folder is filled
+    tmp.mkdir(mode=SHARED_DIR_MODE)
     try:
         fill(tmp)
         _sync_filesystem(tmp)
         fsync_dir(tmp)
         os.rename(tmp, folder)
         fsync_dir(folder.parent)
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            why = f"no space left to write {folder} ({err.strerror or err})"
+            raise DiskFullError(err.errno, why) from err
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(json.dumps(payload, indent=2, sort_keys=True).encode()))
+    data = json.dumps(payload, indent=2, sort_keys=True).encode()
+    write_atomic(path, lambda handle: handle.write(data))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    data = text.encode("utf-8")
+    write_atomic(path, lambda handle: handle.write(data))
 
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda handle: pq.write_table(table, handle))
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err`, or an error that caused it, is ENOSPC or EDQUOT (the filesystem is full)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def read_json(path: Path) -> Any:

@@ -5,7 +5,9 @@
                supervisor, the Slurm job script after srun, a USR2 handler, `hvbatch cancel`, or a
                later reader that finds the attempt's job gone); a reason once set is kept
     finish     after a failed attempt: record why, then retry each unfinished shard after a backoff
-               or give up on it (its unfinished videos get a final failed row)
+               or give up on it (its unfinished videos get a final failed row), or, when the
+               last attempt failed for a reason outside the videos (load, port, supervisor,
+               disk full), stop it with its videos left pending
     complete   the completion marker, written after the shard's last manifest row
 
 Budgets count only what happened since the shard's last manual submission (`submit`, `retry`, a
@@ -16,6 +18,7 @@ the number of shards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -35,12 +38,13 @@ from hvbatch.batch.attempt import (
     VideoStatus,
     classify_exit,
 )
-from hvbatch.batch.files import write_json_atomic, write_parquet_atomic
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, RunDir
+from hvbatch.batch.files import is_disk_full, write_json_atomic, write_parquet_atomic
+from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, RunDir, shard_name
 from hvbatch.batch.summaries import shard_index, write_metrics_summary, write_part_summary
 from hvbatch.config import RetryConfig
 
 logger = logging.getLogger(__name__)
+CHARGING = tuple(reason for reason in ExitReason if reason.charges_shard)
 
 
 class JobProbe(Protocol):
@@ -258,6 +262,19 @@ def mark_complete_if_done(run: RunDir, shard: int, key: AttemptKey) -> bool:
     return True
 
 
+def complete(run: RunDir, shard: int, key: AttemptKey, measured: dict[str, Any]) -> bool:
+    """Rank 0 finished the shard: its attempt `completed`, then the marker if every video is done.
+    A marker that finds no space turns the attempt into `disk-full` (when that still fits)."""
+    end(run, shard, key, ExitReason.COMPLETED, None, measured)
+    try:
+        return mark_complete_if_done(run, shard, key)
+    except OSError as err:
+        if is_disk_full(err):
+            with contextlib.suppress(OSError):
+                end(run, shard, key, ExitReason.DISK_FULL, f"rank 0: {type(err).__name__}: {err}", measured)
+        raise
+
+
 def give_up(run: RunDir, shard: int, key: AttemptKey, why: str) -> None:
     """Attempts used up: every video without a done or final row gets a final failed row."""
     histories = video_histories(run, shard, None)
@@ -291,11 +308,18 @@ def _fate(run: RunDir, retry: RetryConfig, shard: int, key: AttemptKey, view: Le
             return ShardFate.REQUEUED
     if last == ExitReason.CANCELLED:
         return ShardFate.LEFT
-    charged = [a for a in attempts if ExitReason(a["exit_reason"]).charges_videos]
-    if len(charged) >= retry.max_attempts or last in (ExitReason.WALLTIME, ExitReason.PREEMPTED):
-        give_up(run, shard, key, f"gave up after {len(attempts)} attempts (last: {last}: {detail})")
-        return ShardFate.GAVE_UP
-    return ShardFate.RETRY
+    # A `completed` attempt that left the shard unfinished counts too, so that nothing loops.
+    charged = [a for a in attempts if ExitReason(a["exit_reason"]) in (ExitReason.COMPLETED, *CHARGING)]
+    if len(charged) < retry.max_attempts and last not in (ExitReason.WALLTIME, ExitReason.PREEMPTED):
+        return ShardFate.RETRY
+    if last.outside_the_videos:  # not the videos' fault: they stay pending for `hvbatch retry`
+        logger.error(
+            "%s stopped after %d attempts (last: %s: %s); its videos are not marked failed: fix the "
+            "cause and run `hvbatch retry %s`", shard_name(shard), len(attempts), last, detail, run.root,
+        )  # fmt: skip
+        return ShardFate.STOPPED
+    give_up(run, shard, key, f"gave up after {len(attempts)} attempts (last: {last}: {detail})")
+    return ShardFate.GAVE_UP
 
 
 def finish(
@@ -307,13 +331,19 @@ def finish(
     *,
     scheduler_state: str | None = None,
     resubmit: Callable[[list[int], float], None] | None = None,
+    cause: tuple[ExitReason, str] | None = None,
 ) -> dict[int, ShardFate]:
     """Record how the attempt ended and decide each unfinished shard's fate.
 
-    With `resubmit`, the shards to retry are passed to it with the backoff delay; without it the
-    caller retries them (the local supervisor's loop).
+    `cause` is a reason the caller knows itself (the local supervisor's own failure); otherwise
+    it comes from the exit status, the ranks' reports and the scheduler. With `resubmit`, the
+    shards to retry are passed to it with the backoff delay; without it the caller retries them
+    (the local supervisor's loop).
     """
-    reason, detail = classify_exit(exit_code, rank_errors(run, key), scheduler_state)
+    if cause is not None:
+        reason, detail = cause
+    else:
+        reason, detail = classify_exit(exit_code, rank_errors(run, key), scheduler_state)
     complete = run.completed_shards()
     unfinished = [shard for shard in shards if shard not in complete]
     fates = {shard: ShardFate.COMPLETE for shard in shards if shard not in unfinished}

@@ -90,6 +90,7 @@ METRICS_SCHEMA = pa.schema(
         ("wall_seconds", pa.float64()),
         ("gpu_seconds", pa.float64()),
         ("peak_memory_bytes", pa.list_(pa.int64())),
+        ("attention_fallbacks", pa.string()),  # JSON {"<kernel> -> <kernel>: <why>": calls}; null: none
         ("exit_reason", pa.string()),
         ("exit_detail", pa.string()),
         ("started_at", pa.float64()),

@@ -28,6 +28,7 @@ def run_doctor(config: Config, *, run_dir: Path, videos: pa.Table | None = None)
     checks: list[Check] = []
     checks += guarded("weights", lambda: weights.check_weights(config.model))
     checks += guarded("plan", lambda: system.check_plan_and_gpus(config, videos))
+    checks += guarded("host memory", lambda: [system.check_host_memory(config)])
     checks += guarded("ffmpeg", lambda: [system.check_ffmpeg()])
     checks += guarded("run dir", lambda: system.check_run_dir(run_dir, config, videos))
     checks += guarded("slurm", lambda: cluster.check_slurm(config))

@@ -58,6 +58,7 @@ def check_slurm(config: Config) -> list[Check]:
     accounting = _check_accounting()
     checks.append(accounting)
     checks.append(_check_partition(config.slurm))
+    checks.append(_check_node_memory(config))
     accounting_on = accounting.status == "ok"
     checks.append(_check_association("account", config.slurm.account, accounting_on))
     checks.append(_check_association("qos", config.slurm.qos, accounting_on))
@@ -140,6 +141,38 @@ def _check_partition(slurm: SlurmConfig) -> Check:
     if state != "UP":
         return Check("slurm partition", "warn", detail, "jobs wait until the partition is UP again")
     return Check("slurm partition", "ok", detail)
+
+
+def _check_node_memory(config: Config) -> Check:
+    """The partition's smallest node memory (`sinfo %m`, MB) against what a job asks for."""
+    from hvbatch.parallel.plan import host_memory_for_config, slurm_mem_gb
+
+    name = config.slurm.partition or _default_partition()
+    wanted = slurm_mem_gb(config)
+    if wanted is None:
+        return Check("slurm node memory", "ok", "random-weight preset: the cluster's default memory applies")
+    where = ["-p", name] if name else []
+    sizes = [
+        int(m.rstrip("+"))
+        for m in _run("sinfo", "-h", *where, "-o", "%m").stdout.split()
+        if m.rstrip("+").isdigit()
+    ]
+    if not sizes:
+        return Check("slurm node memory", "warn", "`sinfo -o %m` gives no node memory", "")
+    have_gb = min(sizes) / 1000
+    needed = host_memory_for_config(config)
+    detail = (
+        f"jobs ask for --mem={wanted}G (the model needs ~{needed:.0f} GiB per node: "
+        f"{config.slurm.tasks_per_node} ranks, text encoders offloaded={config.model.text_encoder_offload}); "
+        f"the smallest node has {have_gb:.0f} GB"
+    )
+    if wanted > have_gb:
+        fix = (
+            "the offloaded text encoders take host memory on every rank: use nodes with more memory, "
+            "model.text_encoder_offload=keep (more GPU memory: see `hvbatch plan`), or fewer ranks per node"
+        )
+        return Check("slurm node memory", "warn", detail, fix)
+    return Check("slurm node memory", "ok", detail)
 
 
 def _check_association(kind: str, value: str | None, accounting_on: bool) -> Check:

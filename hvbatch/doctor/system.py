@@ -53,6 +53,40 @@ def _plan(config: Config, videos: pa.Table | None) -> ParallelPlan:
     return plan_for_config(config)
 
 
+def host_memory_total_gib() -> float | None:
+    """This machine's memory (`MemTotal` of /proc/meminfo), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(config: Config) -> Check:
+    """With the local executor the ranks run here: can this machine hold their host memory?"""
+    from hvbatch.parallel.plan import host_memory_for_config
+
+    needed, have = host_memory_for_config(config), host_memory_total_gib()
+    if needed is None or have is None:
+        return Check("host memory", "ok", "not estimated (random-weight preset, or no /proc/meminfo)")
+    detail = (
+        f"{config.slurm.tasks_per_node} ranks need ~{needed:.0f} GiB of host memory "
+        f"(text encoders offloaded={config.model.text_encoder_offload}); this machine has {have:.0f} GiB"
+    )
+    if needed <= have:
+        return Check("host memory", "ok", detail)
+    status = "warn" if config.batch.executor != "slurm" else "ok"
+    fix = (
+        "run on nodes with more memory, model.text_encoder_offload=keep (more GPU memory: see "
+        "`hvbatch plan`), or fewer ranks per node"
+    )
+    return Check(
+        "host memory", status, detail + ("" if status == "warn" else " (jobs run on Slurm nodes)"), fix
+    )
+
+
 def check_gpus(config: Config, plan: ParallelPlan) -> Check:
     """GPUs visible to this process: none is a warning (login node), or a failure with device=cuda."""
     import torch

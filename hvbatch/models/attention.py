@@ -64,6 +64,14 @@ def resolved_backend_name(model_config: ModelConfig, device: torch.device | str,
     return choice.describe()
 
 
+def set_token_grid(attention_fn: AttentionFn, grid: tuple[int, int, int]) -> None:
+    """Tell a grid-aware attention (SSTA: `set_grid`) the image-token grid of the coming calls;
+    attention that has no use for it is left alone."""
+    setter = getattr(attention_fn, "set_grid", None)
+    if setter is not None:
+        setter(grid)
+
+
 def joint_attention(
     attention_fn: AttentionFn,
     q_BLHD: torch.Tensor,

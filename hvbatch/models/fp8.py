@@ -8,14 +8,25 @@ The set follows the official FP8 map: every `nn.Linear` under `double_blocks.` /
 (attention qkv/proj, MLPs, linear1/linear2 and the modulation linears). The embedders (`img_in`,
 `txt_in`, `time_in`, `vector_in`, `guidance_in`) and `final_layer` stay in the compute dtype.
 
-`FP8Linear.forward` quantizes each token row of the input with its own scale
-(amax / 448), runs one FP8 GEMM with the row scales of both sides, and adds the bias in the
-compute dtype: the weight stays float8 in memory and is never dequantized. Where `_scaled_mm`
-cannot serve (a dimension not a multiple of 16, or a GPU below sm89) the layer falls back to
+`FP8Linear.forward` quantizes each token row of the input with its own scale (amax / 448) and
+runs one FP8 GEMM with the row scales of both sides, the bias added and fast accumulation on
+inside `_scaled_mm`: the weight stays float8 in memory and is never dequantized. On a GPU the
+quantization is one compiled (fused) function, `quantize_rows`: the input is read twice (amax,
+then scale and cast) and only its float8 copy (1 byte per element) and a float32 scale per row are
+written; eager it would be six passes with float32 temporaries (about 40 bytes per element of
+the widest input live at once), which costs more memory traffic than the FP8 GEMM saves. If the
+compile fails the eager function runs (logged once). Where `_scaled_mm` cannot serve (a dimension
+not a multiple of 16, or a GPU below sm89) the layer falls back to
 `F.linear(x, weight.to(x.dtype) * scale, bias)`, the official code's dequantize-then-GEMM.
+
+Speed is unmeasured until `benchmarks/gpu_check.py` runs on a GPU (its `step_fp8` phase and the
+`fp8` verdict): `model.quantize` stays `none` by default.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +36,36 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 FP8_PREFIXES = ("double_blocks.", "single_blocks.")
 QUANTIZE_CHOICES = ("none", "fp8")
+logger = logging.getLogger(__name__)
+
+
+def quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3: `x[m] ~ q[m] * scale[m]`, scale `[M, 1]` float32 = amax / 448 (the clamp keeps a
+    value rounded just above 448 from turning into NaN: e4m3fn has no infinity)."""
+    scale_M1 = (x_MK.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    return (x_MK.float() / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
+
+
+_fused: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def fused_quantize_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows`, compiled once per process on a CUDA device (one graph: sizes dynamic).
+
+    On the CPU it runs eagerly (no fusion to gain there); inside a compiled block it is traced
+    into the block's graph like any other code.
+    """
+    if x_MK.device.type != "cuda" or torch.compiler.is_compiling():
+        return quantize_rows(x_MK)
+    fn = _fused.get("cuda")
+    if fn is None:
+        fn = _fused["cuda"] = torch.compile(quantize_rows, dynamic=True, fullgraph=True)
+    try:
+        return fn(x_MK)
+    except Exception as err:  # a compiler failure must not stop a job: run the eager function
+        logger.warning("fp8: the fused activation quantization did not compile (%s); running it eagerly", err)
+        _fused["cuda"] = quantize_rows
+        return quantize_rows(x_MK)
 
 
 def fp8_gemm_supported(device: torch.device) -> bool:
@@ -83,17 +124,19 @@ class FP8Linear(nn.Module):
         return F.linear(x, weight, bias)
 
     def _fp8_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        x_MK = x.reshape(-1, self.in_features)
-        scale_M1 = (x_MK.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-        x_fp8 = (x_MK.float() / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        # Row-wise scaled GEMMs on CUDA produce bfloat16.
+        x_fp8, scale_M1 = fused_quantize_rows(x.reshape(-1, self.in_features))
+        # Row-wise scaled GEMMs on CUDA produce bfloat16 (and take the bias in it).
         out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
         out_MN = torch._scaled_mm(
-            x_fp8, self.weight.t(), scale_a=scale_M1, scale_b=self.fp8_scale_1N, out_dtype=out_dtype
-        ).to(x.dtype)
-        if self.bias is not None:
-            out_MN = out_MN + self.bias.to(x.dtype)
-        return out_MN.reshape(*x.shape[:-1], self.out_features)
+            x_fp8,
+            self.weight.t(),
+            scale_a=scale_M1,
+            scale_b=self.fp8_scale_1N,
+            bias=None if self.bias is None else self.bias.to(out_dtype),
+            out_dtype=out_dtype,
+            use_fast_accum=True,
+        )
+        return out_MN.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def enable_fp8_gemm(model: nn.Module, enabled: bool = True) -> int:

@@ -14,6 +14,12 @@ peak memory is one tile's activations plus the output video. The plan (`tile_pla
 weighted decode (`decode_tile`) and the blending (`blend_tiles`) are separate steps, so that
 `hvbatch.parallel.vae_decode` can split the plan over the ranks of a video from outside.
 
+Two switches serve VAEs tiled the way HunyuanVideo-1.5's official code tiles (see VaeTilingConfig):
+`temporal=False` gives every spatial tile all frames, and `blend="sequential"` places tiles at
+every stride below the size and weights them as the official in-place, row-by-row blending does
+(equal to bilinear weights except in a row's bottom band, where the horizontal ramps are squared).
+The defaults keep the rule above.
+
 Tiled output is not bit-equal to untiled decoding: GroupNorm statistics and the mid-block
 attention see one tile instead of the whole video, and the causal convs of a later temporal tile
 start without past frames. The blending keeps the difference small (see tests/test_vae.py).
@@ -26,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+BLEND_RULES = ("bilinear", "sequential")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,8 +50,19 @@ class VaeTilingConfig:
     """Latent frames per temporal tile besides its first (16 -> tiles of 17 latent, 65 video frames)."""
     tile_latent_frame_overlap: int = 4
     """Latent frames shared by neighbouring temporal tiles; blended over 4x that many video frames."""
+    temporal: bool = True
+    """Tile along T as well; False decodes all frames in every spatial tile (HunyuanVideo-1.5:
+    its official decode tiles H and W only)."""
+    blend: str = "bilinear"
+    """How spatial tiles are placed and weighted. `bilinear`: tiles until one reaches the edge, each
+    weighted by the product of its two 1-D ramps. `sequential`: the official HunyuanVideo rule (and
+    diffusers'): a tile at every stride below the size (once either side exceeds one tile), a ramp
+    no longer than the later tile, and the weights of blending row by row in place (blend_v, then
+    blend_h), which square the horizontal ramps in the band a row shares with the next."""
 
     def __post_init__(self) -> None:
+        if self.blend not in BLEND_RULES:
+            raise ValueError(f"VaeTilingConfig: blend={self.blend!r} is not one of {BLEND_RULES}")
         for name, tile, overlap in (
             ("tile_latent_size", self.tile_latent_size, self.tile_latent_overlap),
             ("tile_latent_frames", self.tile_latent_frames, self.tile_latent_frame_overlap),
@@ -91,6 +110,26 @@ def spatial_spans(size: int, tile: int, overlap: int, ratio: int) -> list[TileSp
     return spans
 
 
+def sequential_spans(size: int, tile: int, overlap: int, ratio: int) -> list[TileSpan]:
+    """Spans along H or W as the official sequential tiler places them: at 0, stride, 2*stride, ...
+    while below `size` (so the last tile may be short), each ramp as long as the overlap but never
+    longer than the later tile."""
+    starts = list(range(0, size, tile - overlap))
+    stops = [min(start + tile, size) for start in starts]
+    # Ramp k is shared by tiles k-1 and k; ramp 0 and the one after the last tile are empty.
+    lengths = [stop - start for start, stop in zip(starts, stops, strict=True)]
+    ramps = [0, *(ratio * min(overlap, length) for length in lengths[1:]), 0]
+    return [
+        TileSpan(start, stop, ratio * start, ratio * stop, 0, ramps[k], ramps[k + 1])
+        for k, (start, stop) in enumerate(zip(starts, stops, strict=True))
+    ]
+
+
+def whole_span(size: int, ratio: int, *, causal: bool = False) -> TileSpan:
+    """One span over the whole axis: `ratio` samples per cell, or 1 + ratio*(size-1) if `causal`."""
+    return TileSpan(0, size, 0, ratio * (size - 1) + 1 if causal else ratio * size, 0, 0, 0)
+
+
 def temporal_spans(frames: int, tile: int, overlap: int, ratio: int) -> list[TileSpan]:
     """Spans along T for `frames` latent frames; latent frame j >= 1 becomes `ratio` video frames.
 
@@ -109,15 +148,38 @@ def temporal_spans(frames: int, tile: int, overlap: int, ratio: int) -> list[Til
     return spans
 
 
-def blend_weights(span: TileSpan, device: torch.device) -> torch.Tensor:
-    """1-D float32 weights over `span`'s output samples: linear ramps at shared ends, else 1."""
+def blend_weights(span: TileSpan, device: torch.device, *, squared: bool = False) -> torch.Tensor:
+    """1-D float32 weights over `span`'s output samples: linear ramps at shared ends, else 1.
+
+    `squared`: the ramps of the sequential rule's bottom band, y^2 rising and 1 - y^2 falling
+    (y = 0, 1/n, ..., (n-1)/n), which still sum to one with the neighbour's.
+    """
     length = span.out_stop - span.out_start
     assert span.ramp_in + span.ramp_out <= length, span
     weight = torch.ones(length, dtype=torch.float32, device=device)
     if span.ramp_in:
-        weight[: span.ramp_in] = torch.arange(span.ramp_in, device=device) / span.ramp_in
+        rising = torch.arange(span.ramp_in, device=device) / span.ramp_in
+        weight[: span.ramp_in] = rising.square() if squared else rising
     if span.ramp_out:
-        weight[length - span.ramp_out :] = 1 - torch.arange(span.ramp_out, device=device) / span.ramp_out
+        rising = torch.arange(span.ramp_out, device=device) / span.ramp_out
+        weight[length - span.ramp_out :] = 1 - (rising.square() if squared else rising)
+    return weight
+
+
+def sequential_weights(h: TileSpan, w: TileSpan, device: torch.device) -> torch.Tensor:
+    """[H, W] float32 weights of one tile under the sequential rule.
+
+    Blending row by row in place (each tile first with the finished tile above it, then with the
+    finished tile to its left) gives the product of the 1-D ramps, except in the bottom band a row
+    shares with the next one: there the tile above is read after its own horizontal blend, which
+    turns the horizontal ramps into y^2 / 1 - y^2 (checked against the official loops in
+    tests/test_hv15_vae.py).
+    """
+    h_weight = blend_weights(h, device)
+    weight = h_weight[:, None] * blend_weights(w, device)
+    if h.ramp_out:
+        band = slice(h.out_stop - h.out_start - h.ramp_out, None)
+        weight[band] = h_weight[band, None] * blend_weights(w, device, squared=True)
     return weight
 
 
@@ -128,6 +190,8 @@ class Tile:
     t: TileSpan
     h: TileSpan
     w: TileSpan
+    blend: str = "bilinear"
+    """`VaeTilingConfig.blend`: how the H x W weights are formed."""
 
     def latent_slice(self, z_BCTHW: torch.Tensor) -> torch.Tensor:
         t, h, w = self.t, self.h, self.w
@@ -158,12 +222,23 @@ def tile_plan(
     One tile means the latent fits in one tile (decoded in a single call, without blending).
     """
     frames, height, width = latent_shape[2:]
-    t_spans = temporal_spans(
-        frames, tiling.tile_latent_frames, tiling.tile_latent_frame_overlap, temporal_ratio
-    )
-    h_spans = spatial_spans(height, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
-    w_spans = spatial_spans(width, tiling.tile_latent_size, tiling.tile_latent_overlap, spatial_ratio)
-    return [Tile(t, h, w) for t in t_spans for h in h_spans for w in w_spans]
+    if tiling.temporal:
+        t_spans = temporal_spans(
+            frames, tiling.tile_latent_frames, tiling.tile_latent_frame_overlap, temporal_ratio
+        )
+    else:
+        t_spans = [whole_span(frames, temporal_ratio, causal=True)]
+    size, overlap = tiling.tile_latent_size, tiling.tile_latent_overlap
+    if tiling.blend == "bilinear":
+        h_spans = spatial_spans(height, size, overlap, spatial_ratio)
+        w_spans = spatial_spans(width, size, overlap, spatial_ratio)
+        return [Tile(t, h, w) for t in t_spans for h in h_spans for w in w_spans]
+    if height <= size and width <= size:  # the official rule tiles only what exceeds one tile
+        h_spans, w_spans = [whole_span(height, spatial_ratio)], [whole_span(width, spatial_ratio)]
+    else:
+        h_spans = sequential_spans(height, size, overlap, spatial_ratio)
+        w_spans = sequential_spans(width, size, overlap, spatial_ratio)
+    return [Tile(t, h, w, tiling.blend) for t in t_spans for h in h_spans for w in w_spans]
 
 
 def output_extent(tiles: list[Tile]) -> tuple[int, int, int, int, int, int]:
@@ -185,6 +260,9 @@ def decode_tile(
     device = z_BCTHW.device
     tile_x = decode(tile.latent_slice(z_BCTHW))[:, :, tile.t.drop_first :].float()
     assert tile_x.shape[2:] == tile.out_shape, (tile_x.shape, tile)
+    if tile.blend == "sequential":
+        t_weight = blend_weights(tile.t, device)
+        return tile_x.mul_(t_weight.view(-1, 1, 1)).mul_(sequential_weights(tile.h, tile.w, device))
     t_weight, h_weight, w_weight = (blend_weights(s, device) for s in (tile.t, tile.h, tile.w))
     return tile_x.mul_(t_weight.view(-1, 1, 1)).mul_(h_weight.view(-1, 1)).mul_(w_weight)
 

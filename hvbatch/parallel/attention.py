@@ -27,10 +27,18 @@ the runner's final gather stay exact.
 With ring degree 1 there is one image block: the text keys join the valid image keys in a single
 plain attention call (no log-sum-exp, no merge). The kernel is the model's: `backend` (default:
 what `model.attention=auto` picks for the device and dtype of the first call).
+
+`comm_dtype="auto"` resolves per layout (`resolve_comm_dtype`): fp8 only where a Ulysses or ring
+group crosses nodes. Inside a node (NVLink) packing and unpacking cost 2-3 GB of extra memory
+traffic per block to save about 150 MB of link traffic; across nodes the link is 10x slower.
+
+Transfers go through `hvbatch.parallel.transport` (host staging for gloo with CUDA tensors).
+With `local_only` set (the compile warm-up) no collective runs: each rank attends its own tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,10 +46,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hvbatch.models.attention_backends import AttentionBackend, backend_for
-from hvbatch.parallel.dims import ParallelGroups
+from hvbatch.parallel.dims import ParallelDims, ParallelGroups
+from hvbatch.parallel.transport import from_wire, to_wire
 
 DEFAULT_BACKEND = AttentionBackend("default")
+BlockFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 COMM_DTYPES = ("none", "fp8")
+COMM_DTYPE_CHOICES = ("auto", *COMM_DTYPES)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 SCALE_BYTES = 4  # one float32 scale per token and head
@@ -60,6 +71,23 @@ def unpack_fp8(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     values = packed[..., :-SCALE_BYTES].contiguous().view(FP8_DTYPE).float()
     scale = packed[..., -SCALE_BYTES:].contiguous().view(torch.float32)
     return (values * scale).to(dtype)
+
+
+def crosses_nodes(ranks: list[int], gpus_per_node: int) -> bool:
+    """Whether global ranks `ranks` sit on more than one node (`gpus_per_node` ranks per node, in order)."""
+    return len({rank // max(1, gpus_per_node) for rank in ranks}) > 1
+
+
+def resolve_comm_dtype(comm_dtype: str, dims: ParallelDims, gpus_per_node: int) -> str:
+    """`parallel.comm_dtype` for a layout: `auto` is fp8 when a Ulysses or ring group (the compressed
+    transfers) spans nodes, else none; `none` and `fp8` are kept."""
+    if comm_dtype not in COMM_DTYPE_CHOICES:
+        raise ValueError(f"parallel.comm_dtype={comm_dtype!r} is not one of {', '.join(COMM_DTYPE_CHOICES)}")
+    if comm_dtype != "auto":
+        return comm_dtype
+    groups = [dims.ulysses_ranks(r) for r in range(dims.world_size)]
+    groups += [dims.ring_ranks(r) for r in range(dims.world_size) if dims.ring > 1]
+    return "fp8" if any(crosses_nodes(g, gpus_per_node) for g in groups) else "none"
 
 
 def attention_with_lse(
@@ -114,6 +142,8 @@ class USPAttention:
         self.stats = CommStats()
         self.num_image_tokens = 0
         self.shard_len = 0
+        self.local_only = False
+        """Attend this rank's own tokens only, with no collective (the compile warm-up)."""
 
     def _backend(self, q: torch.Tensor) -> AttentionBackend:
         if self.backend is None:
@@ -129,10 +159,11 @@ class USPAttention:
         u = self.groups.dims.ulysses
         if u == 1:
             return x
-        send = pack_fp8(x) if self.compress else x.contiguous()
+        send = to_wire(pack_fp8(x) if self.compress else x.contiguous(), self.groups.ulysses)
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.groups.ulysses)
         self.stats.add(kind, _nbytes(send) * (u - 1) / u)
+        received = from_wire(received, x.device)
         if not self.compress:
             return received
         out = unpack_fp8(received, x.dtype)
@@ -162,9 +193,16 @@ class USPAttention:
         return max(0, min(block, self.num_image_tokens - ring_index * block))
 
     def _ring(
-        self, q_BHLD: torch.Tensor, kv_2BHLD: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        q_BHLD: torch.Tensor,
+        kv_2BHLD: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        block_fn: BlockFn | None = None,
     ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Attend q to every ring block and to the text block once: `(block id, out, lse)` per block."""
+        """Attend q to every ring block and to the text block once: `(block id, out, lse)` per block.
+
+        `block_fn(owner, k_b, v_b)` replaces the dense call on an image block (a grid-aware kernel:
+        SSTA); it gets the owner's ring index and its valid keys."""
         r, my_index = self.groups.dims.ring, self.groups.ring_ranks.index(self.groups.rank)
         parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         if text_kv is not None:
@@ -172,19 +210,20 @@ class USPAttention:
             parts.append((-1, out_t, lse_t))  # the text block sorts first
         # With fp8 the packed block rotates as it is (quantized once, by its owner).
         current = pack_fp8(kv_2BHLD) if self.compress else kv_2BHLD.contiguous()
+        wire = to_wire(current, self.groups.ring)  # what travels (host memory for gloo on a GPU)
         for step in range(r):
             pending, incoming = None, None
             if step + 1 < r:
-                incoming = torch.empty_like(current)
+                incoming = torch.empty_like(wire)
                 nxt = self.groups.ring_ranks[(my_index + 1) % r]
                 prv = self.groups.ring_ranks[(my_index - 1) % r]
                 pending = dist.batch_isend_irecv(
                     [
-                        dist.P2POp(dist.isend, current, nxt, self.groups.ring),
+                        dist.P2POp(dist.isend, wire, nxt, self.groups.ring),
                         dist.P2POp(dist.irecv, incoming, prv, self.groups.ring),
                     ]
                 )
-                self.stats.add("ring", _nbytes(current))
+                self.stats.add("ring", _nbytes(wire))
             owner = (my_index - step) % r
             valid = self._valid_in_block(owner)
             if valid > 0:
@@ -192,12 +231,16 @@ class USPAttention:
                 if self.compress:  # this rank's own block stays exact
                     kv_b = kv_2BHLD[:, :, :, :valid] if step == 0 else unpack_fp8(kv_b, kv_2BHLD.dtype)
                 k_b, v_b = kv_b[0], kv_b[1]
-                out_b, lse_b = attention_with_lse(q_BHLD, k_b, v_b, self._backend(q_BHLD))
+                if block_fn is None:
+                    out_b, lse_b = attention_with_lse(q_BHLD, k_b, v_b, self._backend(q_BHLD))
+                else:
+                    out_b, lse_b = block_fn(owner, k_b, v_b)
                 parts.append((owner, out_b, lse_b))
             if pending is not None:
                 for request in pending:
                     request.wait()
-                current = incoming
+                assert incoming is not None
+                wire, current = incoming, from_wire(incoming, kv_2BHLD.device)
         return parts
 
     # Inside compiled blocks (model.compile) the collectives run eagerly: dynamo stops here.
@@ -207,6 +250,9 @@ class USPAttention:
     ) -> torch.Tensor:
         dims, shard = self.groups.dims, q.shape[1] - num_text_tokens
         assert shard == self.shard_len, f"image shard {shard} != {self.shard_len} set by the runner"
+        if self.local_only:
+            q_BHLD, k_BHLD, v_BHLD = (t.transpose(1, 2) for t in (q, k, v))
+            return self._backend(q_BHLD).attention(q_BHLD, k_BHLD, v_BHLD).transpose(1, 2)
         u, heads = dims.ulysses, q.shape[2]
         heads_local = heads // u
         first_head = self.groups.ulysses_ranks.index(self.groups.rank) * heads_local
@@ -259,8 +305,8 @@ class USPAttention:
         u = self.groups.dims.ulysses
         if u == 1:
             return txt_BTHD
-        txt_BTHD = txt_BTHD.contiguous()
-        chunks = [torch.empty_like(txt_BTHD) for _ in range(u)]
-        dist.all_gather(chunks, txt_BTHD, group=self.groups.ulysses)
-        self.stats.add("text", _nbytes(txt_BTHD) * (u - 1))
-        return torch.cat(chunks, dim=2)
+        wire = to_wire(txt_BTHD.contiguous(), self.groups.ulysses)
+        chunks = [torch.empty_like(wire) for _ in range(u)]
+        dist.all_gather(chunks, wire, group=self.groups.ulysses)
+        self.stats.add("text", _nbytes(wire) * (u - 1))
+        return from_wire(torch.cat(chunks, dim=2), txt_BTHD.device)

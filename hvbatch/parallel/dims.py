@@ -15,6 +15,7 @@ Rank layout (dp outermost, then cfg, then ring, Ulysses innermost),
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -104,7 +105,11 @@ class ParallelDims:
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """This rank's process groups (passed explicitly; never stored in module globals)."""
+    """This rank's process groups (passed explicitly; never stored in module globals).
+
+    A group is None where its axis has one rank (no collective runs over it), and the default
+    (world) group where it spans every rank.
+    """
 
     dims: ParallelDims
     rank: int
@@ -116,6 +121,8 @@ class ParallelGroups:
     sp_ranks: list[int]
     cfg: dist.ProcessGroup | None = None
     cfg_ranks: list[int] = field(default_factory=list)
+    video: dist.ProcessGroup | None = None
+    """The ranks of this rank's video (cfg x SP block): the parallel VAE decode sends within it."""
 
     @property
     def sp_index(self) -> int:
@@ -142,48 +149,114 @@ class ParallelGroups:
         return self.rank == self.video_ranks[0]
 
 
+def layout_blocks(dims: ParallelDims) -> dict[str, list[tuple[int, ...]]]:
+    """Every group of a layout, by axis: the member sets, sorted (the order all ranks create them in)."""
+    ranks = range(dims.world_size)
+    return {
+        "ulysses": sorted({tuple(dims.ulysses_ranks(r)) for r in ranks}),
+        "ring": sorted({tuple(dims.ring_ranks(r)) for r in ranks}),
+        "sp": sorted({tuple(dims.sp_ranks(r)) for r in ranks}),
+        "cfg": sorted({tuple(dims.cfg_ranks(r)) for r in ranks}),
+        "video": sorted({tuple(dims.video_ranks(r)) for r in ranks}),
+    }
+
+
+class ProcessGroups:
+    """The job's process groups, made once per member set and shared by every layout and axis that
+    has those members (at ulysses 8 on 8 GPUs the Ulysses, SP and video groups are all the world).
+
+    A one-rank set gets no group (None) and the full world the default group: only the other sets
+    become communicators, each created the first time a layout needs it and reused by every later
+    shard. All ranks must ask for the same layouts in the same order (as the shards of a job do):
+    `torch.distributed.new_group` is collective over the world. `new_group` and `world_group` (the
+    default group's stand-in) are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        rank: int,
+        timeout: timedelta | None = None,
+        new_group: Callable[..., dist.ProcessGroup] | None = None,
+        world_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.world_size, self.rank, self.timeout = world_size, rank, timeout
+        self._new_group, self._world_group = new_group, world_group
+        self._made: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+    @property
+    def created(self) -> int:
+        """Groups (communicators, on NCCL) this object has created, besides the default group."""
+        return len(self._made)
+
+    def group(self, members: tuple[int, ...]) -> dist.ProcessGroup | None:
+        if len(members) == 1:
+            return None
+        if len(members) == self.world_size:
+            if self._world_group is not None:
+                return self._world_group
+            import torch.distributed as dist
+
+            return dist.group.WORLD
+        if members not in self._made:
+            new_group = self._new_group
+            if new_group is None:
+                import torch.distributed as dist
+
+                new_group = dist.new_group
+            self._made[members] = new_group(list(members), timeout=self.timeout)
+        return self._made[members]
+
+    def for_layout(self, dims: ParallelDims) -> ParallelGroups:
+        """This rank's groups of `dims` (every rank calls it, with the same layouts, in the same order)."""
+        assert dims.world_size == self.world_size, "a layout of another world"
+        mine: dict[str, dist.ProcessGroup | None] = {}
+        for kind, members_list in layout_blocks(dims).items():
+            for members in members_list:
+                group = self.group(members)
+                if self.rank in members:
+                    mine[kind] = group
+        rank = self.rank
+        return ParallelGroups(
+            dims=dims,
+            rank=rank,
+            ulysses=mine["ulysses"],
+            ring=mine["ring"],
+            sp=mine["sp"],
+            ulysses_ranks=dims.ulysses_ranks(rank),
+            ring_ranks=dims.ring_ranks(rank),
+            sp_ranks=dims.sp_ranks(rank),
+            cfg=mine["cfg"],
+            cfg_ranks=dims.cfg_ranks(rank),
+            video=mine["video"],
+        )
+
+    def destroy(self) -> None:
+        """Destroy the groups this object made (at the end of the job; the default group stays)."""
+        import torch.distributed as dist
+
+        for group in self._made.values():
+            if group != dist.GroupMember.NON_GROUP_MEMBER:
+                dist.destroy_process_group(group)
+        self._made.clear()
+
+
 def build_groups(dims: ParallelDims, rank: int, timeout: timedelta | None = None) -> ParallelGroups:
-    """Create every Ulysses, ring, SP and cfg group (all ranks must call this, in the same order).
+    """The groups of one layout (all ranks must call this, in the same order), for a process that
+    uses one layout; a job with several shares a `ProcessGroups`.
 
     `timeout` bounds every collective of the groups; pass the job's (new groups do not inherit the
     default group's timeout).
     """
-    import torch.distributed as dist
-
-    made: dict[str, dist.ProcessGroup | None] = {"ulysses": None, "ring": None, "sp": None, "cfg": None}
-    blocks = {
-        "ulysses": sorted({tuple(dims.ulysses_ranks(r)) for r in range(dims.world_size)}),
-        "ring": sorted({tuple(dims.ring_ranks(r)) for r in range(dims.world_size)}),
-        "sp": sorted({tuple(dims.sp_ranks(r)) for r in range(dims.world_size)}),
-    }
-    if dims.cfg > 1:  # with cfg 1 no collective runs over a cfg group
-        blocks["cfg"] = sorted({tuple(dims.cfg_ranks(r)) for r in range(dims.world_size)})
-    for kind, members_list in blocks.items():
-        for members in members_list:
-            group = dist.new_group(list(members), timeout=timeout) if dims.world_size > 1 else None
-            if rank in members:
-                made[kind] = group
-    return ParallelGroups(
-        dims=dims,
-        rank=rank,
-        ulysses=made["ulysses"],
-        ring=made["ring"],
-        sp=made["sp"],
-        ulysses_ranks=dims.ulysses_ranks(rank),
-        ring_ranks=dims.ring_ranks(rank),
-        sp_ranks=dims.sp_ranks(rank),
-        cfg=made["cfg"],
-        cfg_ranks=dims.cfg_ranks(rank),
-    )
+    return ProcessGroups(dims.world_size, rank, timeout).for_layout(dims)
 
 
 def destroy_groups(groups: ParallelGroups) -> None:
-    """Destroy the groups `build_groups` made for this rank (before groups of another layout)."""
+    """Destroy the groups `build_groups` made for this rank (a job keeps its `ProcessGroups` instead);
+    the default group stays."""
     import torch.distributed as dist
 
-    if groups.dims.world_size == 1:
-        return
-    made = (groups.ulysses, groups.ring, groups.sp, groups.cfg)
+    made = (groups.ulysses, groups.ring, groups.sp, groups.cfg, groups.video)
     for group in {id(g): g for g in made if g is not None}.values():
-        if group != dist.GroupMember.NON_GROUP_MEMBER:
+        if group is not dist.group.WORLD and group != dist.GroupMember.NON_GROUP_MEMBER:
             dist.destroy_process_group(group)

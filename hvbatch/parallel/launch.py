@@ -203,7 +203,10 @@ def init_distributed(
 ) -> None:
     """`init_process_group` (NCCL for CUDA devices, gloo for the CPU, unless `backend` says otherwise).
 
-    `nccl_env` values are exported first, except names the environment already sets.
+    NCCL gets `device_id`: the world communicator is created here, eagerly (not inside the first
+    collective, whose timeout would then absorb it), and every later group is split from it
+    (`ncclCommSplit`) instead of bootstrapping its own. `nccl_env` values are exported first,
+    except names the environment already sets.
     """
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -219,6 +222,7 @@ def init_distributed(
         rank=env.rank,
         world_size=env.world_size,
         timeout=timedelta(seconds=timeout_s),
+        device_id=device if backend == "nccl" and device.type == "cuda" else None,
     )
 
 

@@ -8,6 +8,10 @@
 + VAE weights          the causal 3D VAE (encoder and decoder), in its dtype
 + activations          bytes per token per hidden channel * hidden size * tokens per rank * batch,
                        tokens per rank = ceil(image tokens / sp) + text tokens (text is replicated)
++ FP8 temporaries      with FP8 block linears (`model.quantize=fp8` or an `_fp8.pt` checkpoint): the
+                       widest block input quantized to float8 (1 byte per element, fused), or where
+                       `_scaled_mm` cannot serve, two compute-dtype copies of the largest block
+                       weight (the per-call dequantization); the larger of the two
 + VAE decode peak      one tile's activations at the default tiles (counted on every GPU: only the
                        SP group's leader decodes, but any rank may be it)
 + safety margin        10% of the sum (allocator fragmentation, CUDA context, NCCL buffers)
@@ -70,7 +74,16 @@ SAFETY_MARGIN = 0.10
 DEFAULT_TEXT_TOKENS = 256
 """LLM text tokens after the template is cropped (`model.text_encoder.max_text_tokens`)."""
 FP8_WEIGHT_BYTES = 1
-"""float8_e4m3fn block linear weights (the official `*_fp8.pt`)."""
+"""float8_e4m3fn block linear weights (the official `*_fp8.pt`, or `model.quantize=fp8`)."""
+FP8_INPUT_BYTES = 1
+"""An FP8 GEMM's input, quantized by the fused `hvbatch.models.fp8.quantize_rows`: 1 byte per element
+(plus a float32 scale per token). Live beside the block's other activations while the GEMM runs; the
+widest is linear2's input [attention, GELU], (1 + mlp_ratio) D per token. (The eager quantization it
+replaced held about 40 bytes per element of float32 temporaries: 45 bytes per token per channel at
+linear2, 22 more bf16 hidden-width tensors, none of which the planner counted.)"""
+FP8_DEQUANT_COPIES = 2
+"""Where `_scaled_mm` cannot serve (a GPU below sm89) a layer dequantizes its weight per call:
+`weight.to(dtype)` and `* scale`, two compute-dtype copies of the largest block weight."""
 
 
 def _gib(num_bytes: float) -> float:
@@ -145,19 +158,27 @@ class ModelSize:
     """Bytes per parameter of the rest (bf16 / fp16 2, fp32 4)."""
     activation_bytes: int = 2
     """Bytes per activation element (the compute dtype)."""
+    fp8_input_bytes_per_token: int = 0
+    """FP8 GEMMs: bytes per token of the widest quantized block input (0 without FP8 GEMMs)."""
+    fp8_dequant_bytes: int = 0
+    """FP8 without `_scaled_mm`: bytes of the per-call dequantized copies of the largest block weight."""
 
     @classmethod
     def from_config(cls, config: TransformerConfig, dtype: str = "bfloat16", fp8: bool = False) -> ModelSize:
-        """The size of `HunyuanVideoTransformer(config)` in `dtype`, with fp8 block weights if `fp8`."""
+        """The size of `HunyuanVideoTransformer(config)` in `dtype`, with fp8 block weights (and their
+        GEMMs' temporaries) if `fp8`."""
         total, block_weights = transformer_param_counts(config)
         nbytes = dtype_bytes(dtype, "model.dtype")
+        d, mlp = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
         return cls(
             num_heads=config.num_heads,
-            hidden_size=config.hidden_size,
+            hidden_size=d,
             num_params=total,
             fp8_params=block_weights if fp8 else 0,
             weight_bytes=nbytes,
             activation_bytes=nbytes,
+            fp8_input_bytes_per_token=(d + mlp) * FP8_INPUT_BYTES if fp8 else 0,
+            fp8_dequant_bytes=FP8_DEQUANT_COPIES * d * (3 * d + mlp) * nbytes if fp8 else 0,
         )
 
     @property
@@ -221,11 +242,14 @@ class MemoryEstimate:
     """Safety margin on top of the rest."""
     tokens_per_rank: int
     """ceil(image tokens / sp) + text tokens: the sequence one GPU holds."""
+    fp8_temporaries_gib: float = 0.0
+    """FP8 block linears: the quantized GEMM input or the dequantized weight copies (0 without FP8)."""
 
     @property
     def total_gib(self) -> float:
         weights = self.transformer_weights_gib + self.text_encoders_gib + self.vae_weights_gib
-        return weights + self.activations_gib + self.vae_decode_gib + self.margin_gib
+        working = self.activations_gib + self.fp8_temporaries_gib + self.vae_decode_gib
+        return weights + working + self.margin_gib
 
     def fits(self, gpu_memory_gib: float) -> bool:
         return self.total_gib <= gpu_memory_gib
@@ -257,14 +281,30 @@ def estimate_memory(
     components = ComponentMemory.hunyuan() if components is None else components
     tokens = math.ceil(image_tokens / (ulysses * ring)) + text_tokens
     activations = _gib(activation_bytes_per_token(model, ulysses, ring) * model.hidden_size * tokens * batch)
+    fp8_temporaries = _gib(max(model.fp8_input_bytes_per_token * tokens * batch, model.fp8_dequant_bytes))
     text_encoders = components.text_encoders_gib
     if components.text_encoders_offloaded:
-        text_encoders = max(0.0, text_encoders - activations - components.vae_decode_gib)
-    parts = (
-        _gib(model.weight_bytes_total),
-        text_encoders,
-        components.vae_weights_gib,
-        activations,
-        components.vae_decode_gib,
-    )
-    return MemoryEstimate(*parts, margin_gib=margin * sum(parts), tokens_per_rank=tokens)
+        text_encoders = max(0.0, text_encoders - activations - fp8_temporaries - components.vae_decode_gib)
+    parts = {
+        "transformer_weights_gib": _gib(model.weight_bytes_total),
+        "text_encoders_gib": text_encoders,
+        "vae_weights_gib": components.vae_weights_gib,
+        "activations_gib": activations,
+        "vae_decode_gib": components.vae_decode_gib,
+        "fp8_temporaries_gib": fp8_temporaries,
+    }
+    return MemoryEstimate(**parts, margin_gib=margin * sum(parts.values()), tokens_per_rank=tokens)
+
+
+# --- Host memory of a node ------------------------------------------------------------------------
+HOST_PER_RANK_GIB = 4.0
+"""Host memory of one rank besides offloaded weights: Python, torch and CUDA's host side, NCCL and
+pinned buffers, the decoded frames of the video being written (1.4 GB float32 at 720p x 129)."""
+
+
+def host_memory_gib(components: ComponentMemory, ranks_per_node: int, margin: float = SAFETY_MARGIN) -> float:
+    """Host memory one node's ranks need: each rank keeps its own copy of the text encoders in host
+    memory while they are offloaded (`model.text_encoder_offload=cpu`: 15.3 GB in float16, 122 GB for
+    8 ranks), plus `HOST_PER_RANK_GIB` each, plus the margin."""
+    offloaded = components.text_encoders_gib if components.text_encoders_offloaded else 0.0
+    return ranks_per_node * (offloaded + HOST_PER_RANK_GIB) * (1 + margin)

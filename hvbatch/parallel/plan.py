@@ -1,16 +1,18 @@
 """The layout a config leads to: `ParallelPlan`s from the config tree, for a video or a job.
 
 Nothing is loaded: the plan comes from the config tree alone (`parallel.*`, `sampling.*`,
-`model=`, `model.dtype`, and whether `model.transformer_path` is an `_fp8.pt` checkpoint).
+`model=`, `model.dtype`, and whether the block linears run in FP8: `model.quantize=fp8`, or a
+`model.transformer_path` that is an `_fp8.pt` checkpoint).
 Used by `hvbatch plan`, `submit --dry-run` and inside every shard job.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from hvbatch.config import Config, SamplingConfig
-from hvbatch.parallel.memory import NO_COMPONENTS, ComponentMemory, ModelSize
+from hvbatch.parallel.memory import GIB, NO_COMPONENTS, ComponentMemory, ModelSize, host_memory_gib
 from hvbatch.parallel.planner import ParallelPlan, image_tokens, plan_parallel
 
 FP8_SUFFIX = "_fp8.pt"
@@ -37,8 +39,36 @@ def plan_mode(config: Config) -> str:
 
 
 def uses_fp8(config: Config) -> bool:
-    """Whether the transformer checkpoint keeps its block linears in float8 (`*_fp8.pt`)."""
-    return str(config.model.transformer_path or "").endswith(FP8_SUFFIX)
+    """Whether the block linears run in float8: `model.quantize=fp8`, or an `*_fp8.pt` checkpoint."""
+    return config.model.quantize == "fp8" or str(config.model.transformer_path or "").endswith(FP8_SUFFIX)
+
+
+def components_for(config: Config) -> ComponentMemory:
+    """The text encoders and VAE the config loads (none for the random-weight presets)."""
+    if config.model.random_weights:
+        return NO_COMPONENTS
+    return ComponentMemory.hunyuan(
+        config.model.text_encoder_dtype,
+        config.model.vae_dtype,
+        offloaded=config.model.text_encoder_offload == "cpu",
+    )
+
+
+def host_memory_for_config(config: Config) -> float | None:
+    """GiB of host memory one node of a job needs (`slurm.tasks_per_node` ranks); None for the
+    random-weight presets, whose host memory the memory model does not describe."""
+    if config.model.random_weights:
+        return None
+    return host_memory_gib(components_for(config), config.slurm.tasks_per_node)
+
+
+def slurm_mem_gb(config: Config) -> int | None:
+    """`slurm.mem_gb`, or when it is empty the memory model's host memory per node in whole GB
+    (None: the cluster's default applies)."""
+    if config.slurm.mem_gb:
+        return config.slurm.mem_gb
+    gib = host_memory_for_config(config)
+    return None if gib is None else math.ceil(gib * GIB / 1e9)
 
 
 def video_tokens(config: Config, sampling: SamplingConfig) -> int:
@@ -57,14 +87,7 @@ def plan_for_config(config: Config, sampling: SamplingConfig | None = None) -> P
     ring = parse_degree(p.ring, "parallel.ring")
     cfg = parse_degree(p.cfg, "parallel.cfg")
     model = ModelSize.from_config(config.model.transformer, config.model.dtype, fp8=uses_fp8(config))
-    if config.model.random_weights:
-        components = NO_COMPONENTS
-    else:
-        components = ComponentMemory.hunyuan(
-            config.model.text_encoder_dtype,
-            config.model.vae_dtype,
-            offloaded=config.model.text_encoder_offload == "cpu",
-        )
+    components = components_for(config)
     plan = plan_parallel(
         model,
         image_tokens=video_tokens(config, sampling),

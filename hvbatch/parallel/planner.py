@@ -433,6 +433,11 @@ def format_plan(plan: ParallelPlan) -> str:
         ("text encoders", m.text_encoders_gib, "LLaVA-Llama-3-8B + CLIP-L"),
         ("VAE weights", m.vae_weights_gib, ""),
         ("activations", m.activations_gib, f"{m.tokens_per_rank:,} tokens per GPU"),
+        *(
+            [("FP8 temporaries", m.fp8_temporaries_gib, "quantized GEMM inputs")]
+            if m.fp8_temporaries_gib
+            else []
+        ),
         ("VAE decode peak", m.vae_decode_gib, "tiled"),
         ("safety margin", m.margin_gib, f"{SAFETY_MARGIN:.0%}"),
     ]

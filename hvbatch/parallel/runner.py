@@ -3,6 +3,10 @@
 `SequenceParallelTransformer` has the model's forward signature, so the sampler runs it
 unchanged. The model file is untouched: only its `attention_fn` is swapped for `USPAttention`.
 `CfgParallelTransformer` splits a CFG batch of 2 over the two SP blocks of a cfg 2 layout.
+
+`warm_up(runner, ...)` runs one forward with no collective at all (each rank attends only its
+own tokens), so that compiled blocks (`model.compile`) compile on every rank at its own pace
+before the first collective, whose timeout must not absorb uneven compile times.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hvbatch.config import TransformerConfig
+from hvbatch.models.attention import set_token_grid
 from hvbatch.models.transformer import HunyuanVideoTransformer, TextLengths
 from hvbatch.parallel.attention import CommStats, USPAttention
 from hvbatch.parallel.dims import ParallelGroups
+from hvbatch.parallel.ssta_attention import usp_attention_for
+from hvbatch.parallel.transport import from_wire, to_wire
 from hvbatch.sampling.cache import StepCache
 
 
@@ -31,9 +38,10 @@ class SequenceParallelTransformer:
     ) -> None:
         self.model = model
         self.groups = groups
-        # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too.
-        backend = getattr(model.attention_fn, "backend", None)
-        self.attention = USPAttention(groups, backend=backend, comm_dtype=comm_dtype)
+        # The kernel `model.attention` chose for one device serves the sequence-parallel blocks too
+        # (an SSTA model's grid-aware kernel included); a model never configured (library use) gets
+        # `auto` on the device of the first call.
+        self.attention = usp_attention_for(model.attention_fn, groups, comm_dtype)
         self.single_device_attention_fn = model.attention_fn
         model.attention_fn = self.attention
 
@@ -53,16 +61,18 @@ class SequenceParallelTransformer:
         return padded[..., start : start + shard_len, :].contiguous()
 
     def _gather(self, shard_BLC: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        chunks = [torch.empty_like(shard_BLC) for _ in range(self.groups.dims.sp)]
-        dist.all_gather(chunks, shard_BLC.contiguous(), group=self.groups.sp)
+        wire = to_wire(shard_BLC.contiguous(), self.groups.sp)
+        chunks = [torch.empty_like(wire) for _ in range(self.groups.dims.sp)]
+        dist.all_gather(chunks, wire, group=self.groups.sp)
         self.attention.stats.add("gather", shard_BLC.numel() * shard_BLC.element_size() * (len(chunks) - 1))
-        return torch.cat(chunks, dim=1)[:, :num_tokens]
+        return from_wire(torch.cat(chunks, dim=1)[:, :num_tokens], shard_BLC.device)
 
     def _reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.groups.sp)
+        wire = to_wire(sums, self.groups.sp)
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.groups.sp)
         if self.groups.cfg is not None:  # cfg 2: add the other CFG branch's half of the video
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.groups.cfg)
-        return sums
+            dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.groups.cfg)
+        return from_wire(wire, sums.device)
 
     def __call__(
         self,
@@ -74,8 +84,26 @@ class SequenceParallelTransformer:
         guidance: torch.Tensor | None = None,
         step_cache: StepCache | None = None,
     ) -> torch.Tensor:
+        grid = self.model.token_grid(x.shape)
+        num_tokens = grid[0] * grid[1] * grid[2]
+        out_BLP = self._forward_shard(x, t, text_states, text_mask, text_states_2, guidance, step_cache)
+        self.attention.stats.calls += 1
+        return self.model.unpatchify(self._gather(out_BLP, num_tokens), grid)
+
+    def _forward_shard(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | TextLengths | None,
+        text_states_2: torch.Tensor,
+        guidance: torch.Tensor | None,
+        step_cache: StepCache | None,
+    ) -> torch.Tensor:
+        """This rank's final-layer outputs (its shard of the image tokens)."""
         model = self.model
         grid = model.token_grid(x.shape)
+        set_token_grid(self.attention, grid)
         img_BLD = model.embed_image(x)
         cos_LD, sin_LD = model.rope(grid, x.device)
         num_tokens = img_BLD.shape[1]
@@ -84,7 +112,7 @@ class SequenceParallelTransformer:
         if step_cache is not None:  # the cache decides on sums over the whole video, padding left out
             step_cache.valid_tokens = max(0, min(shard_len, num_tokens - self.groups.sp_index * shard_len))
             step_cache.reduce_sums = self._reduce_sums
-        out_BLP = model.forward_tokens(
+        return model.forward_tokens(
             self._shard(img_BLD, shard_len),
             (self._shard(cos_LD, shard_len), self._shard(sin_LD, shard_len)),
             t,
@@ -94,8 +122,15 @@ class SequenceParallelTransformer:
             guidance,
             step_cache,
         )
-        self.attention.stats.calls += 1
-        return model.unpatchify(self._gather(out_BLP, num_tokens), grid)
+
+    def warm_up(self, *inputs: torch.Tensor | TextLengths | None) -> None:
+        """One forward of this rank's shard with no collective (attention over its own tokens only):
+        compiles the blocks for these shapes. The output is meaningless and dropped."""
+        self.attention.local_only = True
+        try:
+            self._forward_shard(*inputs, None)  # type: ignore[arg-type]
+        finally:
+            self.attention.local_only = False
 
 
 def _branch(value: torch.Tensor | TextLengths | None, index: int) -> torch.Tensor | TextLengths | None:
@@ -150,14 +185,21 @@ class CfgParallelTransformer:
         i = self.groups.cfg_index
         inputs = (x, t, text_states, text_mask, text_states_2, guidance)
         own = self.inner(*(_branch(value, i) for value in inputs), **cache).contiguous()
-        chunks = [torch.empty_like(own) for _ in range(self.groups.dims.cfg)]
-        dist.all_gather(chunks, own, group=self.groups.cfg)
+        wire = to_wire(own, self.groups.cfg)
+        chunks = [torch.empty_like(wire) for _ in range(self.groups.dims.cfg)]
+        dist.all_gather(chunks, wire, group=self.groups.cfg)
         self.stats.add("cfg", own.numel() * own.element_size() * (len(chunks) - 1))
-        return torch.cat(chunks)
+        return from_wire(torch.cat(chunks), own.device)
+
+    def warm_up(self, *inputs: torch.Tensor | TextLengths | None) -> None:
+        """Compile this rank's branch (batch element `cfg_index` of a CFG batch) with no collective."""
+        branch = [_branch(value, self.groups.cfg_index) for value in inputs]  # type: ignore[arg-type]
+        warm_up(self.inner, *branch)
 
     def _reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.groups.cfg)
-        return sums
+        wire = to_wire(sums, self.groups.cfg)
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.groups.cfg)
+        return from_wire(wire, sums.device)
 
 
 Runner = HunyuanVideoTransformer | SequenceParallelTransformer | CfgParallelTransformer
@@ -175,6 +217,16 @@ def parallelize(model: HunyuanVideoTransformer, groups: ParallelGroups, comm_dty
     if groups.dims.sp > 1:
         runner = SequenceParallelTransformer(model, groups, comm_dtype)
     return CfgParallelTransformer(runner, groups) if groups.dims.cfg > 1 else runner
+
+
+def warm_up(runner: Runner, *inputs: torch.Tensor | TextLengths | None) -> None:
+    """Compile `runner`'s blocks for the shapes of `inputs` (the model's forward arguments) without
+    any collective; a plain model just runs them (it has no collective to delay)."""
+    with torch.no_grad():
+        if isinstance(runner, (SequenceParallelTransformer, CfgParallelTransformer)):
+            runner.warm_up(*inputs)
+        else:
+            runner(*inputs)  # type: ignore[arg-type]
 
 
 def unparallelize(runner: Runner) -> HunyuanVideoTransformer:

@@ -4,9 +4,12 @@ The tile plan is `vae_tiling.tile_plan`, the same as a one-rank tiled decode. Ea
 group decodes a contiguous run of it (runs balanced by latent volume, so no rank idles long while
 another decodes) and blends its tiles into a box that covers only those tiles. Then the leader
 allocates the full video, adds its own box, and receives and adds the other ranks' boxes one at a
-time (point-to-point, contiguous float32 buffers whose shapes both sides know from the plan: safe
-on gloo and NCCL). Only where two runs meet does a sample get its contributions summed in another
-order than the one-rank decode, so the result equals it to float32 rounding (about 1e-7).
+time (point-to-point within the video's own process group, contiguous float32 buffers whose shapes
+both sides know from the plan: safe on gloo and NCCL). Over the world group NCCL would build a
+two-rank communicator per (leader, sender) pair; within the video group the pairs stay inside
+the communicator the video's ranks already share. Only where two runs meet does a sample get its
+contributions summed in another order than the one-rank decode, so the result equals it to
+float32 rounding (about 1e-7).
 
 Memory: a rank's peak during decode is one tile's activations plus its own box (about 1/N of the
 video); the leader's full video is allocated only after its own tiles are decoded. The one-rank
@@ -27,6 +30,7 @@ import torch.distributed as dist
 from hvbatch.models.vae import AutoencoderKLCausal3D
 from hvbatch.models.vae_tiling import Tile, VaeTilingConfig, blend_tiles, output_extent, tile_plan
 from hvbatch.parallel.dims import ParallelGroups
+from hvbatch.parallel.transport import from_wire, to_wire
 
 
 def assign_tiles(tiles: list[Tile], parts: int) -> list[list[int]]:
@@ -67,7 +71,8 @@ def parallel_tiled_decode(
     """The blended float32 video of all `tiles` on `ranks[0]`, None on the other ranks.
 
     Every rank of `ranks` (global ranks, leader first) calls this with the same latent; boxes go
-    point-to-point over `group` (default: the world group), which must hold all of `ranks`.
+    point-to-point over `group` (the video's group; None: the world group), which must hold all of
+    `ranks`.
     """
     runs = assign_tiles(tiles, len(ranks))
     boxes = [
@@ -75,7 +80,7 @@ def parallel_tiled_decode(
     ]
     if rank != ranks[0]:
         for box_BCTHW in boxes:
-            dist.send(box_BCTHW.contiguous(), dst=ranks[0], group=group)
+            dist.send(to_wire(box_BCTHW.contiguous(), group), dst=ranks[0], group=group)
         return None
     batch, channels = boxes[0].shape[:2]  # the leader's run is never empty
     _, frames, _, height, _, width = output_extent(tiles)
@@ -87,8 +92,9 @@ def parallel_tiled_decode(
         for part in segments([tiles[i] for i in run]):
             t0, t1, h0, h1, w0, w1 = output_extent(part)
             received = torch.empty(batch, channels, t1 - t0, h1 - h0, w1 - w0, device=z_BCTHW.device)
-            dist.recv(received, src=src, group=group)
-            _add_box(out_BCTHW, received, part)
+            wire = to_wire(received, group)
+            dist.recv(wire, src=src, group=group)
+            _add_box(out_BCTHW, from_wire(wire, received.device), part)
             del received
     return out_BCTHW
 
@@ -130,9 +136,7 @@ class ParallelVaeDecoder:
 
 
 def video_decoder(groups: ParallelGroups) -> ParallelVaeDecoder | None:
-    """The parallel decoder over the ranks that generate this rank's video; None for one rank.
-
-    Boxes go over the world group: the video's ranks (cfg x SP block) have no group of their own.
-    """
+    """The parallel decoder over the ranks that generate this rank's video, sending within the
+    video's own group (cfg x SP block); None for one rank."""
     ranks = groups.video_ranks
-    return ParallelVaeDecoder(ranks, groups.rank) if len(ranks) > 1 else None
+    return ParallelVaeDecoder(ranks, groups.rank, groups.video) if len(ranks) > 1 else None

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hvbatch.batch.files import write_text_atomic
+from hvbatch.batch.files import named_by_user, write_text_atomic
 from hvbatch.batch.rundir import RunDir
 from hvbatch.report.data import ReportData, collect
 from hvbatch.report.svg import legend_html, throughput_svg, timeline_svg
@@ -119,7 +119,7 @@ def render_html(data: ReportData) -> str:
 
 def write_report(run: RunDir, out: Path, thumbnails: bool = True) -> ReportData:
     """Read the run, make the thumbnails (cached in the run) and write the page to `out` atomically."""
-    out = out.expanduser().resolve()
+    out = named_by_user(out)  # a link at `out` itself is replaced, never followed
     data = collect(run, out)
     if thumbnails:
         add_thumbnails(run, data.videos)

@@ -20,6 +20,10 @@ EXIT_COLOURS = {
     ExitReason.CANCELLED: "#a0a0a0",
     ExitReason.NODE_FAILURE: "#6d3b1f",
     ExitReason.LOST: "#404040",
+    ExitReason.LOAD_FAILED: "#5b6bbf",
+    ExitReason.PORT_FAILED: "#3d7f9e",
+    ExitReason.SUPERVISOR_ERROR: "#9e3d7f",
+    ExitReason.DISK_FULL: "#c0392b",
 }
 MAX_POINTS = 2000  # the throughput line keeps at most this many corners
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 12, 30  # plot margins, pixels

@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
+import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from hvbatch.batch import ledger
+from hvbatch.batch.attempt import EXIT_DISK_FULL
+from hvbatch.batch.control.calibration import (
+    configured_rate,
+    gpu_seconds_per_cost,
+    job_plan,
+    resubmission_config,
+)
 from hvbatch.batch.control.frozen import ShardTables, StreamedShards, write_frozen_inputs
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
 from hvbatch.batch.control.prompt_index import PromptIndex, index_prompts
@@ -26,17 +34,18 @@ from hvbatch.batch.executors.registry import executor_for, live_states, resolve_
 from hvbatch.batch.files import (
     PRIVATE_DIR_MODE,
     CorruptRunFile,
+    is_disk_full,
     make_dirs,
+    named_by_user,
     read_parquet,
     write_atomic,
     write_json_atomic,
     write_json_exclusive,
     write_parquet_atomic,
+    write_text_atomic,
 )
 from hvbatch.batch.rundir import RunDir
-from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config, save_config
-from hvbatch.parallel.plan import plan_for_job
 from hvbatch.parallel.planner import ParallelPlan, format_plan
 from hvbatch.sampling.estimates import saving_line
 from hvbatch.text import printable, printable_lines
@@ -44,21 +53,6 @@ from hvbatch.text import printable, printable_lines
 CLAIM_NAME = ".hvbatch-claim"
 LARGE_BATCH_VIDEOS = 100_000  # a dry run above either size warns
 LARGE_BATCH_GPU_HOURS = 10_000.0
-
-
-def job_plan(config: Config, videos: pa.Table | dict[str, Any]) -> ParallelPlan:
-    """The layout a shard job will use: planned for one job's GPUs and the largest video (a
-    videos table, or that video's row: `PromptIndex.largest`)."""
-    if isinstance(videos, pa.Table):
-        largest = pc.index(videos["cost"], pc.max(videos["cost"])).as_py()
-        videos = videos.slice(largest, 1).to_pylist()[0]
-    sampling = sampling_for(videos, config.sampling)
-    return plan_for_job(config, sampling, config.slurm.tasks_per_node, config.slurm.nodes)
-
-
-def gpu_seconds_per_cost(config: Config) -> float:
-    """GPU-seconds per cost unit (image token x step): true CFG (cfg_scale > 1) runs two branches."""
-    return config.batch.seconds_per_cost_unit * (2 if config.sampling.cfg_scale > 1.0 else 1)
 
 
 def max_shard_cost(config: Config, plan: ParallelPlan) -> float:
@@ -84,9 +78,12 @@ def _print_dry_run(config: Config, index: PromptIndex, plan: ParallelPlan, layou
     gpu_hours = index.total_cost * gpu_seconds_per_cost(config) / 3600.0
     print(f"{num_videos} videos in {layout.num_shards} shards (one {config.slurm.nodes}-node job each)")
     print(format_plan(plan))
-    unit = config.batch.seconds_per_cost_unit
+    rate = configured_rate(config)
     branches = " x 2 CFG branches" if config.sampling.cfg_scale > 1.0 else ""
-    print(f"estimated GPU-hours: {gpu_hours:,.1f} (batch.seconds_per_cost_unit={unit:g}{branches})")
+    print(
+        f"estimated GPU-hours: {gpu_hours:,.1f} ({rate.seconds_per_cost_unit:.3g} GPU-s per token-step, "
+        f"{rate.source}{branches})"
+    )
     if num_videos > LARGE_BATCH_VIDEOS or gpu_hours > LARGE_BATCH_GPU_HOURS:
         print(
             f"warning: a very large batch ({num_videos:,} videos, {gpu_hours:,.0f} GPU-hours): check "
@@ -119,6 +116,36 @@ def check_run_dir_name(root: Path) -> None:
         )
 
 
+def check_run_dir_owner(root: Path) -> None:
+    """An existing run directory must be the user's alone: whoever else owns or can write it could
+    change `config.yaml` (whose `slurm.setup` lines later submissions run) or the pickles the jobs
+    execute."""
+    info = root.stat()
+    if info.st_uid != os.geteuid():
+        raise ValueError(
+            f"--run-dir {root} belongs to {_user_name(info.st_uid)}, not to you "
+            f"({_user_name(os.geteuid())}): its owner could change the run's config and the code its "
+            "jobs run. Choose a directory you own (a new path is created for you), or have it "
+            "chowned to you first"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = " and ".join(
+            w for w, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if info.st_mode & bit
+        )
+        raise ValueError(
+            f"--run-dir {root} is writable by {who} (mode {stat.S_IMODE(info.st_mode):04o}): anyone who can "
+            "write it could change the run's config and the code its jobs run. Choose a new "
+            f"--run-dir (it is created private), or `chmod go-w {root}` first"
+        )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def claim_run_dir(run: RunDir) -> None:
     """Take the run directory atomically: a second submit (even a concurrent one) is refused."""
     check_run_dir_name(run.root)
@@ -129,6 +156,8 @@ def claim_run_dir(run: RunDir) -> None:
     if run.root.exists() and not run.root.is_dir():
         raise ValueError(f"--run-dir {run.root} is a file, not a directory; choose another --run-dir")
     existed = run.root.is_dir()
+    if existed:
+        check_run_dir_owner(run.root)
     claim = run.root / CLAIM_NAME
     try:
         make_dirs(run.root, PRIVATE_DIR_MODE)
@@ -240,13 +269,14 @@ def run_status_command(args: argparse.Namespace) -> int:
 
 def write_manifest_file(path: Path, table: pa.Table) -> None:
     """`manifest --out`: Parquet or CSV by the file's suffix, written atomically."""
+    path = named_by_user(path)
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out {path}: the manifest is written as .parquet or .csv; name the file so")
     if suffix == ".parquet":
         write_parquet_atomic(path, table)
         return
-    write_atomic(path, lambda tmp: pa_csv.write_csv(table, tmp))
+    write_atomic(path, lambda handle: pa_csv.write_csv(table, handle))
 
 
 def run_manifest(args: argparse.Namespace) -> int:
@@ -323,8 +353,9 @@ def run_retry(args: argparse.Namespace) -> int:
         # Attempts whose job ended unseen (scancel, a lost node) are closed by the next attempt of
         # their shard when it starts (`ledger.reconcile`), not here: retry stays O(shards).
         ledger.reopen_failed_shards(run, todo)
+        config, note = resubmission_config(config, run, todo)
         new = executor_for(kind, run, config).submit(todo)
-    print(f"run {run.root}: resubmitted shards {todo} as {', '.join(sorted({r.job_id for r in new}))}")
+    print(f"run {run.root}: resubmitted shards {todo} as {', '.join(sorted({r.job_id for r in new}))}{note}")
     return _wait_or_stop(run) if args.wait else 0
 
 
@@ -361,7 +392,7 @@ def run_sbatch(args: argparse.Namespace) -> int:
     text = sbatch_jobs.render(run, args.template, shards)
     (run.root / "logs").mkdir(exist_ok=True)
     if args.out:
-        Path(args.out).write_text(text)
+        write_text_atomic(named_by_user(Path(args.out)), text)
         print(f"wrote {args.out}: submit it with `sbatch {args.out}`")
     else:
         print(text, end="")
@@ -369,7 +400,12 @@ def run_sbatch(args: argparse.Namespace) -> int:
 
 
 def run_shard_command(args: argparse.Namespace) -> int:
-    sbatch_jobs.run_shard(args.run_dir, [int(shard) for shard in args.shards])
+    try:
+        sbatch_jobs.run_shard(args.run_dir, [int(shard) for shard in args.shards])
+    except Exception as err:
+        if is_disk_full(err):  # logged by the job; its error record may not have fit
+            return EXIT_DISK_FULL
+        raise
     return 0
 
 

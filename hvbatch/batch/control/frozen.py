@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -161,8 +161,8 @@ def write_frozen_inputs(run: RunDir, frozen: FrozenShards) -> None:
         scratch = folder / ".spill"
         scratch.mkdir()
 
-        def write_index(tmp: Path) -> None:
-            with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer, ThreadPoolExecutor(WRITERS) as pool:
+        def write_index(handle: BinaryIO) -> None:
+            with pq.ParquetWriter(handle, INDEX_SCHEMA) as writer, ThreadPoolExecutor(WRITERS) as pool:
                 writing: list[Future[None]] = []
                 for group in frozen.groups(scratch):  # the next group is read while one is written
                     for future in writing:

@@ -400,7 +400,19 @@ def _shard_stop(
         return f"shard {shard} cancelled by the user{when} ({detail})"
     if last == ExitReason.RUNNING:
         return f"shard {shard}: job {record.job_id} ended without a report (lost; see its log)"
+    if _outside_the_videos(last):
+        return (
+            f"shard {shard} stopped after {_attempts(entry)}, its videos not charged (last: {last_text}); "
+            "fix that, then retry"
+        )
     return f"shard {shard} stopped after {_attempts(entry)} (last: {last_text})"
+
+
+def _outside_the_videos(reason: str | None) -> bool:
+    try:
+        return ExitReason(reason).outside_the_videos
+    except ValueError:
+        return False
 
 
 def _attempts(entry: dict[str, Any]) -> str:

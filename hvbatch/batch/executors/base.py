@@ -89,7 +89,7 @@ def submission_lock(run: RunDir) -> Iterator[None]:
     a job resubmitting itself, never both submit the same shard."""
     folder = run.root / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -23,23 +24,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import submitit
 
 from hvbatch.batch import ledger
-from hvbatch.batch.attempt import AttemptKey, ExitReason, ShardFate
+from hvbatch.batch.attempt import EXIT_DISK_FULL, AttemptKey, ExitReason, ShardFate
 from hvbatch.batch.executors.base import Executor, JobRecord, RunProbe, record_submission
-from hvbatch.batch.files import read_parquet, write_json_exclusive
+from hvbatch.batch.files import is_disk_full, read_parquet, write_json_exclusive
 from hvbatch.batch.rundir import RunDir
-from hvbatch.config import Config, load_config
+from hvbatch.config import Config, RetryConfig, load_config
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.2
 RANK_KEY_VAR = "HVBATCH_ATTEMPT_KEY"
+T = TypeVar("T")
 
 
 def die_with_parent() -> None:
@@ -186,9 +188,12 @@ class LocalShardJob:
             todo = [s for s in shards if s not in run.completed_shards()]
             if not todo:
                 return {"shards": shards, "fates": ledger.dumps_fates(fates)}
-            self.key = _claim_attempt_key(run, job_id)
-            status = self._run_attempt(run, todo)
-            fates = ledger.finish(run, retry, todo, self.key, status)
+            self.key = _persist(
+                retry, "claim an attempt key", functools.partial(_claim_attempt_key, run, job_id)
+            )
+            status, cause = self._attempt(run, todo)
+            finish = functools.partial(ledger.finish, run, retry, todo, self.key, status, cause=cause)
+            fates = _persist(retry, f"record attempt {self.key}", finish)
             if any(fate == ShardFate.REQUEUED for fate in fates.values()):
                 continue  # a shard ran out of time: resume it at once
             waiting = [s for s, fate in fates.items() if fate == ShardFate.RETRY]
@@ -198,10 +203,25 @@ class LocalShardJob:
             logger.warning("attempt %s failed; retrying shards %s in %.0f s", self.key, waiting, delay)
             time.sleep(delay)
 
-    def _start_ranks(self, run: RunDir, shards: list[int]) -> None:
+    def _attempt(self, run: RunDir, shards: list[int]) -> tuple[int | None, tuple[ExitReason, str] | None]:
+        """Run one attempt: (the first failing rank's status, None), or (None, the supervisor's own
+        reason) when it could not find a rendezvous port or failed itself (the ranks are stopped)."""
         from hvbatch.parallel.launch import free_local_port  # imports torch: only the supervisor needs it
 
-        port = free_local_port()
+        try:
+            port = free_local_port()
+        except OSError as err:
+            logger.error("attempt %s: no free port for the ranks' rendezvous: %s", self.key, err)
+            return None, (ExitReason.PORT_FAILED, f"the supervisor found no free rendezvous port: {err}")
+        try:
+            return self._run_attempt(run, shards, port), None
+        except Exception as err:
+            logger.exception("attempt %s: the supervisor failed", self.key)
+            with contextlib.suppress(Exception):
+                self._kill_ranks()
+            return None, (ExitReason.SUPERVISOR_ERROR, f"the supervisor failed: {type(err).__name__}: {err}")
+
+    def _start_ranks(self, run: RunDir, shards: list[int], port: int) -> None:
         self.ranks = []
         for rank in range(self.nproc):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.nproc), LOCAL_RANK=str(rank))
@@ -217,9 +237,9 @@ class LocalShardJob:
             ]
             self.ranks.append(subprocess.Popen(command, env=env, preexec_fn=_rank_preexec))
 
-    def _run_attempt(self, run: RunDir, shards: list[int]) -> int:
+    def _run_attempt(self, run: RunDir, shards: list[int], port: int) -> int:
         """Start the ranks; return the first failing rank's status (0 when all succeed)."""
-        self._start_ranks(run, shards)
+        self._start_ranks(run, shards, port)
         deadline = ShardDeadline(run, shards, self.key, self.time_min * 60.0 - self.signal_delay_s)
         while all(p.poll() in (None, 0) for p in self.ranks) and any(p.poll() is None for p in self.ranks):
             time.sleep(POLL_S)
@@ -291,6 +311,23 @@ class ShardDeadline:
         return False
 
 
+def _persist(retry: RetryConfig, what: str, write: Callable[[], T]) -> T:
+    """`write()`, tried again after the backoff while it fails with an OSError (a full disk): up
+    to `retry.max_attempts` times, so the supervisor says why and does not die on the first try."""
+    tries = max(1, retry.max_attempts)
+    for number in range(1, tries + 1):
+        try:
+            return write()
+        except OSError as err:
+            if number == tries:
+                logger.error("the supervisor could not %s after %d tries: %s; it stops", what, tries, err)
+                raise
+            delay = ledger.backoff_seconds(retry, number)
+            logger.error("the supervisor could not %s (%s); trying again in %.0f s", what, err, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def _claim_attempt_key(run: RunDir, job_id: str) -> AttemptKey:
     number = 0
     while not write_json_exclusive(
@@ -307,7 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) == 3 and args[0] == "rank":
         from hvbatch.batch.runtime.job import run_shards_job
 
-        run_shards_job(args[1], json.loads(args[2]), RunProbe(RunDir(args[1])))
+        try:
+            run_shards_job(args[1], json.loads(args[2]), RunProbe(RunDir(args[1])))
+        except Exception as err:
+            if is_disk_full(err):  # logged by run_shards_job; its record may not have fit
+                return EXIT_DISK_FULL
+            raise
         return 0
     print("usage: python -m hvbatch.batch.executors.local rank RUN_DIR SHARDS_JSON", file=sys.stderr)
     return 2

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from hvbatch.batch import ledger
 from hvbatch.batch.attempt import AttemptKey
+from hvbatch.batch.control.calibration import resubmission_config
 from hvbatch.batch.executors.base import Executor, JobRecord, RunProbe, record_submission, submission_lock
 from hvbatch.batch.executors.slurm import (
     SlurmQueue,
@@ -38,6 +39,7 @@ from hvbatch.batch.executors.slurm import (
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config
+from hvbatch.parallel.plan import slurm_mem_gb
 
 logger = logging.getLogger(__name__)
 KIND_VAR = "HVBATCH_SUBMISSION_KIND"
@@ -69,8 +71,9 @@ def _log_dir(run: RunDir) -> str:
 def _sbatch_options(config: Config) -> str:
     s = config.slurm
     options = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint}
-    if s.mem_gb:
-        options["mem"] = f"{s.mem_gb}G"
+    mem_gb = slurm_mem_gb(config)  # slurm.mem_gb, or the memory model's host memory per node
+    if mem_gb:
+        options["mem"] = f"{mem_gb}G"
     if s.cpus_per_task:
         options["cpus-per-task"] = str(s.cpus_per_task)
     options.update(s.additional_parameters)
@@ -87,7 +90,8 @@ def _sbatch_options(config: Config) -> str:
 
 
 def render(run: RunDir, template: str, shards: list[int]) -> str:
-    """The sbatch script for `shards` of `run` from one of the `slurm/` templates."""
+    """The sbatch script for `shards` of `run` from one of the `slurm/` templates (the walltime sized
+    from the run's own finished videos once it has some: `calibration.resubmission_config`)."""
     config = load_config(run.root / "config.yaml")
     if not shards:  # an empty --array=%N would be read as --array=0
         raise ValueError(f"{run.root}: every shard is complete; nothing to render")
@@ -95,6 +99,7 @@ def render(run: RunDir, template: str, shards: list[int]) -> str:
     bad = [shard for shard in shards if not 0 <= shard < num_shards]
     if bad or len(set(shards)) != len(shards):
         raise ValueError(f"--shards {shards}: give distinct shard indices in 0..{num_shards - 1}")
+    config = resubmission_config(config, run, shards)[0]
     s = config.slurm
     values = {
         "job_name": _sbatch_value(f"hvbatch-{run.root.name}", "run directory name"),
@@ -181,13 +186,16 @@ def _job_script() -> str | None:
     return match.group(1) if match and Path(match.group(1)).is_file() else None
 
 
-def resubmit_self(shards: list[int], delay_s: float) -> None:
-    """Submit this job's script again for `shards`, beginning after `delay_s` (an automatic retry)."""
+def resubmit_self(shards: list[int], delay_s: float, time_min: float | None = None) -> None:
+    """Submit this job's script again for `shards`, beginning after `delay_s` (an automatic retry);
+    `time_min` overrides the script's walltime (sized from the run's own finished videos)."""
     script = _job_script()
     if script is None:  # the script is gone: Slurm's own requeue delay is the backoff
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False, timeout=60)
         return
     command = ["sbatch", f"--begin=now+{int(delay_s)}", f"--export=ALL,{KIND_VAR}=auto"]
+    if time_min is not None:
+        command.append(f"--time={math.ceil(time_min)}")
     if "SLURM_ARRAY_TASK_ID" in os.environ:
         command.append(f"--array={','.join(str(s) for s in shards)}")
     with submission_environment():
@@ -199,8 +207,14 @@ def finish(run_dir: str, exit_code: int, log_offset: int, shards: list[int]) -> 
     run = RunDir(run_dir)
     config = load_config(run.root / "config.yaml")
     exit_code, state = srun_outcome(exit_code, log_offset)
+
+    def resubmit(todo: list[int], delay_s: float) -> None:
+        sized = resubmission_config(config, run, todo)[0]
+        time_min = sized.slurm.time_min if sized.slurm.time_min < config.slurm.time_min else None
+        resubmit_self(todo, delay_s, time_min)
+
     return ledger.finish(
-        run, config.retry, shards, _key(), exit_code, scheduler_state=state, resubmit=resubmit_self
+        run, config.retry, shards, _key(), exit_code, scheduler_state=state, resubmit=resubmit
     )
 
 

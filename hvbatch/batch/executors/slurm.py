@@ -32,6 +32,7 @@ import submitit
 
 from hvbatch.batch import ledger
 from hvbatch.batch.attempt import AttemptKey, interruption_reason, parse_sacct_state, parse_srun_failure
+from hvbatch.batch.control.calibration import resubmission_config
 from hvbatch.batch.executors.base import (
     Executor,
     JobRecord,
@@ -42,6 +43,7 @@ from hvbatch.batch.executors.base import (
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import load_config
+from hvbatch.parallel.plan import slurm_mem_gb
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -170,8 +172,9 @@ class SlurmExecutor(SlurmQueue, Executor):
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(s, key):
                 params[f"slurm_{key}"] = getattr(s, key)
-        if s.mem_gb:
-            params["mem_gb"] = s.mem_gb
+        mem_gb = slurm_mem_gb(self.config)  # slurm.mem_gb, or the memory model's host memory per node
+        if mem_gb:
+            params["mem_gb"] = mem_gb
         if s.cpus_per_task:
             params["cpus_per_task"] = s.cpus_per_task
         executor.update_parameters(**params)
@@ -278,7 +281,8 @@ def finish_after_srun(run_dir: str, exit_code: int, log_offset: int) -> dict[int
 
     def resubmit(todo: list[int], delay_s: float) -> None:
         with submission_lock(run):
-            SlurmExecutor(run, config).submit(todo, delay_s=delay_s, manual=False)
+            sized = resubmission_config(config, run, todo)[0]  # walltime from the run's finished videos
+            SlurmExecutor(run, sized).submit(todo, delay_s=delay_s, manual=False)
 
     return ledger.finish(run, config.retry, shards, key, exit_code, scheduler_state=state, resubmit=resubmit)
 

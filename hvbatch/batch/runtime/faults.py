@@ -7,7 +7,10 @@ A spec is one or more faults separated by `;`, each a comma-separated list of `k
 - `action`: `raise` (RuntimeError), `oom` (torch.cuda.OutOfMemoryError), `nan` (the video's guidance
   becomes NaN, so the model itself produces NaN), `hang` (sleep forever), `exit` (os._exit(3)),
   `kill` (SIGKILL to itself), `write-error` (OSError while the mp4 is written), `slow` (a busy
-  rank: `seconds` of work at the step) and `slow-write` (`seconds` more to decode and write).
+  rank: `seconds` of work at the step), `slow-write` (`seconds` more to write the mp4, before the
+  encode starts) and `port-busy` (before the rendezvous the rank listens on the job's
+  MASTER_PORT itself, so rank 0's store cannot bind it: a port another process holds; matched by
+  `rank`, `attempt` and the job's first unfinished `shard`).
 - `rank` (default 0, or `all`), `shard`, `video` (position in the shard's file order, or the video id),
   `step` (denoising step, 1-based; default 1), `attempt` (shard attempt, 1-based): a key left out
   matches everything. `seconds` (default 30) is how long `slow` and `slow-write` take.
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
 import torch
 
-ACTIONS = ("raise", "oom", "nan", "hang", "exit", "kill", "write-error", "slow", "slow-write")
+ACTIONS = ("raise", "oom", "nan", "hang", "exit", "kill", "write-error", "slow", "slow-write", "port-busy")
 ENV_VAR = "HVBATCH_FAULT"
 EXIT_CODE = 3
 
@@ -137,12 +141,31 @@ class FaultInjector:
         faults = parse_faults(spec or "")
         return cls(tuple(faults)) if faults else None
 
+    def hold_port(self, addr: str, port: int, *, rank: int, shard: int, attempt: int) -> socket.socket | None:
+        """A listening socket on the rendezvous port when a `port-busy` fault matches (else None)."""
+        chosen = [
+            f
+            for f in self.faults
+            if f.action == "port-busy"
+            and (f.rank is None or f.rank == rank)
+            and (f.shard is None or f.shard == shard)
+            and (f.attempt is None or f.attempt == attempt)
+        ]
+        if not chosen:
+            return None
+        print(f"hvbatch: injecting fault {chosen[0]}", flush=True)
+        holder = socket.socket()
+        holder.bind((addr, port))
+        holder.listen()
+        return holder
+
     def for_video(
         self, *, rank: int, shard: int, video_index: int, video_id: str, attempt: int
     ) -> VideoFaults | None:
         chosen = tuple(
             f
             for f in self.faults
-            if f.matches(rank=rank, shard=shard, video_index=video_index, video_id=video_id, attempt=attempt)
+            if f.action != "port-busy"
+            and f.matches(rank=rank, shard=shard, video_index=video_index, video_id=video_id, attempt=attempt)
         )
         return VideoFaults(chosen) if chosen else None

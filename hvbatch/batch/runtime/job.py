@@ -10,6 +10,11 @@ its final name) while the next video denoises, then the `done` or `failed` row. 
 on any rank fails for the whole group; a failed video is tried again, in this job, until
 `retry.max_prompt_attempts`.
 
+Process groups are made once per member set for the whole job (`ProcessGroups`): a shard whose
+layout an earlier shard had reuses its groups. With `model.compile`, each shard first compiles
+its blocks with no collective (`runner.warm_up`) and the ranks meet through the heartbeat store,
+so uneven compile times never land inside a collective's timeout.
+
 The video's ranks share its VAE decode (`hvbatch.parallel.vae_decode`; the leader gets the frames).
 Every wait between ranks outside the denoising loop and that decode (the group agreeing after a
 video, the leader draining its writer, dp replicas meeting at the end of a shard) goes through
@@ -21,8 +26,11 @@ attempt: the error is recorded and the process exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import logging
 import os
+import socket
 import time
 import traceback
 from datetime import timedelta
@@ -31,7 +39,8 @@ from typing import Any
 import torch
 
 from hvbatch.batch import ledger
-from hvbatch.batch.attempt import ExitReason, RankErrorKind, VideoStatus
+from hvbatch.batch.attempt import AttemptKey, ExitReason, RankErrorKind, VideoStatus
+from hvbatch.batch.files import is_disk_full
 from hvbatch.batch.ledger import VideoHistory, record_rank_error, video_histories
 from hvbatch.batch.rundir import RunDir, shard_name
 from hvbatch.batch.runtime.faults import FaultInjector, VideoFaults
@@ -40,19 +49,24 @@ from hvbatch.batch.runtime.support import (
     JobIdentity,
     ShardProgress,
     Watchdog,
+    accept_final,
     choose_layout,
     commit_video,
     manifest_row,
     peak_memory_bytes,
     recover_orphans,
+    remove_dead_temporaries,
+    take_attention_fallbacks,
+    warm_up_inputs,
 )
 from hvbatch.batch.runtime.writer import COMMITTED_ELSEWHERE, VideoWriter, WriteOutcome, WriteRequest
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, load_config
-from hvbatch.parallel.dims import ParallelGroups, build_groups, destroy_groups
-from hvbatch.parallel.launch import RankSetup, setup_rank, teardown_rank
+from hvbatch.parallel.attention import resolve_comm_dtype
+from hvbatch.parallel.dims import ParallelDims, ParallelGroups, ProcessGroups
+from hvbatch.parallel.launch import DistEnv, RankSetup, dist_env_from, setup_rank, teardown_rank
 from hvbatch.parallel.liveness import Liveness, PeerLostError
-from hvbatch.parallel.runner import parallelize, unparallelize
+from hvbatch.parallel.runner import parallelize, unparallelize, warm_up
 from hvbatch.parallel.vae_decode import video_decoder
 from hvbatch.pipeline import Pipeline, Timings, decode_here
 from hvbatch.text import printable
@@ -73,8 +87,26 @@ def is_communication_error(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in text for m in (*COMMUNICATION_MARKERS, "nccl", "gloo"))
 
 
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (weights missing, corrupt or too large): no video's fault."""
+
+
+PORT_FAILURE_MARKERS = ("eaddrinuse", "address already in use", "eaddrnotavail", "failed to bind")
+
+
+def is_port_failure(err: BaseException) -> bool:
+    """The job's rendezvous port could not be bound (another process holds it)."""
+    if isinstance(err, OSError) and err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        return True
+    return any(marker in str(err).lower() for marker in PORT_FAILURE_MARKERS)
+
+
 def error_kind(err: BaseException) -> RankErrorKind:
     text = str(err).lower()
+    if is_disk_full(err):
+        return RankErrorKind.DISK_FULL
+    if isinstance(err, ModelLoadError):
+        return RankErrorKind.LOAD_FAILED
     if isinstance(err, PeerLostError):
         return RankErrorKind.PEER_LOST
     if is_communication_error(err):
@@ -97,6 +129,8 @@ class JobContext:
     watchdog: Watchdog
     liveness: Liveness | None
     load_seconds: float
+    groups: ProcessGroups
+    """The job's process groups, shared by every shard (one communicator per member set)."""
     prompts: PromptStore = dataclasses.field(default_factory=PromptStore)
     """Encoded prompts, kept for the job's lifetime (`Pipeline.encode_prompts`)."""
 
@@ -160,7 +194,7 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
         result = dict(status=VideoStatus.DONE, truncated=generated.truncated, frames=generated.frames)
         result |= dict(steps_computed=generated.steps_computed, steps_skipped=generated.steps_skipped)
     except PROMPT_ERRORS as err:
-        if is_communication_error(err):
+        if is_communication_error(err) or is_disk_full(err):
             raise
         logger.error("video %s failed:\n%s", printable(video["video_id"]), traceback.format_exc())
         result = dict(status=VideoStatus.FAILED, error=f"{type(err).__name__}: {err}")
@@ -257,12 +291,12 @@ def _leader_todo(
     progress: ShardProgress,
 ) -> list[int]:  # fmt: skip
     """The videos to try in this pass; those out of attempts get their final failed row here."""
-    run, retry, key = ctx.job.run, ctx.job.config.retry, ctx.job.identity.key
+    retry, key = ctx.job.config.retry, ctx.job.identity.key
     todo = []
     for index in mine:
         video = videos[index]
         history = histories.setdefault(video["video_id"], VideoHistory())
-        if history.done or history.final or run.video_path(video["video_id"]).exists():
+        if history.done or history.final or _has_whole_final(ctx, video):
             continue
         if history.attempts >= retry.max_prompt_attempts:
             history.final = True
@@ -280,6 +314,14 @@ def _leader_todo(
             continue
         todo.append(index)
     return todo
+
+
+def _has_whole_final(ctx: ShardContext, video: dict[str, Any]) -> bool:
+    """A final mp4 without a done row counts only if it is whole (else it goes to quarantine/)."""
+    job = ctx.job
+    if not os.path.lexists(job.run.video_path(video["video_id"])):
+        return False
+    return accept_final(job.run, video, sampling_for(video, job.config.sampling), job.identity.key)
 
 
 def _process_videos(ctx: ShardContext) -> ShardProgress:
@@ -349,6 +391,17 @@ def _attempt_number(run: RunDir, shard: int, identity: JobIdentity) -> int:
     return len(rows) + (0 if any(r["attempt_key"] == str(identity.key) for r in rows) else 1)
 
 
+def _remove_dead_temporaries(run: RunDir, shard: int, key: AttemptKey) -> None:
+    """Temporary files of the shard's attempts that have ended (a write killed half-way)."""
+    live = {str(key)} | {
+        row["attempt_key"] for row in run.metrics_rows(shard) if row["exit_reason"] == ExitReason.RUNNING
+    }
+    videos = run.read_shard(shard)["video_id"].to_pylist()
+    removed = remove_dead_temporaries(run, shard, videos, live)
+    if removed:
+        logger.info("%s: removed %d temporary files of ended attempts", shard_name(shard), len(removed))
+
+
 def _begin_row(job: JobContext, groups: ParallelGroups, attempt: int) -> dict[str, Any]:
     device = job.pipeline.device
     return {
@@ -365,20 +418,42 @@ def _begin_row(job: JobContext, groups: ParallelGroups, attempt: int) -> dict[st
     }
 
 
+def _warm_up_compiled(job: JobContext, shard: int, dims: ParallelDims, videos: list[dict[str, Any]]) -> None:
+    """`model.compile` with collectives: compile every rank's blocks before the first collective
+    (for the shard's largest video), then meet through the heartbeat store (no deadline while
+    peers are alive), so that no collective's timeout has to cover a compile."""
+    if not job.config.model.compile or dims.video == 1:
+        return
+    job.doing(f"{shard_name(shard)}: compiling the blocks")
+    largest = max(videos, key=lambda video: video["cost"])
+    sampling = sampling_for(largest, job.config.sampling)
+    batch = 2 if sampling.cfg_scale > 1 else 1
+    inputs = warm_up_inputs(job.pipeline.transformer, sampling, batch, job.pipeline.device)
+    start = time.perf_counter()
+    warm_up(job.pipeline.transformer, *inputs)
+    logger.info("%s: blocks compiled in %.1f s", shard_name(shard), time.perf_counter() - start)
+    job.exchange(f"{shard_name(shard)}.compiled", job.world_ranks)
+
+
 def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[str, Any]:
     run, key, rank = job.run, job.identity.key, job.rank
     shard_start = time.time()
-    dims = choose_layout(job.config, run.read_shard(shard), job.setup.env)
-    groups = build_groups(dims, rank, timedelta(seconds=job.config.parallel.timeout_s))
-    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups, job.config.parallel.comm_dtype)
+    videos = run.read_shard(shard)
+    dims = choose_layout(job.config, videos, job.setup.env)
+    groups = job.groups.for_layout(dims)  # made by the first shard with these member sets, then reused
+    local = job.setup.env.local_world_size if job.setup.env else 1
+    comm_dtype = resolve_comm_dtype(job.config.parallel.comm_dtype, dims, local)
+    job.pipeline.transformer = parallelize(job.pipeline.transformer, groups, comm_dtype)
     job.pipeline.decoder = video_decoder(groups) or decode_here  # the video's ranks share its decode
     if job.pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.pipeline.device)  # the shard's own peak
     try:
+        _warm_up_compiled(job, shard, dims, videos.to_pylist())
         attempt = _attempt_number(run, shard, job.identity)
         ctx = ShardContext(job, shard, groups, attempt)
         if rank == 0:
             ledger.reconcile(run, [shard], probe, key)
+            _remove_dead_temporaries(run, shard, key)
             ledger.begin(run, shard, key, _begin_row(job, groups, attempt) | {"started_at": shard_start})
             logger.info(
                 "%s %s (attempt %d): layout dp %d x cfg %d x ulysses %d x ring %d, attention %s",
@@ -388,27 +463,34 @@ def _run_one_shard(job: JobContext, shard: int, probe: ledger.JobProbe) -> dict[
         job.exchange(f"{shard_name(shard)}.begin", job.world_ranks)  # the ledger is up to date
         progress = _process_videos(ctx)
         job.doing(f"{shard_name(shard)} done, waiting for the other dp groups")
-        peaks = job.exchange(
-            f"{shard_name(shard)}.end", job.world_ranks, peak_memory_bytes(job.pipeline.device)
-        )
+        own = (peak_memory_bytes(job.pipeline.device), take_attention_fallbacks(job.pipeline.transformer))
+        ends = job.exchange(f"{shard_name(shard)}.end", job.world_ranks, own)
     finally:
         job.pipeline.transformer = unparallelize(job.pipeline.transformer)
         job.pipeline.decoder = decode_here
-    destroy_groups(groups)  # not after a failure: tearing down a broken group can block
     complete = False
     if rank == 0:
-        recover_orphans(run, shard, key)
+        recover_orphans(run, shard, key, job.config.sampling)
         wall = time.time() - shard_start
         measured = {
             "seconds_to_first_step": progress.first_step_at - shard_start if progress.first_step_at else None,
             "prompt_seconds": progress.seconds,
             "wall_seconds": wall,
             "gpu_seconds": wall * dims.world_size,
-            "peak_memory_bytes": [int(peaks[r]) for r in sorted(peaks)],
+            "peak_memory_bytes": [int(ends[r][0]) for r in sorted(ends)],
+            "attention_fallbacks": _merged_fallbacks([ends[r][1] for r in sorted(ends)]),
         }
-        ledger.end(run, shard, key, ExitReason.COMPLETED, None, measured)
-        complete = ledger.mark_complete_if_done(run, shard, key)
+        complete = ledger.complete(run, shard, key, measured)
     return {"shard": shard, "rank": rank, "videos": len(progress.seconds), "complete": complete}
+
+
+def _merged_fallbacks(per_rank: list[dict[str, int]]) -> str | None:
+    """Kernel fallbacks summed over the ranks, as JSON (None when no call fell back)."""
+    total: dict[str, int] = {}
+    for fallbacks in per_rank:
+        for reason, count in (fallbacks or {}).items():
+            total[reason] = total.get(reason, 0) + int(count)
+    return json.dumps(total, sort_keys=True) if total else None
 
 
 def _liveness(setup: RankSetup, config: Config, watchdog: Watchdog) -> Liveness | None:
@@ -429,21 +511,39 @@ def _liveness(setup: RankSetup, config: Config, watchdog: Watchdog) -> Liveness 
 def run_shards_job(
     run_dir: str, shards: list[int], probe: ledger.JobProbe, on_shard: Any = None
 ) -> list[dict[str, Any]]:
-    """Entry point of a job (called on every rank): load once, then work through `shards` in order."""
+    """Entry point of a job (called on every rank): load once, then work through `shards` in order.
+
+    Failures that are not a video's (the rendezvous port taken, the model not loading, a full
+    disk) are reported with their own kind, so the attempt ends with its own exit reason and
+    charges no video (see `ExitReason.charges_videos`).
+    """
     run = RunDir(run_dir)
     config = load_config(run.root / "config.yaml")
     identity = JobIdentity.from_environment()
-    setup = setup_rank(config.parallel, config.device)
-    watchdog = Watchdog(config.retry.stall_timeout_s, run, identity.key, setup.rank)
-    liveness = None
+    env = dist_env_from(os.environ)
+    rank = env.rank if env is not None else 0
+    watchdog = Watchdog(config.retry.stall_timeout_s, run, identity.key, rank)
+    setup = liveness = None
     failed = False
     try:
+        faults = FaultInjector.from_spec(config.fault)
+        held_port = _port_fault(faults, run, shards, identity, env)
+        try:
+            setup = setup_rank(config.parallel, config.device)
+        finally:
+            if held_port is not None:
+                held_port.close()
         liveness = _liveness(setup, config, watchdog)
         timings = Timings()
-        pipeline = Pipeline.load(config, timings, device=setup.device)
+        try:
+            pipeline = Pipeline.load(config, timings, device=setup.device)
+        except Exception as err:
+            raise ModelLoadError(f"loading the model failed: {type(err).__name__}: {err}") from err
+        world = setup.env.world_size if setup.env else 1
+        groups = ProcessGroups(world, setup.rank, timedelta(seconds=config.parallel.timeout_s))
         job = JobContext(
-            run, config, pipeline, setup, identity, FaultInjector.from_spec(config.fault), watchdog, liveness,
-            timings.seconds.get("load", 0.0),
+            run, config, pipeline, setup, identity, faults, watchdog, liveness,
+            timings.seconds.get("load", 0.0), groups,
         )  # fmt: skip
         watchdog.start()
         results = []
@@ -457,16 +557,42 @@ def run_shards_job(
         return results
     except Exception as err:
         failed = True
-        message = f"{type(err).__name__}: {err}"
-        if liveness is not None:
-            liveness.report_failure(message)
-        record_rank_error(run, identity.key, setup.rank, error_kind(err), message)
-        logger.error("rank %d: attempt %s failed:\n%s", setup.rank, identity.key, traceback.format_exc())
+        _report_failure(run, identity, rank, liveness, err, setup is None)
         raise
     finally:
         watchdog.stop()
         if liveness is not None:
             liveness.stop()
-        if not failed:  # after a failed collective, tearing the group down can block: just exit
+        if setup is not None and not failed:  # after a failed collective, tearing down can block
             teardown_rank(setup)
-        logger.debug("rank %d left after %.0f s", setup.rank, time.time() - PROCESS_START)
+        logger.debug("rank %d left after %.0f s", rank, time.time() - PROCESS_START)
+
+
+def _report_failure(
+    run: RunDir, identity: JobIdentity, rank: int, liveness: Liveness | None, err: Exception, in_setup: bool
+) -> None:
+    """Tell the peers and record the rank's error; a record that cannot be written (a full disk)
+    is logged: the exit status still says `disk-full` (`EXIT_DISK_FULL`)."""
+    message = f"{type(err).__name__}: {err}"
+    kind = error_kind(err)
+    if in_setup and is_port_failure(err):
+        kind = RankErrorKind.PORT_FAILED
+    if liveness is not None:
+        liveness.report_failure(message)
+    logger.error("rank %d: attempt %s failed (%s):\n%s", rank, identity.key, kind, traceback.format_exc())
+    try:
+        record_rank_error(run, identity.key, rank, kind, message)
+    except OSError as record_err:
+        logger.error("rank %d: could not record its error in %s: %s", rank, run.root, record_err)
+
+
+def _port_fault(
+    faults: FaultInjector | None, run: RunDir, shards: list[int], identity: JobIdentity, env: DistEnv | None
+) -> socket.socket | None:
+    """The `port-busy` fault: this rank holds the rendezvous port, as another process would."""
+    if faults is None or env is None:
+        return None
+    todo = [shard for shard in shards if shard not in run.completed_shards()]
+    shard = todo[0] if todo else -1
+    attempt = _attempt_number(run, shard, identity) if todo else 1
+    return faults.hold_port(env.master_addr, env.master_port, rank=env.rank, shard=shard, attempt=attempt)

@@ -1,29 +1,40 @@
-"""Pieces of the shard job: identity, layout, the video commit, manifest rows, metrics, watchdog."""
+"""Pieces of the shard job: identity, layout, the video commit and its checks, manifest rows, watchdog."""
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
+import re
 import resource
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from hvbatch.batch.attempt import EXIT_STALLED, AttemptKey, RankErrorKind, VideoStatus
-from hvbatch.batch.files import fsync_dir, fsync_file, write_parquet_atomic
+from hvbatch.batch.files import (
+    PRIVATE_DIR_MODE,
+    TMP_SUFFIX,
+    make_dirs,
+    write_exclusive,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from hvbatch.batch.ledger import record_rank_error
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir
+from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir, shard_name
 from hvbatch.batch.runtime.faults import VideoFaults
 from hvbatch.batch.summaries import shard_index, write_part_summary
 from hvbatch.batch.videos import sampling_for
-from hvbatch.config import Config, VideoConfig
+from hvbatch.config import Config, SamplingConfig, VideoConfig
+from hvbatch.mp4_check import InvalidVideo, check_mp4, check_mp4_file
 from hvbatch.parallel.dims import ParallelDims
 from hvbatch.parallel.launch import DistEnv
 from hvbatch.parallel.plan import plan_for_job
@@ -34,6 +45,8 @@ logger = logging.getLogger(__name__)
 PROCESS_START = time.time()
 ATTEMPT_KEY_VAR = "HVBATCH_ATTEMPT_KEY"
 SEGMENT_ROWS = 64
+DEFAULT_WARM_UP_TEXT_TOKENS = 77
+"""Text tokens of the compile warm-up: any length (the text length is a dynamic dimension)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,42 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def warm_up_inputs(
+    transformer: Any, sampling: SamplingConfig, batch: int, device: torch.device
+) -> tuple[Any, ...]:
+    """Forward arguments of the shapes a video of `sampling` gives the model (values meaningless):
+    what the compile warm-up runs before the first collective."""
+    from hvbatch.models.transformer import TextLengths
+    from hvbatch.sampling import embedded_guidance, latent_shape
+
+    config, dtype = transformer.config, transformer.compute_dtype
+    shape = latent_shape(sampling.height, sampling.width, sampling.num_frames, channels=config.in_channels)
+    text_len = DEFAULT_WARM_UP_TEXT_TOKENS
+    x = torch.zeros(batch, *shape, device=device, dtype=dtype)
+    t = torch.full((batch,), 900.0, device=device)
+    text = torch.zeros(batch, text_len, config.text_dim, device=device)
+    pooled = torch.zeros(batch, config.pooled_text_dim, device=device)
+    guidance = embedded_guidance(sampling.guidance_scale, batch, dtype, device)
+    return x, t, text, TextLengths((text_len,) * batch, text_len), pooled, guidance
+
+
+def take_attention_fallbacks(transformer: Any) -> dict[str, int]:
+    """Calls whose attention kernel fell back since the last call, by reason, over the kernels this
+    rank's model used (the counts are reset: each shard reports its own)."""
+    model = getattr(transformer, "model", transformer)
+    inner = getattr(transformer, "inner", None)
+    candidates = [getattr(model.attention_fn, "backend", None), getattr(transformer, "attention", None)]
+    candidates += [getattr(inner, "attention", None)]
+    backends = {id(b): b for b in (getattr(c, "backend", c) for c in candidates) if b is not None}
+    total: dict[str, int] = {}
+    for backend in backends.values():
+        for reason, count in getattr(backend, "fallbacks", {}).items():
+            total[reason] = total.get(reason, 0) + count
+        if hasattr(backend, "fallbacks"):
+            backend.fallbacks.clear()
+    return total
+
+
 def choose_layout(config: Config, videos: pa.Table, env: DistEnv | None) -> ParallelDims:
     """The planner's layout for this job's GPUs, sized for the shard's largest video."""
     world = env.world_size if env else 1
@@ -134,31 +183,93 @@ def commit_video(
     key: AttemptKey,
     faults: VideoFaults | None,
 ) -> bool:
-    """Encode to an attempt-unique temporary file, fsync it, then hard-link it to the final name.
+    """Encode to an attempt-unique temporary file, fsync it, read it back whole (`check_mp4`: every
+    frame, the size), then hard-link it to the final name. A failed, killed or short encode raises
+    (the video fails and is retried) and leaves no final name; a full disk raises OSError(ENOSPC).
 
     False when another attempt committed the video first (the link refuses to replace a file).
     """
-    final = run.video_path(video_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.{key}.{os.getpid()}.tmp.mp4")
-    try:
-        encode_mp4(frames, tmp, video)
+    num_frames, height, width = frames.shape[:3]
+
+    def encode(handle: BinaryIO) -> None:
         if faults is not None:
             faults.at_write()
-        fsync_file(tmp)  # a node crash must never leave a short file under the final name
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            logger.warning("video %s was committed by another attempt; keeping that one", printable(video_id))
-            return False
-        except OSError:  # no hard links on this filesystem: rename, unless the final name exists
-            if final.exists():
-                return False
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
+        encode_mp4(frames, handle, video)
+
+    def check(handle: BinaryIO) -> None:
+        check_mp4(handle, frames=num_frames, width=width, height=height)
+
+    committed = write_exclusive(run.video_path(video_id), encode, tag=str(key), check=check)
+    if not committed:
+        logger.warning("video %s was committed by another attempt; keeping that one", printable(video_id))
+    return committed
+
+
+def accept_final(run: RunDir, video: dict[str, Any], sampling: SamplingConfig, key: AttemptKey) -> bool:
+    """Whether the video's final mp4 exists and is whole; one that is not is moved to quarantine/."""
+    path = run.video_path(video["video_id"])
+    try:
+        check_mp4_file(path, frames=sampling.num_frames, width=sampling.width, height=sampling.height)
         return True
-    finally:
-        tmp.unlink(missing_ok=True)
+    except FileNotFoundError:
+        return False
+    except (InvalidVideo, OSError) as err:
+        if not os.path.lexists(path):
+            return False
+        moved = quarantine(run, path, f"{type(err).__name__}: {err}", key)
+        logger.warning(
+            "video %s: its mp4 is not whole (%s); moved to %s", printable(video["video_id"]), err, moved
+        )
+        return False
+
+
+def remove_dead_temporaries(run: RunDir, shard: int, videos: list[str], live_keys: set[str]) -> list[Path]:
+    """Temporary files of the shard left by attempts that have ended (killed mid-write): hidden
+    temporary mp4s in videos/ and the ledger's temporaries in manifest/ and metrics/. Those of
+    attempts in `live_keys` (this one, a straggler still running) are kept."""
+    removed = []
+    names = {run.video_path(video_id).name for video_id in videos}
+    for folder in ("videos", "manifest", "metrics"):
+        for path in _hidden_temporaries(run.root / folder):
+            owner = _temporary_owner(path.name, names if folder == "videos" else None, shard)
+            if owner is not None and owner not in live_keys:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def _hidden_temporaries(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [
+        folder / e.name for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(TMP_SUFFIX)
+    ]
+
+
+_KEY_IN_NAME = re.compile(r"(job[^.\s]+\.[ra]\d+)\.")
+
+
+def _temporary_owner(name: str, videos: set[str] | None, shard: int) -> str | None:
+    """The attempt key a temporary file of this shard belongs to, or None (another shard's, or unknown)."""
+    if videos is not None:  # `.<video file>.<key>.<host>.<pid>.<random>.tmp`
+        video = next((v for v in videos if name.startswith(f".{v}.")), None)
+        match = _KEY_IN_NAME.match(name, len(video) + 2) if video else None
+    else:  # `.shard-NNNNN.<key>.<rest of the part's name>.<host>.<pid>.<random>.tmp`
+        prefix = f".{shard_name(shard)}."
+        match = _KEY_IN_NAME.match(name, len(prefix)) if name.startswith(prefix) else None
+    return match.group(1) if match else None
+
+
+def quarantine(run: RunDir, path: Path, reason: str, key: AttemptKey) -> Path:
+    """Move a run file that must not count (an mp4 that is not whole) to quarantine/, with a
+    `<name>.json` record of where it was and why."""
+    target = run.root / "quarantine" / f"{path.name}.{key}.{int(time.time())}{path.suffix}"
+    make_dirs(target.parent, PRIVATE_DIR_MODE)
+    os.replace(path, target)
+    record = {"file": str(path.relative_to(run.root)), "reason": reason, "attempt_key": str(key)}
+    write_json_atomic(target.with_name(f"{target.name}.json"), record | {"at": time.time()})
+    return target
 
 
 def manifest_row(video: dict[str, Any], shard: int, key: AttemptKey, **result: Any) -> dict[str, Any]:
@@ -173,15 +284,18 @@ def manifest_row(video: dict[str, Any], shard: int, key: AttemptKey, **result: A
     return row
 
 
-def recover_orphans(run: RunDir, shard: int, key: AttemptKey) -> None:
-    """A final mp4 without a done row (its attempt died between the link and the row): record it."""
+def recover_orphans(run: RunDir, shard: int, key: AttemptKey, defaults: SamplingConfig) -> None:
+    """A final mp4 without a done row (its attempt died between the link and the row): record it
+    if it is whole, else move it to quarantine/ (the video is made again)."""
     rows = run.manifest_rows(shard)
     done = {r["video_id"] for r in rows.to_pylist() if r["status"] == VideoStatus.DONE}
     videos = run.read_shard(shard).to_pylist()
     orphans = [
         video
         for video in videos
-        if video["video_id"] not in done and run.video_path(video["video_id"]).is_file()
+        if video["video_id"] not in done
+        and os.path.lexists(run.video_path(video["video_id"]))
+        and accept_final(run, video, sampling_for(video, defaults), key)
     ]
     if not orphans:
         return

@@ -7,7 +7,8 @@ temporary name, fsync, hard link: `support.commit_video`) and then the request's
 outcome, in the worker thread, so a video's manifest row follows its link at once. A write that
 fails is an outcome (`failed`, retried like any failed video); an `on_done` that raises (the
 manifest cannot be written) stops the writer and is raised by the next `submit` or `drain`, which
-ends the attempt. With `background=False` each `submit` writes at once, with the same outcomes.
+ends the attempt; so does a write that finds the disk full (no video's fault). With
+`background=False` each `submit` writes at once, with the same outcomes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hvbatch.batch.attempt import VideoStatus
+from hvbatch.batch.files import is_disk_full
 from hvbatch.batch.runtime.faults import VideoFaults
 from hvbatch.text import printable
 
@@ -150,6 +152,9 @@ class VideoWriter:
             status, error = (VideoStatus.DONE if committed else COMMITTED_ELSEWHERE), None
         except Exception as err:  # the video failed, not the attempt: retried like any failed video
             logger.error("writing video %s failed:\n%s", printable(request.video_id), traceback.format_exc())
+            if is_disk_full(err):  # not the video's fault, and the next write would fail too
+                self._stop(err)
+                return
             status, error = VideoStatus.FAILED, f"{type(err).__name__}: {err}"
         seconds = time.perf_counter() - start
         self.write_seconds += seconds
@@ -158,6 +163,10 @@ class VideoWriter:
         except Exception as err:  # handed to the caller's thread
             video = printable(request.video_id)
             logger.error("recording video %s failed:\n%s", video, traceback.format_exc())
-            with self._cond:
-                self._error = err
-                self._cond.notify_all()
+            self._stop(err)
+
+    def _stop(self, err: BaseException) -> None:
+        """Hand `err` to the caller's thread, which ends the attempt."""
+        with self._cond:
+            self._error = err
+            self._cond.notify_all()
