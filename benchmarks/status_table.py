@@ -179,7 +179,7 @@ def time_status(args: argparse.Namespace) -> None:
         state = "complete" if args.complete else "open"
         parts = num_shards * args.parts_per_shard
         print(f"built {num_shards:,} {state} shards, {parts:,} parts in {time.perf_counter() - start:.0f} s")
-        for call in ("first", "second"):
+        for call in ("first", "second")[: args.calls]:
             cmd = [sys.executable, __file__, "child-status", str(run.root)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.splitlines()[-1])
@@ -239,6 +239,7 @@ def main() -> None:
     status.add_argument("--parts-per-shard", type=int, default=16)
     status.add_argument("--videos-per-part", type=int, default=48)
     status.add_argument("--complete", action="store_true")
+    status.add_argument("--calls", type=int, default=2, choices=[1, 2], help="1: the first call only")
     status.add_argument("--tmp", default="/tmp")
     poll = sub.add_parser("poll")
     poll.add_argument("--shards", type=int, default=3000)

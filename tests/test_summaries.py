@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -22,8 +23,8 @@ from hvbatch.batch.executors.base import JobRecord, record_submission
 from hvbatch.batch.executors.local import process_identity
 from hvbatch.batch.files import read_parquet, write_parquet_atomic
 from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir
-from hvbatch.batch.runtime.support import ShardProgress, manifest_row, recover_orphans
-from hvbatch.config import RetryConfig, load_config
+from hvbatch.batch.runtime.support import ShardProgress, commit_video, manifest_row, recover_orphans
+from hvbatch.config import RetryConfig, SamplingConfig, VideoConfig, load_config
 from tests.fault_helpers import write_prompts
 
 KEY = AttemptKey.parse("job7.r0")
@@ -83,9 +84,9 @@ def test_every_writer_leaves_a_summary_its_part_agrees_with(tmp_path: Path) -> N
     )
     progress.put(videos[2]["video_id"], _row(videos[2], 0, VideoStatus.STARTED))
     ledger.begin(run, 1, KEY, {"node": "n1"})
-    run.video_path(_videos(run, 1)[0]["video_id"]).parent.mkdir(exist_ok=True)
-    run.video_path(_videos(run, 1)[0]["video_id"]).write_bytes(b"an orphan")
-    recover_orphans(run, 1, KEY)
+    frames = np.zeros((5, 48, 64, 3), np.uint8)  # an mp4 linked by an attempt that died before its row
+    assert commit_video(run, _videos(run, 1)[0]["video_id"], frames, VideoConfig(), KEY, None)
+    recover_orphans(run, 1, KEY, SamplingConfig())
     ledger.give_up(run, 2, KEY, "gave up after 3 attempts")
     ledger.end(run, 1, KEY, ExitReason.CRASH, "killed")
 
