@@ -1,9 +1,9 @@
 """A prompt file validated in one streamed read, keeping only what sharding needs.
 
-`read_prompts` returns every video as a table (about 500 bytes a video in memory with its Python
+`read_prompts` returns every video as a table (500 to 800 bytes a video in memory with its Python
 and Arrow overheads). `index_prompts` reads the file batch by batch with the same checks and
-keeps, per row, its prompt id (8 bytes when it is a hash) and its number of videos, and per video
-its cost: about 30 bytes a video. The dry run needs nothing more; `submit` reads the file a second
+keeps, per row, its prompt id (8 bytes when it is a hash), its number of videos and its videos'
+cost: about 20 bytes a row. The dry run needs nothing more; `submit` reads the file a second
 time (`PromptIndex.video_batches`) to write the frozen shards, with the ids of the first read.
 The shards are those `shard_videos` makes of `read_prompts`' table: same videos, same order.
 """
