@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 WORDS = ("a", "red", "fox", "cat", "dog", "walks", "runs", "in", "the", "snow", "rain", "city")
 WORDS += ("forest", "at", "night", "dawn", "slowly", "cinematic")
 CHUNK_ROWS = 1_000_000
-OVERRIDES = ["slurm.time_min=1440"]
+OVERRIDES = ["slurm.time_min=1440", "batch.seconds_per_cost_unit=3.3e-4"]
+"""A walltime and a figure both versions read alike (the calibrated default came later)."""
 
 
 def write_prompts(path: Path, rows: int, seed: int = 0) -> None:
