@@ -9,6 +9,7 @@ BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2
 a terminal shows (a "Trojan Source" id reads differently from what it is)."""
 
 _UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{BIDI_CONTROLS}]")
+_UNSAFE_BUT_NEWLINE = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f{BIDI_CONTROLS}]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -24,4 +25,7 @@ def printable(text: object) -> str:
 
 def printable_lines(text: object) -> str:
     """Like `printable`, but line breaks stay line breaks (multi-line messages)."""
-    return "\n".join(printable(line) for line in str(text).split("\n"))
+    text = str(text)
+    if not _UNSAFE_BUT_NEWLINE.search(text):  # one scan of a long text (status --json of 100k shards)
+        return text
+    return "\n".join(printable(line) for line in text.split("\n"))

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -47,6 +48,7 @@ from hvbatch.batch.rundir import (
     read_marker,
     shard_name,
 )
+from hvbatch.batch.summaries import shard_index, write_metrics_summary, write_part_summary
 from hvbatch.config import RetryConfig
 
 logger = logging.getLogger(__name__)
@@ -173,9 +175,13 @@ def begin(run: RunDir, shard: int, key: AttemptKey, row: dict[str, Any]) -> None
     fields = row | {"shard": shard, "attempt_key": str(key), "job_id": key.job_id}
     fields |= {"exit_reason": str(ExitReason.RUNNING), "exit_detail": None}
     fields.setdefault("started_at", time.time())
-    write_parquet_atomic(
-        run.metrics_part(shard, str(key)), pa.Table.from_pylist([fields], schema=METRICS_SCHEMA)
-    )
+    _write_metrics(run.metrics_part(shard, str(key)), fields)
+
+
+def _write_metrics(path: Path, row: dict[str, Any]) -> None:
+    table = pa.Table.from_pylist([row], schema=METRICS_SCHEMA)
+    write_parquet_atomic(path, table)
+    write_metrics_summary(path, table)
 
 
 def end(
@@ -197,7 +203,7 @@ def end(
         row = {"shard": shard, "attempt_key": str(key), "job_id": key.job_id, "started_at": time.time()}
     row |= measured or {}
     row |= {"exit_reason": str(reason), "exit_detail": detail, "finished_at": time.time()}
-    write_parquet_atomic(path, pa.Table.from_pylist([row], schema=METRICS_SCHEMA))
+    _write_metrics(path, row)
 
 
 def interrupt(run: RunDir, shards: list[int], key: AttemptKey, reason: ExitReason, detail: str) -> None:
@@ -285,7 +291,8 @@ def give_up(run: RunDir, shard: int, key: AttemptKey, why: str) -> None:
     """Attempts used up: every video without a done or final row gets a final failed row."""
     histories = video_histories(run, shard, None)
     rows = []
-    for video in run.read_shard(shard).to_pylist():
+    videos = run.read_shard(shard).to_pylist()
+    for video in videos:
         history = histories.get(video["video_id"], VideoHistory())
         if history.done or history.final:
             continue
@@ -297,7 +304,9 @@ def give_up(run: RunDir, shard: int, key: AttemptKey, why: str) -> None:
         rows.append(row)
     if rows:
         path = run.manifest_part(shard, str(key), 0, suffix="gave-up")
-        write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+        write_parquet_atomic(path, table)
+        write_part_summary(path, table, shard_index([video["video_id"] for video in videos]))
     mark_complete_if_done(run, shard, key)
 
 

@@ -30,6 +30,7 @@ import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -137,10 +138,13 @@ def gpu_seconds_per_cost(config: Config, run: RunDir | None = None) -> float:
     return rate_for(config, run).seconds_per_cost_unit * (2 if config.sampling.cfg_scale > 1.0 else 1)
 
 
-def job_plan(config: Config, videos: pa.Table) -> ParallelPlan:
-    """The layout a shard job will use: planned for one job's GPUs and the largest video."""
-    largest = pc.index(videos["cost"], pc.max(videos["cost"])).as_py()
-    sampling = sampling_for(videos.slice(largest, 1).to_pylist()[0], config.sampling)
+def job_plan(config: Config, videos: pa.Table | dict[str, Any]) -> ParallelPlan:
+    """The layout a shard job will use: planned for one job's GPUs and the largest video (of a
+    videos table, or that video's row itself: `PromptIndex.largest`)."""
+    if isinstance(videos, pa.Table):
+        largest = pc.index(videos["cost"], pc.max(videos["cost"])).as_py()
+        videos = videos.slice(largest, 1).to_pylist()[0]
+    sampling = sampling_for(videos, config.sampling)
     return plan_for_job(config, sampling, config.slurm.tasks_per_node, config.slurm.nodes)
 
 

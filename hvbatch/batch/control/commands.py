@@ -23,9 +23,10 @@ from hvbatch.batch.control.calibration import (
     gpu_seconds_per_cost,
     job_plan,
 )
+from hvbatch.batch.control.frozen import ShardTables, StreamedShards, write_frozen_inputs
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
-from hvbatch.batch.control.prompts import read_prompts
-from hvbatch.batch.control.shards import max_shard_cost_for_walltime, shard_summary, shard_videos
+from hvbatch.batch.control.prompt_index import PromptIndex, index_prompts
+from hvbatch.batch.control.shards import ShardLayout, max_shard_cost_for_walltime, shard_videos
 from hvbatch.batch.control.status import format_status, run_status, video_table
 from hvbatch.batch.executors import sbatch as sbatch_jobs
 from hvbatch.batch.executors.base import latest_records
@@ -53,19 +54,28 @@ LARGE_BATCH_VIDEOS = 100_000  # a dry run above either size warns
 LARGE_BATCH_GPU_HOURS = 10_000.0
 
 
-def plan_shards(config: Config, videos: pa.Table, plan: ParallelPlan) -> list[pa.Table]:
+def max_shard_cost(config: Config, plan: ParallelPlan) -> float:
     b = config.batch
     # A group of `plan.group` GPUs (cfg x ulysses x ring) makes one video that much faster.
-    max_cost = max_shard_cost_for_walltime(
+    return max_shard_cost_for_walltime(
         config.slurm.time_min, gpu_seconds_per_cost(config) / plan.group, plan.dp, b.reserve_s
     )
-    return shard_videos(videos, max_shard_cost=max_cost, min_shards=b.min_shards)
 
 
-def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards: list[pa.Table]) -> None:
-    total_cost = float(pc.sum(videos["cost"]).as_py())
-    gpu_hours = total_cost * gpu_seconds_per_cost(config) / 3600.0
-    print(f"{videos.num_rows} videos in {len(shards)} shards (one {config.slurm.nodes}-node job each)")
+def plan_shards(config: Config, videos: pa.Table, plan: ParallelPlan) -> list[pa.Table]:
+    limit = max_shard_cost(config, plan)
+    return shard_videos(videos, max_shard_cost=limit, min_shards=config.batch.min_shards)
+
+
+def plan_layout(config: Config, index: PromptIndex, plan: ParallelPlan) -> ShardLayout:
+    """`plan_shards` for a streamed prompt file: the same shards, as arrays."""
+    return index.layout(max_shard_cost=max_shard_cost(config, plan), min_shards=config.batch.min_shards)
+
+
+def _print_dry_run(config: Config, index: PromptIndex, plan: ParallelPlan, layout: ShardLayout) -> None:
+    num_videos = index.num_videos
+    gpu_hours = index.total_cost * gpu_seconds_per_cost(config) / 3600.0
+    print(f"{num_videos} videos in {layout.num_shards} shards (one {config.slurm.nodes}-node job each)")
     print(format_plan(plan))
     rate = configured_rate(config)
     branches = " x 2 CFG branches" if config.sampling.cfg_scale > 1.0 else ""
@@ -73,24 +83,24 @@ def _print_dry_run(config: Config, videos: pa.Table, plan: ParallelPlan, shards:
         f"estimated GPU-hours: {gpu_hours:,.1f} ({rate.seconds_per_cost_unit:.3g} GPU-s per token-step, "
         f"{rate.source}{branches})"
     )
-    if videos.num_rows > LARGE_BATCH_VIDEOS or gpu_hours > LARGE_BATCH_GPU_HOURS:
+    if num_videos > LARGE_BATCH_VIDEOS or gpu_hours > LARGE_BATCH_GPU_HOURS:
         print(
-            f"warning: a very large batch ({videos.num_rows:,} videos, {gpu_hours:,.0f} GPU-hours): check "
+            f"warning: a very large batch ({num_videos:,} videos, {gpu_hours:,.0f} GPU-hours): check "
             "the prompts file (num_videos, height / width / num_frames columns) and the config's sampling "
             "sizes before submitting"
         )
     if config.sampling.cache != "none":
-        costs, thresholds = videos["cost"].to_pylist(), videos["cache_threshold"].to_pylist()
+        thresholds, costs = zip(*sorted(index.cost_by_threshold.items()), strict=True)
         figures = family_of(config.model).step_cache
-        print(saving_line(config.sampling.cache, gpu_hours, costs, thresholds, figures))
-    summary = shard_summary(shards)
+        print(saving_line(config.sampling.cache, gpu_hours, list(costs), list(thresholds), figures))
+    summary = layout.summary()
     for entry in summary[:20]:
         print(f"  shard {entry['index']:>5}: {entry['num_videos']} videos, cost {entry['cost']:.3g}")
     for entry in summary:
         if entry["warning"]:
             print(f"warning: shard {entry['index']}: {entry['warning']}")
-    if len(shards) > 20:
-        print(f"  ... {len(shards) - 20} more shards")
+    if layout.num_shards > 20:
+        print(f"  ... {layout.num_shards - 20} more shards")
 
 
 def _default_run_dir(prompts: Path) -> Path:
@@ -173,26 +183,20 @@ def claim_run_dir(run: RunDir) -> None:
     run.root.chmod(PRIVATE_DIR_MODE)  # submitit's pickles in here are code the jobs execute
 
 
-def create_run(run: RunDir, config: Config, prompts: Path, shards: list[pa.Table], executor: str) -> None:
+def create_run(
+    run: RunDir, config: Config, prompts: Path, shards: list[pa.Table] | StreamedShards, executor: str
+) -> None:
+    """Claim the run directory and write the run's frozen inputs, config and (last) `run.json`."""
+    frozen = shards if isinstance(shards, StreamedShards) else ShardTables(shards)
     claim_run_dir(run)
-    for index, shard in enumerate(shards):
-        write_parquet_atomic(run.shard_path(index), shard)
-    write_parquet_atomic(
-        run.videos_path,
-        pa.concat_tables(
-            shard.select(["video_id", "prompt", "seed"]).append_column(
-                "shard", pa.array([index] * shard.num_rows, pa.int32())
-            )
-            for index, shard in enumerate(shards)
-        ),
-    )
+    write_frozen_inputs(run, frozen)
     save_config(config, run.root / "config.yaml")
     write_json_atomic(
         run.run_json,
         {
             "prompts": str(prompts.resolve()),
-            "num_shards": len(shards),
-            "num_videos": sum(s.num_rows for s in shards),
+            "num_shards": frozen.num_shards,
+            "num_videos": frozen.num_videos,
             "executor": executor,
             "created_at": time.time(),
         },
@@ -231,9 +235,9 @@ def _wait_or_stop(run: RunDir) -> int:
 
 def dry_run(config: Config, prompts: str | Path) -> int:
     """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
-    videos = read_prompts(Path(prompts), config.sampling, family_of(config.model).geometry)
-    plan = job_plan(config, videos)
-    _print_dry_run(config, videos, plan, plan_shards(config, videos, plan))
+    index = index_prompts(Path(prompts), config.sampling, family_of(config.model).geometry)
+    plan = job_plan(config, index.largest)
+    _print_dry_run(config, index, plan, plan_layout(config, index, plan))
     return 0
 
 
@@ -242,23 +246,23 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(config, args.prompts)
     prompts = Path(args.prompts)
-    videos = read_prompts(prompts, config.sampling, family_of(config.model).geometry)  # validates all first
+    index = index_prompts(prompts, config.sampling, family_of(config.model).geometry)  # validates all first
     run = RunDir(args.run_dir or _default_run_dir(prompts))
     check_run_dir_name(run.root)
     kind = resolve_executor(args.executor or config.batch.executor)
-    plan = job_plan(config, videos)
-    shards = plan_shards(config, videos, plan)
-    create_run(run, config, prompts, shards, kind)
-    records = executor_for(kind, run, config).submit(list(range(len(shards))))
+    plan = job_plan(config, index.largest)
+    layout = plan_layout(config, index, plan)
+    create_run(run, config, prompts, StreamedShards(index, layout), kind)
+    records = executor_for(kind, run, config).submit(list(range(layout.num_shards)))
     jobs = ", ".join(sorted({r.job_id for r in records}))
-    print(f"run {run.root}: {videos.num_rows} videos, {len(shards)} shards, {kind} jobs {jobs}")
+    print(f"run {run.root}: {index.num_videos} videos, {layout.num_shards} shards, {kind} jobs {jobs}")
     return _wait_or_stop(run) if args.wait else 0
 
 
 def run_status_command(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir).require()
     status = run_status(run)
-    text = json.dumps(status.to_dict(), indent=2) if args.json else format_status(run, status)
+    text = status.to_json() if args.json else format_status(run, status)
     print(printable_lines(text))
     return 0
 

@@ -39,8 +39,9 @@ import difflib
 import hashlib
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hvbatch.batch.control.prompt_ids import Problems as _Problems
+from hvbatch.batch.control.prompt_ids import PromptFileError, PromptIds, hex_ids
 from hvbatch.config import SamplingConfig
 from hvbatch.models.family import LatentGeometry, default_preset, family_for_preset
 
@@ -72,7 +75,6 @@ geometry (`LatentGeometry.image_tokens`; for the released models ((num_frames-1)
 x height/16 x width/16)."""
 
 BATCH_ROWS = 65_536
-SHOW_ROWS = 5
 MAX_ID_BYTES = 200
 MAX_VIDEOS = 100_000
 """Most videos one row may ask for (a guard against a typo expanding into billions of rows)."""
@@ -84,76 +86,6 @@ _ALIASES |= {"negative": "negative_prompt", "negprompt": "negative_prompt", "gui
 _ALIASES |= {"shift": "flow_shift", "promptid": "id", "videosperprompt": "num_videos", "text": "prompt"}
 _ALIASES |= {"caption": "prompt"}
 _PER_BATCH = {"cfg_scale": "a per-batch setting: set sampling.cfg_scale in the config instead"}
-
-
-class PromptFileError(ValueError):
-    """A prompt file that cannot be used; `problems` lists every problem, each naming file and column."""
-
-    def __init__(self, path: str | Path, problems: list[str]) -> None:
-        self.path = str(path)
-        self.problems = list(problems)
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(f"{count} in prompt file {self.path}:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def _listed(rows: list[int], count: int | None = None) -> str:
-    """`1, 4, 9, 17, 20, ... (95 more)`: the first SHOW_ROWS row numbers of `count` (default len(rows))."""
-    more = (len(rows) if count is None else count) - min(len(rows), SHOW_ROWS)
-    return ", ".join(map(str, rows[:SHOW_ROWS])) + f", ... ({more:,} more)" * (more > 0)
-
-
-@dataclass
-class _Problem:
-    where: str
-    what: str
-    count: int = 0
-    rows: list[int] = field(default_factory=list)
-    detail: str = ""
-
-
-class _Problems:
-    """Problems keyed by (where, what); row numbers merge across batches (first few kept, all counted)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        self._items: dict[tuple[str, str], _Problem] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
-    def add(self, where: str, what: str, rows: np.ndarray | None = None, detail: str = "") -> None:
-        item = self._items.setdefault((where, what), _Problem(where, what, detail=detail))
-        if rows is not None:
-            item.count += len(rows)
-            item.rows += [int(r) for r in rows[: SHOW_ROWS - len(item.rows)]]
-
-    def add_mask(
-        self, where: str, what: str, mask: np.ndarray, offset: int, hint: Callable[[int], str] | None = None
-    ) -> None:
-        """Rows `offset + i` where `mask[i]`; `hint(i)` gives the nearest valid values for the first one."""
-        local = np.flatnonzero(mask)
-        if local.size:
-            first = (where, what) not in self._items
-            detail = (
-                f"nearest valid for row {offset + local[0]}: {hint(int(local[0]))}" if hint and first else ""
-            )
-            self.add(where, what, local + offset, detail)
-
-    def messages(self) -> list[str]:
-        out = []
-        for p in self._items.values():
-            if not p.count:
-                out.append(f"{self.path}: {p.where}: {p.what}")
-                continue
-            noun = "row" if p.count == 1 else "rows"
-            shown = _listed(p.rows, p.count)
-            detail = f"; {p.detail}" if p.detail else ""
-            out.append(f"{self.path}: {p.where}: {p.count:,} {noun} {p.what} ({noun} {shown}{detail})")
-        return out
-
-    def raise_if_any(self) -> None:
-        if self._items:
-            raise PromptFileError(self.path, self.messages())
 
 
 # ----------------------------------------------------------------------------------------- columns
@@ -321,6 +253,8 @@ class _Batch:
     ids: pa.Array
     explicit: np.ndarray
     """True where the id was given in the file (else hashed)."""
+    hashes: np.ndarray
+    """uint64 key of each hashed id (`_hash_ids`); 0 where the id was given."""
 
 
 def _text(arr: pa.Array) -> pa.Array:
@@ -354,11 +288,15 @@ def _check_ids(ids: pa.Array, offset: int, problems: _Problems) -> None:
     problems.add_mask(where, f"longer than {MAX_ID_BYTES} bytes", long, offset)
 
 
-def _canonical(columns: dict[str, pa.Array]) -> pa.Array:
-    """One string per row encoding its hashed content unambiguously (texts are length-prefixed)."""
-    parts = [pa.array(["v1"] * len(columns["prompt"]), pa.string())]
+def _canonical(columns: dict[str, pa.Array | None]) -> pa.Array:
+    """One string per row encoding its hashed content unambiguously (texts are length-prefixed);
+    a column that is None (missing from the file) is null in every row."""
+    parts: list[pa.Array | pa.Scalar] = [pa.scalar("v1")]
     for name in HASHED_COLUMNS:
         arr = columns[name]
+        if arr is None:
+            parts.append(pa.scalar("~"))
+            continue
         if name in TEXT_COLUMNS:
             arr = pc.binary_join_element_wise(pc.cast(pc.binary_length(arr), pa.string()), arr, ":")
         parts.append(pc.fill_null(pc.cast(arr, pa.string()), "~"))
@@ -370,36 +308,61 @@ def _canonical(columns: dict[str, pa.Array]) -> pa.Array:
     return pc.if_else(threshold.is_valid(), with_threshold, joined)
 
 
-def _hash_ids(canonical: pa.Array) -> pa.Array:
-    """First 16 hex digits of BLAKE2b(canonical) per row, as a string array."""
+def _hash_ids(canonical: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """First 16 hex digits of BLAKE2b(canonical) per row, as a string array and as uint64 keys
+    (the same digits as a number: the keys sort as the strings do)."""
     start = canonical.offset
     offsets = np.frombuffer(canonical.buffers()[1], np.int32)[start : start + len(canonical) + 1].tolist()
     data = canonical.buffers()[2].to_pybytes() if canonical.buffers()[2] else b""
-    b2 = hashlib.blake2b
-    digests = b"".join([b2(data[a:b], digest_size=8).digest() for a, b in itertools.pairwise(offsets)])
-    hexed = pa.py_buffer(digests.hex().encode())
-    ends = pa.py_buffer(np.arange(0, 16 * len(canonical) + 1, 16, dtype=np.int32).tobytes())
-    return pa.Array.from_buffers(pa.string(), len(canonical), [None, ends, hexed])
+    new, digests = hashlib.blake2b(digest_size=8).copy, []  # copying a hash: no keyword parsing
+    append = digests.append
+    for a, b in itertools.pairwise(offsets):
+        h = new()
+        h.update(data[a:b])
+        append(h.digest())
+    joined = b"".join(digests)
+    return hex_ids(joined), np.frombuffer(joined, ">u8").astype(np.uint64)
 
 
 def _read_batch(
-    batch: pa.RecordBatch, offset: int, defaults: SamplingConfig, used: dict[str, int], problems: _Problems,
+    batch: pa.RecordBatch,
+    offset: int,
+    defaults: SamplingConfig,
+    used: dict[str, int],
+    problems: _Problems,
     geometry: LatentGeometry,
-) -> _Batch:  # fmt: skip
-    """Validate one batch, fill defaults (counting their use in `used`), and make every row's id."""
+    ids: pa.Array | None = None,
+) -> _Batch:
+    """Validate one batch, fill defaults (counting their use in `used`), and make every row's id.
+
+    `ids`: the rows' ids when they are known already (a second read of a validated file), which
+    skips making them and the checks of the values; their `hashes` are then not set (zeros)."""
     n = batch.num_rows
-    col = lambda name: batch.column(name) if name in batch.schema.names else pa.nulls(n)
-    prompt = _text(col("prompt"))
-    bad = _check_prompts(prompt, offset, problems) if "prompt" in batch.schema.names else np.ones(n, bool)
-    hashed: dict[str, pa.Array] = {"prompt": prompt, "negative_prompt": _text(col("negative_prompt"))}
-    used["negative_prompt"] = used.get("negative_prompt", 0) + hashed["negative_prompt"].null_count
+    names = batch.schema.names
+    check = ids is None
+    col = lambda name: batch.column(name) if name in names else None
+    prompt = _text(col("prompt")) if "prompt" in names else pa.nulls(n, pa.string())
+    bad = _check_prompts(prompt, offset, problems) if "prompt" in names and check else np.ones(n, bool)
+    negative = _text(col("negative_prompt")) if "negative_prompt" in names else None
+    hashed: dict[str, pa.Array | None] = {"prompt": prompt, "negative_prompt": negative}
+    unset = n if negative is None else negative.null_count
+    used["negative_prompt"] = used.get("negative_prompt", 0) + unset
     numbers: dict[str, np.ndarray] = {}
     for name in (*INT_COLUMNS, *FLOAT_COLUMNS):
-        values, ok = _numbers(col(name), name, offset, problems)
+        default = 1 if name == "num_videos" else getattr(defaults, name)
+        arr = col(name)
+        if arr is None:  # not in the file: the default everywhere (checked once, by `_check_default`)
+            used[name] = used.get(name, 0) + n
+            numbers[name] = np.full(n, default, np.float64 if name in FLOAT_COLUMNS else np.int64)
+            hashed[name] = None
+            continue
+        values, ok = _numbers(arr, name, offset, problems)
+        numbers[name] = np.where(ok, values, default)
+        used[name] = used.get(name, 0) + arr.null_count
+        if not check:
+            continue
         _check_rules(name, values, ok, offset, problems, geometry)
-        bad |= ~ok & ~col(name).is_null().to_numpy(zero_copy_only=False)
-        used[name] = used.get(name, 0) + col(name).null_count
-        numbers[name] = np.where(ok, values, 1 if name == "num_videos" else getattr(defaults, name))
+        bad |= ~ok & ~arr.is_null().to_numpy(zero_copy_only=False)
         exact = values.view(np.int64) if values.dtype == np.float64 else values  # floats: IEEE-754 bits
         hashed[name] = pa.array(exact, mask=~ok)
     last_seed = INT64_MAX - (np.maximum(numbers["num_videos"], 1) - 1)  # seeds seed..seed+n-1 fit in int64
@@ -407,19 +370,40 @@ def _read_batch(
     problems.add_mask(
         "columns seed, num_videos", "with seed + num_videos - 1 over 2**63-1", seeds_over, offset
     )
-    ids = _text(col("id"))
-    _check_ids(ids, offset, problems)
+    filled_negative = (
+        pa.repeat(pa.scalar(defaults.negative_prompt, pa.string()), n)
+        if negative is None
+        else pc.fill_null(negative, defaults.negative_prompt)
+    )
+    if ids is not None:
+        explicit = np.zeros(n, bool)
+        return _Batch(offset, prompt, filled_negative, numbers, ids, explicit, np.zeros(n, np.uint64))
+    ids = _text(col("id")) if "id" in names else pa.nulls(n, pa.string())
+    if "id" in names:
+        _check_ids(ids, offset, problems)
     explicit = ~ids.is_null().to_numpy(zero_copy_only=False)
+    hashes = np.zeros(n, np.uint64)
     if not explicit.all():
         missing = pa.array(~explicit)
-        canonical = _canonical({k: v.filter(missing) for k, v in hashed.items()})
+        subset = {k: None if v is None else v.filter(missing) for k, v in hashed.items()}
+        canonical = _canonical(subset)
         rows_bad = bad[~explicit]
         if rows_bad.any():  # rows with unusable values get an id of their own (no duplicate noise)
             marks = pc.cast(pa.array(np.flatnonzero(~explicit)[rows_bad] + offset), pa.string())
             canonical = pc.replace_with_mask(canonical, pa.array(rows_bad), marks)
-        ids = pc.replace_with_mask(ids, missing, _hash_ids(canonical))
-    negative = pc.fill_null(hashed["negative_prompt"], defaults.negative_prompt)
-    return _Batch(offset, prompt, negative, numbers, ids, explicit)
+        hashed_ids, keys = _hash_ids(canonical)
+        hashes[~explicit] = keys
+        ids = hashed_ids if not explicit.any() else pc.replace_with_mask(ids, missing, hashed_ids)
+    return _Batch(offset, prompt, filled_negative, numbers, ids, explicit, hashes)
+
+
+def video_cost(
+    height: np.ndarray, width: np.ndarray, num_frames: np.ndarray, steps: np.ndarray, geometry: LatentGeometry
+) -> np.ndarray:
+    """Cost of each video: image tokens (the family's `geometry`) x steps, as float64 (exact below
+    2**53: a product of three int32 sizes may overflow int64)."""
+    sizes = (v.astype(np.float64) for v in (height, width, num_frames))
+    return geometry.image_tokens(*sizes) * steps
 
 
 def _expand(b: _Batch, geometry: LatentGeometry) -> pa.RecordBatch:
@@ -437,45 +421,23 @@ def _expand(b: _Batch, geometry: LatentGeometry) -> pa.RecordBatch:
         suffixed = pc.binary_join_element_wise(prompt_id, pc.cast(pa.array(index), pa.string()), "#")
         video_id = pc.if_else(pa.array(count[take] == 1), prompt_id, suffixed)
     h, w, f, steps = (nums[k][take] for k in ("height", "width", "num_frames", "num_inference_steps"))
-    # In float64 (exact below 2**53): a product of three int32 sizes may overflow int64.
-    tokens = geometry.image_tokens(*(v.astype(np.float64) for v in (h, w, f)))
     arrays = [video_id, prompt_id, pa.array(take + b.offset, pa.int64()), pa.array(index, pa.int32())]
     arrays += [prompt, negative, pa.array(nums["seed"][take] + index, pa.int64())]
     arrays += [pa.array(v, pa.int32()) for v in (h, w, f, steps)]
     arrays += [pa.array(nums[k][take], pa.float64()) for k in FLOAT_COLUMNS]
-    return pa.RecordBatch.from_arrays([*arrays, pa.array(tokens * steps)], schema=VIDEO_SCHEMA)
+    arrays.append(pa.array(video_cost(h, w, f, steps, geometry)))
+    return pa.RecordBatch.from_arrays(arrays, schema=VIDEO_SCHEMA)
 
 
-def _check_duplicates(ids: pa.ChunkedArray, explicit: np.ndarray, problems: _Problems) -> None:
-    """Ids used by more than one row, grouped as explicit, hashed, or an explicit id equal to a hash."""
-    counts = pc.value_counts(ids)
-    dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if not len(dup):
-        return
-    rows = np.flatnonzero(pc.is_in(ids, dup).to_numpy())
-    groups: dict[str, list[int]] = {}
-    for row, name in zip(rows.tolist(), ids.take(pa.array(rows)).to_pylist(), strict=True):
-        groups.setdefault(name, []).append(row)
-    fixes = {
-        "column id": "ids must be unique: change or remove the duplicates",
-        "hashed ids": "these rows have the same content (prompt, negative_prompt, seed, sizes, steps, "
-        "guidance_scale, flow_shift), so the same videos: remove duplicates (use num_videos for more "
-        "videos of a prompt) or give them distinct values in an id column",
-        "ids": "an explicit id equals another row's hashed id: change the explicit id",
-    }
-    kinds: dict[str, list[tuple[str, list[int]]]] = {}
-    for name, members in groups.items():
-        given = {bool(explicit[r]) for r in members}
-        kind = "column id" if given == {True} else "hashed ids" if given == {False} else "ids"
-        kinds.setdefault(kind, []).append((name, members))
-    for kind, items in kinds.items():
-        shown = "; ".join(f"{name!r} in rows {_listed(m)}" for name, m in items[:SHOW_ROWS])
-        shown += f"; ... ({len(items) - SHOW_ROWS} more ids)" * (len(items) > SHOW_ROWS)
-        used_by = sum(len(m) for _, m in items)
-        ids_noun = "id" if len(items) == 1 else "ids"
-        problems.add(
-            kind, f"{len(items):,} duplicate {ids_noun} shared by {used_by:,} rows ({shown}); {fixes[kind]}"
-        )
+def default_geometry() -> LatentGeometry:
+    """The latent geometry of hvbatch's default preset (for callers that name no model)."""
+    return family_for_preset(default_preset()).geometry
+
+
+def _open(path: str | Path) -> pq.ParquetFile:
+    """The prompt file, read a column chunk at a time through a small buffer (pyarrow's default
+    pre-buffering would keep the whole file in memory until the end of the read)."""
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
 
 
 def _batches(parquet: pq.ParquetFile, path: str | Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -493,21 +455,38 @@ def _batches(parquet: pq.ParquetFile, path: str | Path, columns: list[str]) -> I
         yield batch
 
 
-def read_prompts(
-    path: str | Path, defaults: SamplingConfig, geometry: LatentGeometry | None = None
-) -> pa.Table:
-    """Read and validate a prompt Parquet file; return one row per video (schema: `VIDEO_SCHEMA`).
+@dataclass
+class PromptScan:
+    """What one validating read of a prompt file leaves: its known columns and every row's id."""
 
-    Columns, defaults and id rules: the module docstring. Sizes are checked and costs counted by
-    the model family's `geometry` (default: that of hvbatch's default preset). The file is read in batches of
-    `BATCH_ROWS` rows (only the known columns) and every problem in it is collected first: raises
-    one `PromptFileError` listing them all, each with the file, the column and the row numbers
-    (0-based rows of the file), or returns the videos in file order.
-    """
-    geometry = geometry or family_for_preset(default_preset()).geometry
+    path: Path
+    columns: list[str]
+    """The known columns with a usable type (what a second read of the file reads)."""
+    num_rows: int
+    ids: PromptIds
+    stamp: tuple[int, int, int] = (0, 0, 0)
+    """The file's inode, size and mtime when the scan began: a second read checks them."""
+
+
+def _stamp(path: str | Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def scan_prompts(
+    path: str | Path,
+    defaults: SamplingConfig,
+    on_batch: Callable[[_Batch, bool], None],
+    geometry: LatentGeometry,
+) -> PromptScan:
+    """Validate a prompt file batch by batch, calling `on_batch(batch, clean)` for each (`clean`:
+    no problem found so far), then check ids and defaults. Raises one `PromptFileError` listing
+    every problem (module docstring), each with the file, the column and the row numbers (0-based
+    rows of the file; the first few rows of each problem are listed and all are counted)."""
     problems = _Problems(path)
     try:
-        parquet = pq.ParquetFile(path)
+        stamp = _stamp(path)
+        parquet = _open(path)
         schema = parquet.schema_arrow
     except (OSError, pa.ArrowException) as err:
         raise PromptFileError(path, [f"{path}: cannot be read as a Parquet file ({err})"]) from err
@@ -515,24 +494,65 @@ def read_prompts(
     if parquet.metadata.num_rows == 0:
         problems.add("file", "has no rows; add at least one prompt")
     used: dict[str, int] = {}
-    ids: list[pa.Array] = []
-    explicit: list[np.ndarray] = []
-    videos: list[pa.RecordBatch] = []
+    ids = PromptIds("id" in usable, parquet.metadata.num_rows)
     offset = 0
     for batch in _batches(parquet, path, usable) if usable else ():
         b = _read_batch(batch, offset, defaults, used, problems, geometry)
-        ids.append(b.ids)
-        explicit.append(b.explicit)
-        if not problems:
-            videos.append(_expand(b, geometry))
+        ids.add(b)
+        on_batch(b, not problems)
         offset += batch.num_rows
-    if ids:
-        _check_duplicates(pa.chunked_array(ids, pa.string()), np.concatenate(explicit), problems)
+    if offset:
+        ids.check_duplicates(problems)
     for name, count in used.items():
         if count and (name in usable or name not in schema.names) and name in _CONFIG_NUMBERS:
             _check_default(name, getattr(defaults, name), count, problems, geometry)
     problems.raise_if_any()
+    return PromptScan(Path(path), usable, offset, ids, stamp)
+
+
+def changed_while_read(path: Path) -> PromptFileError:
+    return PromptFileError(
+        path,
+        [f"{path}: changed while hvbatch read it; nothing was submitted: remove the half-made run "
+         "directory and submit again once the file is complete"],
+    )  # fmt: skip
+
+
+def reread_batches(
+    scan: PromptScan, defaults: SamplingConfig, geometry: LatentGeometry
+) -> Iterator[_Batch]:
+    """The validated file's batches again, in the same order and with the same values and ids as
+    the scan's (ids are not made again: they come from `scan.ids`). Raises `PromptFileError` if the
+    file changed since the scan (what was checked is not what would be submitted)."""
+    changed = changed_while_read(scan.path)
+    if _stamp(scan.path) != scan.stamp:
+        raise changed
+    parquet = _open(scan.path)
+    offset, problems = 0, _Problems(scan.path)
+    for batch in _batches(parquet, scan.path, scan.columns):
+        ids = scan.ids.slice(offset, batch.num_rows)
+        b = _read_batch(batch, offset, defaults, {}, problems, geometry, ids=ids)
+        if problems or len(ids) != batch.num_rows:
+            raise changed
+        yield b
+        offset += batch.num_rows
+    if offset != scan.num_rows or _stamp(scan.path) != scan.stamp:
+        raise changed
+
+
+def read_prompts(
+    path: str | Path, defaults: SamplingConfig, geometry: LatentGeometry | None = None
+) -> pa.Table:
+    """Read and validate a prompt Parquet file; return one row per video (schema: `VIDEO_SCHEMA`),
+    in file order. Columns, defaults and id rules: the module docstring; problems: `scan_prompts`.
+    Sizes are checked and costs counted by the model family's `geometry` (default: that of
+    hvbatch's default preset). The whole table is in memory: `prompt_index.index_prompts` keeps
+    only what sharding needs."""
+    geometry = geometry or default_geometry()
+    videos: list[pa.RecordBatch] = []
+    def keep(b: _Batch, clean: bool) -> None:
+        if clean:
+            videos.append(_expand(b, geometry))
+
+    scan_prompts(path, defaults, keep, geometry)
     return pa.Table.from_batches(videos, VIDEO_SCHEMA)
-
-
-# --------------------------------------------------------------------------------------- sharding

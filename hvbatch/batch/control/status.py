@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -9,14 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from hvbatch.batch.attempt import ExitReason, VideoStatus
+from hvbatch.batch.attempt import ExitReason
 from hvbatch.batch.executors.base import LIVE_STATES, JobRecord, SchedulerUnavailable, latest_records
 from hvbatch.batch.executors.registry import live_states
 from hvbatch.batch.files import read_parquet_parts
 from hvbatch.batch.ledger import manual_reset_times
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, SHARD_PATTERN, RunDir, read_marker
+from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, SHARD_PATTERN, RunDir, read_marker
+from hvbatch.batch.summaries import PartTally, read_metrics_row, read_part_tally, shard_index, stamp_of
 from hvbatch.config import Config, load_config
 
 MAX_TABLE_ROWS = 40
@@ -150,6 +154,13 @@ class RunStatus:
             "stopped": self.stopped,
         }
 
+    def to_json(self) -> str:
+        """`status --json`: indented, with a line per shard of the job table (json's C encoder
+        writes each; an indented dump of 100,000 shards would take seconds)."""
+        head = json.dumps(self.to_dict() | {"jobs": None}, indent=2)
+        jobs = ",\n".join(f"    {json.dumps(job)}" for job in self.jobs)
+        return head.replace('"jobs": null', f'"jobs": [\n{jobs}\n  ]' if jobs else '"jobs": []', 1)
+
 
 def format_duration(seconds: float) -> str:
     """`45s`, `12m 5s`, `2h 10m`, `3d 4h`: two units at most."""
@@ -171,41 +182,64 @@ def _read_manifest_part(path: Path) -> pa.Table:
     return parts[0][1].select(["video_id", "status", "final", "finished_at"])
 
 
+Stamp = tuple[int, int, int]
+
+
+def _read_marker(path: str) -> Any:
+    """A completion marker (os-level reads: a complete run has one per shard); one that is not an
+    object with the shard's counts is named by `read_marker`'s error."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        marker = json.loads(data)
+    except ValueError:
+        marker = None
+    if isinstance(marker, dict) and {"done", "failed"} <= marker.keys():
+        return marker
+    return read_marker(Path(path))
+
+
 class RunReader:
     """Reads a run again and again (`--wait` polls every few seconds) and re-reads only what
-    changed: completion markers and manifest parts new or replaced since the last read (by inode,
-    size and mtime). The config and the video list are read once: they never change after submit.
+    changed: completion markers and manifest / metrics parts new or replaced since the last read
+    (by inode, size and mtime). A part is read through its summary (`hvbatch.batch.summaries`)
+    when that names the part's stamp, else itself. The config and the shard sizes are read once:
+    they never change after submit.
     """
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
         self._config: Config | None = None
-        self._shard_of: dict[str, int] | None = None
         self._num_shards: int | None = None
-        self._files: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self._shard_sizes: np.ndarray | None = None
+        self._shard_index: dict[int, dict[str, int]] = {}
+        self._files: dict[str, tuple[Stamp, Any]] = {}
 
     def _read_changed(
-        self, folder: str, ext: str, shards: set[int] | None, read: Callable[[Path], Any]
+        self, folder: str, ext: str, shards: set[int] | None, read: Callable[[int, str, Stamp], Any]
     ) -> dict[int, list[Any]]:
-        """Per shard, the contents of `folder`'s files of `shards` (all if None)."""
+        """Per shard, `read(shard, path, stamp)` of `folder`'s files of `shards` (all if None),
+        each in name order; a file unchanged since the last call is not read again. (Paths are
+        strings: a poll of thousands of files is mostly the cost of handling their names.)"""
         found: dict[int, list[Any]] = {}
         directory = self.run.root / folder
-        if not directory.is_dir():
+        if (shards is not None and not shards) or not directory.is_dir():
             return found
-        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        with os.scandir(directory) as entries:
+            listed = sorted((e for e in entries if e.name.endswith(ext)), key=lambda e: e.name)
+        for entry in listed:
             match = SHARD_PATTERN.match(entry.name)
-            if (
-                match is None
-                or not entry.name.endswith(ext)
-                or (shards is not None and int(match[1]) not in shards)
-            ):
+            if match is None or (shards is not None and int(match[1]) not in shards):
                 continue
             try:
-                st = entry.stat()
-                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                stamp = stamp_of(entry.stat())
                 cached = self._files.get(f"{folder}/{entry.name}")
                 if cached is None or cached[0] != stamp:
-                    cached = self._files[f"{folder}/{entry.name}"] = (stamp, read(Path(entry.path)))
+                    content = read(int(match[1]), entry.path, stamp)
+                    cached = self._files[f"{folder}/{entry.name}"] = (stamp, content)
             except FileNotFoundError:
                 continue  # replaced or moved aside since the listing
             found.setdefault(int(match[1]), []).append(cached[1])
@@ -215,8 +249,41 @@ class RunReader:
         self._num_shards = self._num_shards or self.run.num_shards()
         return self._num_shards
 
+    def shard_sizes(self) -> np.ndarray:
+        """Videos of each shard (from `videos.parquet`'s shard column)."""
+        if self._shard_sizes is None:
+            sizes = np.zeros(self.num_shards(), np.int64)
+            counted = pc.value_counts(self.run.all_videos(["shard"])["shard"])  # (to_numpy imports pandas)
+            values, counts = (counted.field(name).to_pylist() for name in ("values", "counts"))
+            for shard, count in zip(values, counts, strict=True):
+                if 0 <= shard < len(sizes):
+                    sizes[shard] = count
+            self._shard_sizes = sizes
+        return self._shard_sizes
+
+    def _tally(self, shard: int, path: str, stamp: Stamp) -> PartTally:
+        tally = read_part_tally(path, stamp)
+        if tally is not None:
+            return tally
+        if shard not in self._shard_index:
+            self._shard_index[shard] = shard_index(self.run.read_shard(shard)["video_id"].to_pylist())
+        return PartTally.of_table(_read_manifest_part(Path(path)), self._shard_index[shard])
+
+    def _metrics_row(self, shard: int, path: str, stamp: Stamp) -> dict[str, Any]:
+        row = read_metrics_row(path, stamp)
+        if row is None:
+            return self.run.read_metrics_part(Path(path))
+        return {name: row.get(name) for name in METRICS_SCHEMA.names}
+
+    def metrics_rows(self, shards: set[int]) -> list[dict[str, Any]]:
+        """`RunDir.metrics_rows` of these shards: one dict per (shard, attempt), oldest first."""
+        found = self._read_changed("metrics", ".parquet", shards, self._metrics_row)
+        rows = [row for shard_rows in found.values() for row in shard_rows]
+        return sorted(rows, key=lambda r: r.get("started_at") or 0.0)
+
     def snapshot(self, every_job: bool = False) -> RunSnapshot:
         records = latest_records(self.run)
+        read_marker = lambda shard, path, stamp: _read_marker(path)
         markers = {
             shard: found[0] for shard, found in self._read_changed("done", ".json", None, read_marker).items()
         }
@@ -244,37 +311,29 @@ class RunReader:
     def _open_shard_counts(
         self, snapshot: RunSnapshot, open_shards: set[int]
     ) -> tuple[dict[str, int], list[float]]:
+        """Per open shard, its parts' tallies merged: a video is done if any part says so, failed
+        if a part since the shard's last manual submission says so for good and none says done."""
         counts = {"done": 0, "failed": 0, "pending": 0, "running": 0}
         if not open_shards:
             return counts, []
-        if self._shard_of is None:
-            videos = self.run.all_videos(["video_id", "shard"])
-            self._shard_of = dict(zip(*(c.to_pylist() for c in videos.columns), strict=True))
+        sizes = self.shard_sizes()
         resets = manual_reset_times(self.run)
-        parts = self._read_changed("manifest", ".parquet", open_shards, _read_manifest_part)
-        done: dict[str, float] = {}
-        failed: set[str] = set()
-        for tables in parts.values():
-            for row in pa.concat_tables(tables).to_pylist():
-                if row["status"] == VideoStatus.DONE:
-                    done[row["video_id"]] = row["finished_at"] or 0.0
-                elif row["status"] == VideoStatus.FAILED and row["final"]:
-                    reset = resets.get(self._shard_of.get(row["video_id"], -1), 0.0)
-                    if (
-                        row["finished_at"] or 0.0
-                    ) >= reset:  # a final failure from before a retry is reopened
-                        failed.add(row["video_id"])
+        tallies = self._read_changed("manifest", ".parquet", open_shards, self._tally)
         live = snapshot.live_shards()
-        for video_id, shard in self._shard_of.items():
-            if shard not in open_shards:
-                continue
-            if video_id in done:
-                counts["done"] += 1
-            elif video_id in failed:
-                counts["failed"] += 1
-            else:
-                counts["running" if shard in live else "pending"] += 1
-        return counts, list(done.values())
+        done_times = []
+        for shard in sorted(open_shards):
+            done_bits, failed, reset = 0, set(), resets.get(shard, 0.0)
+            for tally in tallies.get(shard, ()):
+                done_bits |= tally.done
+                failed.update(index for index, at in tally.failed if at >= reset)
+                if tally.last_done_at is not None:
+                    done_times.append(tally.last_done_at)
+            done = done_bits.bit_count()
+            gave_up = sum(1 for index in failed if not done_bits >> index & 1)
+            counts["done"] += done
+            counts["failed"] += gave_up
+            counts["running" if shard in live else "pending"] += int(sizes[shard]) - done - gave_up
+        return counts, done_times
 
 
 def run_status(run: RunDir) -> RunStatus:
@@ -297,7 +356,7 @@ def run_status(run: RunDir) -> RunStatus:
     elif rate and counts["running"]:  # a stopped run has no ETA
         eta = remaining / rate * 3600.0
     history: dict[int, dict[str, Any]] = {}
-    for row in run.metrics_rows(open_shards):
+    for row in reader.metrics_rows(set(open_shards)):
         entry = history.setdefault(int(row["shard"]), {"attempts": 0})
         entry |= {"attempts": entry["attempts"] + 1, "last_exit": row["exit_reason"]}
         entry |= {"last_exit_detail": row["exit_detail"], "last_exit_at": row["finished_at"]}

@@ -31,6 +31,7 @@ from hvbatch.batch.files import (
 from hvbatch.batch.ledger import record_rank_error
 from hvbatch.batch.rundir import MANIFEST_SCHEMA, RunDir, shard_name
 from hvbatch.batch.runtime.faults import VideoFaults
+from hvbatch.batch.summaries import shard_index, write_part_summary
 from hvbatch.batch.videos import sampling_for
 from hvbatch.config import Config, SamplingConfig, VideoConfig
 from hvbatch.models.family import ModelFamily
@@ -91,6 +92,8 @@ class ShardProgress:
     seconds: list[float] = field(default_factory=list)
     first_step_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    index_of: dict[str, int] | None = field(default=None, repr=False)
+    """Each video's index in the shard file (for the parts' summaries), read at the first write."""
 
     def put(self, video_id: str, row: dict[str, Any]) -> None:
         with self.lock:
@@ -113,7 +116,11 @@ class ShardProgress:
     def _write(self) -> None:
         if self.leader:
             path = self.run.manifest_part(self.shard, str(self.key), self.dp_index, self.segment)
-            write_parquet_atomic(path, pa.Table.from_pylist(list(self.rows.values()), schema=MANIFEST_SCHEMA))
+            table = pa.Table.from_pylist(list(self.rows.values()), schema=MANIFEST_SCHEMA)
+            write_parquet_atomic(path, table)
+            if self.index_of is None:
+                self.index_of = shard_index(self.run.read_shard(self.shard)["video_id"].to_pylist())
+            write_part_summary(path, table, self.index_of)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -274,9 +281,10 @@ def recover_orphans(run: RunDir, shard: int, key: AttemptKey, defaults: Sampling
     if it is whole, else move it to quarantine/ (the video is made again)."""
     rows = run.manifest_rows(shard)
     done = {r["video_id"] for r in rows.to_pylist() if r["status"] == VideoStatus.DONE}
+    videos = run.read_shard(shard).to_pylist()
     orphans = [
         video
-        for video in run.read_shard(shard).to_pylist()
+        for video in videos
         if video["video_id"] not in done
         and os.path.lexists(run.video_path(video["video_id"]))
         and accept_final(run, video, sampling_for(video, defaults), key)
@@ -296,10 +304,10 @@ def recover_orphans(run: RunDir, shard: int, key: AttemptKey, defaults: Sampling
         )
         for video in orphans
     ]
-    write_parquet_atomic(
-        run.manifest_part(shard, str(key), 0, suffix="recovered"),
-        pa.Table.from_pylist(recovered, schema=MANIFEST_SCHEMA),
-    )
+    path = run.manifest_part(shard, str(key), 0, suffix="recovered")
+    table = pa.Table.from_pylist(recovered, schema=MANIFEST_SCHEMA)
+    write_parquet_atomic(path, table)
+    write_part_summary(path, table, shard_index([video["video_id"] for video in videos]))
 
 
 class Watchdog:
