@@ -34,6 +34,8 @@ from hvbatch.batch.files import write_json_atomic
 logger = logging.getLogger(__name__)
 VERSION = 1
 SUFFIX = ".summary.json"
+READ_BYTES = 1 << 14
+_decode = json.JSONDecoder().decode  # (`json.loads` without its per-call checks)
 
 
 def summary_path(part: Path) -> Path:
@@ -76,9 +78,9 @@ class PartTally:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PartTally:
-        failed = tuple((int(i), float(t)) for i, t in data["failed"])
+        failed = tuple((int(i), float(t)) for i, t in data["failed"]) if data["failed"] else ()
         last = data["last"]
-        if not (last is None or isinstance(last, int | float)):
+        if not (last is None or isinstance(last, (int, float))):
             raise TypeError(f"last done time {last!r}")
         return cls(int(data["done"], 16), failed, None if last is None else float(last))
 
@@ -115,15 +117,19 @@ def write_metrics_summary(part: Path, table: pa.Table) -> None:
 
 
 def _load(path: str) -> Any:
-    """JSON from a small file: os-level calls only (a reader opens thousands of these)."""
+    """JSON from a small file: os-level calls only, one read for a summary of usual size (a reader
+    opens thousands of these)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
+        data = os.read(fd, READ_BYTES)
+        if len(data) == READ_BYTES:  # a long list of failures: read the rest
+            chunks = [data]
+            while chunk := os.read(fd, READ_BYTES):
+                chunks.append(chunk)
+            data = b"".join(chunks)
     finally:
         os.close(fd)
-    return json.loads(b"".join(chunks).decode())
+    return _decode(data.decode())
 
 
 def read_summary(part: str | Path, stamp: tuple[int, int, int], kind: str) -> dict[str, Any] | None:
@@ -132,11 +138,14 @@ def read_summary(part: str | Path, stamp: tuple[int, int, int], kind: str) -> di
     part = os.fspath(part)
     try:
         data = _load(part.removesuffix(".parquet") + SUFFIX)
-    except (OSError, ValueError):
-        return None
-    if not (isinstance(data, dict) and data.get("version") == VERSION and data.get("kind") == kind):
-        return None
-    if data.get("part") != os.path.basename(part) or data.get("stamp") != list(stamp):
+        if (
+            data["version"] != VERSION
+            or data["kind"] != kind
+            or data["stamp"] != list(stamp)
+            or data["part"] != part.rpartition(os.sep)[2]
+        ):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):  # (TypeError: JSON that is not an object)
         return None
     return data
 

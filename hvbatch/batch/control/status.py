@@ -216,7 +216,8 @@ class RunReader:
         self._num_shards: int | None = None
         self._shard_sizes: np.ndarray | None = None
         self._shard_index: dict[int, dict[str, int]] = {}
-        self._files: dict[str, tuple[Stamp, Any]] = {}
+        self._files: dict[str, dict[str, tuple[Stamp, Any]]] = {}
+        """Per folder, per file name: its stamp when read and what `read` made of it."""
 
     def _read_changed(
         self, folder: str, ext: str, shards: set[int] | None, read: Callable[[int, str, Stamp], Any]
@@ -225,24 +226,32 @@ class RunReader:
         each in name order; a file unchanged since the last call is not read again. (Paths are
         strings: a poll of thousands of files is mostly the cost of handling their names.)"""
         found: dict[int, list[Any]] = {}
-        directory = self.run.root / folder
-        if (shards is not None and not shards) or not directory.is_dir():
+        if shards is not None and not shards:
             return found
-        with os.scandir(directory) as entries:
-            listed = sorted((e for e in entries if e.name.endswith(ext)), key=lambda e: e.name)
-        for entry in listed:
-            match = SHARD_PATTERN.match(entry.name)
-            if match is None or (shards is not None and int(match[1]) not in shards):
+        directory = os.path.join(self.run.root, folder)
+        try:
+            with os.scandir(directory) as entries:
+                names = sorted(entry.name for entry in entries if entry.name.endswith(ext))
+        except (FileNotFoundError, NotADirectoryError):
+            return found
+        cache = self._files.setdefault(folder, {})
+        prefix = directory + os.sep
+        for name in names:
+            match = SHARD_PATTERN.match(name)
+            if match is None:
                 continue
+            shard = int(match[1])
+            if shards is not None and shard not in shards:
+                continue
+            path = prefix + name
             try:
-                stamp = stamp_of(entry.stat())
-                cached = self._files.get(f"{folder}/{entry.name}")
+                stamp = stamp_of(os.stat(path))
+                cached = cache.get(name)
                 if cached is None or cached[0] != stamp:
-                    content = read(int(match[1]), entry.path, stamp)
-                    cached = self._files[f"{folder}/{entry.name}"] = (stamp, content)
+                    cached = cache[name] = (stamp, read(shard, path, stamp))
             except FileNotFoundError:
                 continue  # replaced or moved aside since the listing
-            found.setdefault(int(match[1]), []).append(cached[1])
+            found.setdefault(shard, []).append(cached[1])
         return found
 
     def num_shards(self) -> int:
