@@ -268,3 +268,16 @@ def test_a_complete_run_reads_markers_not_parts(tmp_path: Path, monkeypatch: pyt
     )
     assert run_status(run).counts == {"done": 12, "failed": 0, "pending": 0, "running": 0}
     ledger.finish(run, RetryConfig(), [0, 1, 2], KEY, 0)
+
+
+def test_a_summary_longer_than_one_read_is_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _busy_run(tmp_path)
+    expected = _table_counts(run)
+
+    def no_part(path: Path) -> pa.Table:
+        raise AssertionError(f"{path.name} read although its summary is valid")
+
+    monkeypatch.setattr(summaries, "READ_BYTES", 16)  # each summary takes many reads
+    monkeypatch.setattr(status, "_read_manifest_part", no_part)
+    assert all(p.stat().st_size > 16 for p in (run.root / "manifest").glob("*.summary.json"))
+    assert _counts(run) == expected
