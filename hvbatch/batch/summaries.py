@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 VERSION = 1
 SUFFIX = ".summary.json"
 READ_BYTES = 1 << 14
-_decode = json.JSONDecoder().decode  # (`json.loads` without its per-call checks)
+_raw_decode = json.JSONDecoder().raw_decode  # (`json.loads` without its per-call checks)
 
 
 def summary_path(part: Path) -> Path:
@@ -129,7 +129,11 @@ def _load(path: str) -> Any:
             data = b"".join(chunks)
     finally:
         os.close(fd)
-    return _decode(data.decode())
+    text = data.decode()
+    value, end = _raw_decode(text)  # (a summary starts with its object: no leading blanks)
+    if text[end:].strip():
+        raise ValueError(f"{path}: more after the JSON value")
+    return value
 
 
 def read_summary(part: str | Path, stamp: tuple[int, int, int], kind: str) -> dict[str, Any] | None:
