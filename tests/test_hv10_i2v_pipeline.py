@@ -20,6 +20,7 @@ from diffusers import (
 from PIL import Image
 
 from hvbatch.config import SamplingConfig, load_config
+from hvbatch.models.family import detect_family
 from hvbatch.models.hunyuan_video.i2v_text_encoder import (
     IMAGE_EMB_START,
     VIDEO_I2V_TEMPLATE,
@@ -121,10 +122,30 @@ def _valid(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return states[0, : int(mask.sum())]
 
 
-def test_our_loaders_read_the_diffusers_folder(ours: Pipeline) -> None:
+def test_our_loaders_read_the_diffusers_folder(
+    diffusers_pipe: tuple[HunyuanVideoImageToVideoPipeline, Path], ours: Pipeline
+) -> None:
     assert isinstance(ours.text_encoder, HunyuanI2VTextEncoder)
     assert ours.transformer.config.token_replace and ours.transformer.checkpoint_format == "diffusers folder"
     assert ours.text_encoder.num_image_tokens == 16  # (56 / 14)^2
+    folder = diffusers_pipe[1]
+    family, words = detect_family(folder) or (None, "")
+    assert family is ours.family and "image_condition_type=token_replace" in words
+    model = load_config(
+        overrides=["model=tiny-i2v", "model.random_weights=false", f"model.path={folder}"]
+    ).model
+    reports = {r.check: r for r in ours.family.check_weights(model)}
+    assert {r.status for r in reports.values()} <= {"ok", "warn"} and reports[
+        "image_processor"
+    ].status == "ok"
+    assert "LLaVA" in reports["text_encoder"].detail
+    text_to_video = load_config(
+        overrides=["model=tiny", "model.random_weights=false", f"model.path={folder}"]
+    )
+    with pytest.raises(ValueError, match=r"holds an image-to-video .* model=tiny is a text-to-video preset"):
+        Pipeline.load(text_to_video)
+    with pytest.raises(ValueError, match="needs an image"):
+        ours.generate(PROMPT, _sampling())
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, "a long prompt " * 30])

@@ -106,10 +106,10 @@ def variant_problem(model: ModelConfig) -> str | None:
         return None
     if found == wanted:
         return None
-    kinds = {None: "text-to-video", "token_replace": "image-to-video (token_replace)"}
+    kinds = {None: "a text-to-video", "token_replace": "an image-to-video (token_replace)"}
     return (
-        f"model.path={model.path} holds a {kinds.get(found, str(found))} checkpoint but model={model.name} "
-        f"is a {kinds.get(wanted, str(wanted))} preset: use the weights of that preset, or the preset of "
+        f"model.path={model.path} holds {kinds.get(found, str(found))} checkpoint but model={model.name} "
+        f"is {kinds.get(wanted, str(wanted))} preset: use the weights of that preset, or the preset of "
         "these weights (model=<preset>)"
     )
 

@@ -19,6 +19,8 @@ from hvbatch.models.hunyuan_video.layout import EXPECTED_LAYOUT, layout_words, r
 if TYPE_CHECKING:
     from hvbatch.config import ModelConfig
 
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+
 
 def check_weights(model: ModelConfig) -> list[WeightReport]:
     """The weights root's layout, then one report per component."""
@@ -38,7 +40,7 @@ def check_weights(model: ModelConfig) -> list[WeightReport]:
     encoders = (
         (
             "text_encoder",
-            "the LLM",
+            "LLaVA (with its vision tower)" if arch.token_replace else "the LLM",
             paths.text_encoder,
             paths.tokenizer,
             ("model.transformer.text_dim", arch.text_dim),
@@ -55,7 +57,23 @@ def check_weights(model: ModelConfig) -> list[WeightReport]:
         check_encoder_folder(name, what, folder, tokenizer, width, fix.format(name, what))
         for name, what, folder, tokenizer, width in encoders
     ]
+    if arch.token_replace:
+        reports.append(check_image_processor(paths.image_processor or paths.text_encoder))
     return reports
+
+
+def check_image_processor(folder: Path) -> WeightReport:
+    """Image-to-video: LLaVA's CLIP image processor config (official: inside the LLaVA folder)."""
+    if (folder / IMAGE_PROCESSOR_FILE).is_file():
+        return WeightReport(
+            "image_processor", "ok", f"LLaVA's image processor: {folder / IMAGE_PROCESSOR_FILE}"
+        )
+    return WeightReport(
+        "image_processor",
+        "fail",
+        f"no {IMAGE_PROCESSOR_FILE} in {folder}: LLaVA's image processor is missing",
+        "use the text_encoder_i2v/ folder as released (official), or the diffusers folder's image_processor/",
+    )
 
 
 def check_transformer(path: Path, model: ModelConfig) -> WeightReport:
