@@ -128,37 +128,34 @@ class HunyuanI2VTextEncoder(HunyuanTextEncoder):
         truncated = [cut or c for (_, _, cut), c in zip(parts, clip_cut, strict=True)]
         return EncodedPrompts(TextConditioning.from_mask(states, mask, pooled), truncated)
 
-    def _expanded(self, text: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
-        """Token ids `[L]` and the LLaVA inputs with `<image>` expanded to the image tokens."""
-        crop = self.crop_start()
-        max_length = crop + self.settings.max_text_tokens
+    def _tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Token ids and mask `[L]` (right-padded to crop + max_text_tokens), and whether it was cut."""
+        max_length = self.crop_start() + self.settings.max_text_tokens
         tokens = self.llm_tokenizer(
             [text], max_length=max_length, padding="max_length", truncation=True, return_tensors="pt"
         )
         cut = len(self.llm_tokenizer(text)["input_ids"]) > max_length
-        ids, mask = tokens["input_ids"][0], tokens["attention_mask"][0]
+        return tokens["input_ids"][0], tokens["attention_mask"][0], cut
+
+    def _expanded(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """LLaVA's inputs: `<image>` expanded to the image tokens (positions as diffusers gives them)."""
         image_id = self.llm_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         where = (ids == image_id).nonzero().flatten().tolist()
         if where != [IMAGE_EMB_START]:
             raise ValueError(
                 f"the I2V template must hold one {IMAGE_TOKEN} token at {IMAGE_EMB_START}, found {where}"
             )
-        n = self.num_image_tokens
-        at = IMAGE_EMB_START
+        n, at = self.num_image_tokens, IMAGE_EMB_START
         expanded_ids = torch.cat([ids[:at], ids.new_full((n,), image_id), ids[at + 1 :]])
         expanded_mask = torch.cat([mask[:at], mask.new_ones(n), mask[at + 1 :]])
         position_ids = (expanded_mask.cumsum(-1) - 1).masked_fill(expanded_mask == 0, 1)
-        inputs = {
-            "input_ids": expanded_ids[None].to(self.device),
-            "attention_mask": expanded_mask[None].to(self.device),
-            "position_ids": position_ids[None].to(self.device),
-        }
-        return ids, {**inputs, "mask": mask}, cut
+        inputs = {"input_ids": expanded_ids, "attention_mask": expanded_mask, "position_ids": position_ids}
+        return {name: value[None].to(self.device) for name, value in inputs.items()}
 
     def _llava_states(self, prompt: str, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """`([1, Li + Lt, C] states, [1, Li + Lt] mask on the host, truncated)`."""
-        ids, inputs, cut = self._expanded(VIDEO_I2V_TEMPLATE.format(prompt))
-        mask = inputs.pop("mask")
+        ids, mask, cut = self._tokens(VIDEO_I2V_TEMPLATE.format(prompt))
+        inputs = self._expanded(ids, mask)
         pixels = self.image_processor(image, return_tensors="pt")["pixel_values"]
         llava = self.llm
         pixels = pixels.to(device=self.device, dtype=llava.dtype)
@@ -286,6 +283,6 @@ def load_i2v_text_encoder(
 
 def with_image_latent(cond: TextConditioning, latent: torch.Tensor, stability: bool) -> TextConditioning:
     """The encoded prompt with the first-frame latent it pins (one per batch element)."""
-    return dataclasses.replace(
-        cond, first_frame_latent=latent.expand(cond.batch_size, *latent.shape[1:]), stability=stability
-    )
+    if latent.shape[0] != cond.batch_size:
+        latent = latent.expand(cond.batch_size, *latent.shape[1:]).contiguous()
+    return dataclasses.replace(cond, first_frame_latent=latent, stability=stability)

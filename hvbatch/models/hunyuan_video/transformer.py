@@ -84,7 +84,9 @@ class Vectors:
     """The conditioning vectors of one forward: the step's `[B, D]`, and for token_replace the t = 0
     one of the first-frame tokens with how many of this forward's image tokens are first-frame."""
 
-    def __init__(self, vec_BD: torch.Tensor, first_BD: torch.Tensor | None = None, first_tokens: int = 0):
+    def __init__(
+        self, vec_BD: torch.Tensor, first_BD: torch.Tensor | None = None, first_tokens: int = 0
+    ) -> None:
         self.vec_BD, self.first_BD, self.first_tokens = vec_BD, first_BD, first_tokens
 
     def image(self, mod: nn.Module, chunks: int) -> TokenModulation:
