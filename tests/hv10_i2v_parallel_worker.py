@@ -54,7 +54,6 @@ def cases() -> dict[str, tuple[SamplingConfig, str, TextConditioning, TextCondit
     teacache = SamplingConfig(num_inference_steps=4, seed=4, cache="teacache", cache_threshold=0.4)
     return {
         "cfg-45": (cfg, "45", conds["45"], negatives["45"]),
-        "cfg-70": (cfg, "70", conds["70"], negatives["70"]),
         "fbcache-70": (fbcache, "70", conds["70"], negatives["70"]),
         "teacache-45": (teacache, "45", dataclasses.replace(conds["45"], stability=False), None),
     }

@@ -118,3 +118,27 @@ def test_diffusers_configs_of_other_image_conditions_are_refused() -> None:
         config_from_diffusers({"image_condition_type": "token_replace"}, "c").image_condition_type
         == "token_replace"
     )
+
+
+def test_the_i2v_presets_are_flavors_of_the_1_0_family() -> None:
+    from hvbatch.config import load_config
+    from hvbatch.models.family import family_of
+
+    released = load_config(overrides=["model=hunyuan-video-i2v-720p"])
+    family = family_of(released.model)
+    assert family.name == "hunyuan-video-1.0" and released.model.transformer.token_replace
+    assert (released.sampling.flow_shift, released.sampling.guidance_scale, released.sampling.cfg_scale) == (
+        7,
+        6,
+        1,
+    )
+    figures = family.memory(released.model)
+    assert figures.text_tokens == 576 // 4 + 256 - 4  # LLaVA's kept image tokens, then the prompt's
+    text_to_video = load_config().model
+    assert figures.encoder_params > family.memory(text_to_video).encoder_params  # the vision tower, lm_head
+    assert (
+        family.memory(text_to_video).text_tokens == 256
+        and text_to_video.transformer.image_condition_type is None
+    )
+    with pytest.raises(ValueError, match="makes videos only"):
+        load_config(overrides=["model=tiny-i2v", "sampling.num_frames=1"])

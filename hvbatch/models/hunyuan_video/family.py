@@ -91,6 +91,15 @@ def _config_problems(model: ModelConfig) -> list[str]:
     return problems
 
 
+def _sampling_problems(model: ModelConfig, sampling: Any) -> list[str]:
+    if model.transformer.token_replace and sampling.num_frames < 2:
+        return [
+            f"num_frames={sampling.num_frames}: model={model.name} (HunyuanVideo-I2V) makes videos only, "
+            "num_frames must be at least 5 (1 + 4k)"
+        ]
+    return []
+
+
 FAMILY = register_family(
     ModelFamily(
         name=NAME,
@@ -110,6 +119,7 @@ FAMILY = register_family(
         example_conditioning=_example_conditioning,
         sampling_defaults=_sampling_defaults,
         config_problems=_config_problems,
+        sampling_problems=_sampling_problems,
         markers=(
             NAME,
             RELEASED_PRESET,
