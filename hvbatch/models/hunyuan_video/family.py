@@ -92,7 +92,8 @@ def _config_problems(model: ModelConfig) -> list[str]:
 
 
 def _sampling_problems(model: ModelConfig, sampling: Any) -> list[str]:
-    if model.transformer.token_replace and sampling.num_frames < 2:
+    image_to_video = getattr(model.transformer, "image_condition_type", None) is not None
+    if image_to_video and sampling.num_frames < 2:
         return [
             f"num_frames={sampling.num_frames}: model={model.name} (HunyuanVideo-I2V) makes videos only, "
             "num_frames must be at least 5 (1 + 4k)"
