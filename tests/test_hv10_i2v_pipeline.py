@@ -253,3 +253,36 @@ def test_frame_zero_is_the_image_latent_at_every_step(ours: Pipeline) -> None:
     assert not torch.equal(seen[0][:, :, 1:], seen[1][:, :, 1:])  # the other frames do move
     plain = dataclasses.replace(made.positive, stability=False)
     assert not torch.equal(plain.initial_latents(torch.ones(1, 16, 3, 8, 6))[:, :, 1:], seen[0][:1, :, 1:])
+
+
+def test_the_official_folders_give_the_same_video(
+    diffusers_pipe: tuple[HunyuanVideoImageToVideoPipeline, Path], ours: Pipeline, tmp_path: Path
+) -> None:
+    """`ckpts/hunyuan-video-i2v-720p/{transformers/mp_rank_00_model_states.pt, vae/}`,
+    `ckpts/text_encoder_i2v/` (LLaVA, its tokenizer and image processor in one folder) and
+    `ckpts/text_encoder_2/`: the same latents as the diffusers folder."""
+    pipe = diffusers_pipe[0]
+    model_dir = tmp_path / "hunyuan-video-i2v-720p"
+    (model_dir / "transformers").mkdir(parents=True)
+    torch.save(
+        {"module": ours.transformer.state_dict()}, model_dir / "transformers" / "mp_rank_00_model_states.pt"
+    )
+    pipe.vae.save_pretrained(model_dir / "vae")
+    for component, folder in ((pipe.text_encoder, "text_encoder_i2v"), (pipe.tokenizer, "text_encoder_i2v")):
+        component.save_pretrained(tmp_path / folder)
+    pipe.image_processor.save_pretrained(tmp_path / "text_encoder_i2v")
+    pipe.text_encoder_2.save_pretrained(tmp_path / "text_encoder_2")
+    pipe.tokenizer_2.save_pretrained(tmp_path / "text_encoder_2")
+    overrides = ["model=tiny-i2v", "model.random_weights=false", f"model.path={tmp_path}"]
+    with pytest.raises(ValueError, match="shape mismatches"):  # official files carry no architecture
+        Pipeline.load(load_config(overrides=overrides))
+    arch = ["model.transformer.num_heads=4", "model.transformer.num_refiner_blocks=2"]  # DIFFUSERS_SMALL's
+    official = Pipeline.load(load_config(overrides=overrides + arch))
+    assert official.transformer.checkpoint_format == "official .pt"
+    assert "hunyuan-video-i2v-720p" in (detect_family(tmp_path) or (None, ""))[1]
+    sampling, image = _sampling(), _image()
+    video = official.generate(
+        PROMPT, sampling, conditioning=condition_video(official, PROMPT, image, sampling)
+    )
+    reference = ours.generate(PROMPT, sampling, conditioning=condition_video(ours, PROMPT, image, sampling))
+    assert torch.equal(video.latents, reference.latents) and video.frames is not None
