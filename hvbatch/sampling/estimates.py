@@ -27,7 +27,8 @@ def smallest_skipping_threshold(mode: str, figures: StepCacheFigures) -> float:
         return 0.0
     candidates = [0.0]
     if len(coefficients) > 2:
-        candidates += [r.real for r in np.roots(np.polyder(coefficients)) if abs(r.imag) < 1e-12 and r.real > 0]
+        roots = np.roots(np.polyder(coefficients))
+        candidates += [r.real for r in roots if abs(r.imag) < 1e-12 and r.real > 0]
     return max(0.0, min(float(np.polyval(coefficients, x)) for x in candidates))
 
 

@@ -122,7 +122,7 @@ class LocalExecutor(Executor):
     def submit(self, shards: list[int], *, delay_s: float = 0.0, manual: bool = True) -> list[JobRecord]:
         s, retry = self.config.slurm, self.config.retry
         local = submitit.LocalExecutor(folder=self.run.root / "submitit" / "%j", max_num_timeout=0)
-        gpus = self.config.parallel.gpus_per_node if _local_gpus(self.config) else 0
+        gpus = self.config.slurm.gpus_per_node if _local_gpus(self.config) else 0
         # The supervisor enforces each shard's time itself; submitit's limit only bounds the run.
         budget_min = s.time_min * len(shards) * (retry.max_attempts + retry.max_walltime_requeues + 1)
         local.update_parameters(
