@@ -7,10 +7,11 @@ files only. `resolve_paths` is what the loaders use; `detect` is the family's an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from hvbatch.models.json_files import read_json
 
 if TYPE_CHECKING:
     from hvbatch.config import ModelConfig
@@ -59,8 +60,8 @@ def layout_under(root: Path) -> dict[str, Path]:
 
 def _diffusers_class_name(folder: Path) -> str | None:
     try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = read_json(folder / "config.json")
+    except (OSError, ValueError):  # unreadable, too large or not JSON: the transformer check says which
         return None
     name = raw.get("_class_name") if isinstance(raw, dict) else None
     return name if isinstance(name, str) else None
@@ -74,6 +75,22 @@ def detect(root: Path) -> str | None:
     if (root / OFFICIAL_MODEL_DIR).is_dir():
         return f"official ckpts/ folder ({OFFICIAL_MODEL_DIR}/)"
     return None
+
+
+def existing_paths(model: ModelConfig) -> dict[str, Path]:
+    """The components (and tokenizers) whose files exist, even when others are missing (the
+    doctor checks each of them)."""
+    try:
+        found = layout_under(Path(model.path).expanduser()) if model.path else {}
+    except OSError:
+        found = {}
+    for name in COMPONENTS:
+        value = getattr(model, f"{name}_path")
+        if value:
+            found[name] = Path(value).expanduser()
+            if name in TOKENIZER_OF:
+                found.pop(TOKENIZER_OF[name], None)
+    return {name: path for name, path in found.items() if path.exists()}
 
 
 def resolve_paths(model: ModelConfig) -> ComponentPaths:
