@@ -451,7 +451,9 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     family = _family_of_request(preset, file_cfg, dot_cfg)
     schema = _family_schema(family)
     user_layers = {f"config file {config_file}": file_cfg, "override": dot_cfg}
-    problems = [p for where, layer in user_layers.items() for p in fold_job_shape(layer, where)]
+    problems = [  # strict for the overrides only: a file may be an older run's saved config
+        p for where, layer in user_layers.items() for p in fold_job_shape(layer, where, where == "override")
+    ]
     problems += [p for where, layer in user_layers.items() for p in layer_problems(schema, layer, where)]
     raise_problems(problems)
     layers: list[Any] = [

@@ -4,9 +4,10 @@ Two jobs, both on one layer at a time, so that a later layer still overrides an 
 
 - The job's shape has one owner, `slurm.nodes` and `slurm.gpus_per_node`, with one rank per GPU
   (`slurm.tasks_per_node`). `parallel.num_nodes` / `parallel.gpus_per_node` are older spellings of
-  the same two numbers: a layer's value moves to `slurm.*` (both given and different: a problem),
-  and a layer that sets only one of `slurm.gpus_per_node` / `slurm.tasks_per_node` sets the other
-  to it. After the merge `parallel.*` mirror `slurm.*` (`mirror_job_shape`).
+  the same two numbers: a layer's value moves to `slurm.*`, and a layer that sets only one of
+  `slurm.gpus_per_node` / `slurm.tasks_per_node` sets the other to it. Two values of one number
+  are a problem in the overrides; in a file (perhaps a run saved before this rule) `slurm.*` and
+  the ranks win (`fold_job_shape`). After the merge `parallel.*` mirror `slurm.*`.
 - When omegaconf refuses a layer, every leaf of it is tried alone against the schema, and each
   refused leaf becomes one problem in hvbatch's words (unknown key with the nearest valid one, or a
   value of the wrong type), so a file with two mistakes is reported with both.
@@ -36,14 +37,19 @@ def _drop(layer: DictConfig, key: str) -> None:
         node.pop(name)
 
 
-def fold_job_shape(layer: DictConfig, where: str) -> list[str]:
-    """Move the layer's `parallel.num_nodes` / `gpus_per_node` to `slurm.*` and tie GPUs to ranks."""
+def fold_job_shape(layer: DictConfig, where: str, strict: bool = True) -> list[str]:
+    """Move the layer's `parallel.num_nodes` / `gpus_per_node` to `slurm.*` and tie GPUs to ranks.
+
+    `strict` (overrides: the user typed both): two values of one number are a problem. Otherwise
+    (a file, which may be a run's saved config from before one owner held these numbers, written
+    with both names and with ranks and GPUs apart) `slurm.*` wins over the old names and the ranks
+    (`tasks_per_node`, what the jobs ran) over `gpus_per_node`."""
     problems = []
     for alias, owner in ALIASES.items():
         given, owned = _layer_value(layer, alias), _layer_value(layer, owner)
         if given is None:
             continue
-        if owned is not None and str(owned) != str(given):
+        if strict and owned is not None and str(owned) != str(given):
             problems.append(
                 f"{where}: {alias}={given} and {owner}={owned} are one setting (the job's "
                 f"{'nodes' if 'nodes' in owner else 'GPUs per node'}) with two values: set {owner} only"
@@ -52,7 +58,12 @@ def fold_job_shape(layer: DictConfig, where: str) -> list[str]:
         if owned is None:
             OmegaConf.update(layer, owner, given, force_add=True)
     ranks, gpus = _layer_value(layer, RANKS), _layer_value(layer, GPUS)
-    if ranks is not None and gpus is None:
+    if strict and ranks is not None and gpus is not None and str(ranks) != str(gpus):
+        problems.append(
+            f"{where}: {RANKS}={ranks} but {GPUS}={gpus}: a job runs one rank per GPU; set one of "
+            "them (the other follows it)"
+        )
+    elif ranks is not None and (gpus is None or not strict):
         OmegaConf.update(layer, GPUS, ranks, force_add=True)
     elif gpus is not None and ranks is None:
         OmegaConf.update(layer, RANKS, gpus, force_add=True)

@@ -44,6 +44,14 @@ def test_plan_dry_run_and_doctor_follow_slurm_nodes_and_gpus(
     assert "parallel.num_nodes=2 and slurm.nodes=3 are one setting" in capsys.readouterr().err
     assert main(["plan", *config, "slurm.gpus_per_node=4", "slurm.tasks_per_node=2"]) == 2
     assert "a job runs one rank per GPU" in capsys.readouterr().err
+    # A run saved before one owner held these numbers (both names, ranks apart from GPUs) still
+    # loads: slurm.* and the ranks win, and a later override sets both again.
+    saved = tmp_path / "old-run-config.yaml"
+    saved.write_text("model:\n  name: tiny\nparallel:\n  gpus_per_node: 1\nslurm:\n  gpus_per_node: 8\n"
+                     "  tasks_per_node: 2\n")  # fmt: skip
+    old = load_config(saved)
+    assert (old.slurm.gpus_per_node, old.slurm.tasks_per_node, old.parallel.gpus_per_node) == (2, 2, 2)
+    assert load_config(saved, ["slurm.gpus_per_node=4"]).slurm.tasks_per_node == 4
 
 
 def test_a_local_job_runs_slurm_gpus_per_node_ranks(
