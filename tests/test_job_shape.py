@@ -1,5 +1,6 @@
 """One owner of a job's nodes and GPUs (`slurm.nodes` x `slurm.gpus_per_node`): plan, --dry-run,
-doctor and the jobs all use it, as a user types it on the command line."""
+doctor and the jobs all use it, as a user types it on the command line (a local job's ranks:
+`tests/test_report.py`, whose run sets `slurm.gpus_per_node=1` alone)."""
 
 from __future__ import annotations
 
@@ -52,24 +53,3 @@ def test_plan_dry_run_and_doctor_follow_slurm_nodes_and_gpus(
     old = load_config(saved)
     assert (old.slurm.gpus_per_node, old.slurm.tasks_per_node, old.parallel.gpus_per_node) == (2, 2, 2)
     assert load_config(saved, ["slurm.gpus_per_node=4"]).slurm.tasks_per_node == 4
-
-
-def test_a_local_job_runs_slurm_gpus_per_node_ranks(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    prompts = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a cat", "a dog"]}), prompts)
-    run_dir = tmp_path / "run"
-    argv = ["submit", str(prompts), "--config", str(EXAMPLE), "--executor", "local",
-            "--run-dir", str(run_dir), "--wait", "slurm.gpus_per_node=2", "sampling.num_inference_steps=1",
-            "batch.min_shards=1"]  # fmt: skip
-    assert main(argv) == 0
-    capsys.readouterr()
-    merged = tmp_path / "all.parquet"
-    assert main(["manifest", str(run_dir), "--out", str(merged)]) == 0
-    rows = pq.read_table(merged).to_pylist()
-    metrics = [pq.read_table(p).to_pylist()[0] for p in (run_dir / "metrics").glob("*.parquet")]
-    assert [row["world_size"] for row in metrics] == [2] and len(rows) == 2
-    # No seed column: each video's seed is derived from its id and recorded (not 0 for both).
-    seeds = [row["seed"] for row in rows]
-    assert len(set(seeds)) == 2 and 0 not in seeds
