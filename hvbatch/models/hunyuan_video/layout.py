@@ -11,10 +11,11 @@ files only. `resolve_paths` is what the loaders use; `detect` is the family's an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from hvbatch.models.json_files import read_json
 
 if TYPE_CHECKING:
     from hvbatch.config import ModelConfig
@@ -71,8 +72,8 @@ def layout_under(root: Path, image_to_video: bool = False) -> dict[str, Path]:
 
 def _diffusers_config(folder: Path) -> dict[str, object]:
     try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = read_json(folder / "config.json")
+    except (OSError, ValueError):  # unreadable, too large or not JSON: the transformer check says which
         return {}
     return raw if isinstance(raw, dict) else {}
 
@@ -112,6 +113,23 @@ def variant_problem(model: ModelConfig) -> str | None:
         f"is {kinds.get(wanted, str(wanted))} preset: use the weights of that preset, or the preset of "
         "these weights (model=<preset>)"
     )
+
+
+def existing_paths(model: ModelConfig) -> dict[str, Path]:
+    """The components (and tokenizers) whose files exist, even when others are missing (the
+    doctor checks each of them)."""
+    try:
+        image_to_video = model.transformer.image_condition_type is not None
+        found = layout_under(Path(model.path).expanduser(), image_to_video) if model.path else {}
+    except OSError:
+        found = {}
+    for name in COMPONENTS:
+        value = getattr(model, f"{name}_path")
+        if value:
+            found[name] = Path(value).expanduser()
+            if name in TOKENIZER_OF:
+                found.pop(TOKENIZER_OF[name], None)
+    return {name: path for name, path in found.items() if path.exists()}
 
 
 def resolve_paths(model: ModelConfig) -> ComponentPaths:
