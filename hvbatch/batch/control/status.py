@@ -241,8 +241,7 @@ class RunReader:
             return found
         directory = os.path.join(self.run.root, folder)
         try:
-            with os.scandir(directory) as entries:
-                names = sorted(entry.name for entry in entries if entry.name.endswith(ext))
+            names = sorted(name for name in os.listdir(directory) if name.endswith(ext))  # (no stats)
         except (FileNotFoundError, NotADirectoryError):
             return found
         cache = self._files.setdefault(folder, {})
