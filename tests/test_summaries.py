@@ -270,7 +270,7 @@ def test_a_complete_run_reads_markers_not_parts(tmp_path: Path, monkeypatch: pyt
     ledger.finish(run, RetryConfig(), [0, 1, 2], KEY, 0)
 
 
-def test_a_summary_longer_than_one_read_is_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_summary_longer_than_a_read_is_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = _busy_run(tmp_path)
     expected = _table_counts(run)
 
