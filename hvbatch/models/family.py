@@ -169,6 +169,14 @@ class ModelFamily:
     """What is wrong with the family's sections of a resolved config (each naming its key)."""
     sampling_problems: Callable[[ModelConfig, SamplingConfig], list[str]] = _no_problems
     """What a variant refuses in a video's sampling settings (e.g. a fixed step count)."""
+    sampling_convention: str | None = None
+    """`module` whose `initial_noise`, `flow_schedule` and `combine_cfg` (`protocols.SamplingConvention`)
+    the sampler uses instead of its defaults (the family's reference code draws noise, rounds the
+    schedule or combines CFG differently); None: the defaults."""
+    vae_tiling: Mapping[str, Any] = field(default_factory=dict)
+    """Fixed `VaeTilingConfig` fields of the family's VAE (e.g. spatial-only tiles): over `vae.*`."""
+    vae_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """`vae.*` defaults of the family (tile sizes in its latent cells): merged over the built-in ones."""
     default_preset: str | None = None
     """Set by the one family whose preset is hvbatch's default."""
     markers: tuple[str, ...] = field(default=())
@@ -181,6 +189,10 @@ class ModelFamily:
     def conditioning_type(self) -> type:
         module, _, name = self.conditioning.partition(":")
         return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+    def sampler_convention(self) -> Any:
+        """The `SamplingConvention` module, or None for the sampler's defaults."""
+        return None if self.sampling_convention is None else importlib.import_module(self.sampling_convention)
 
     def attention_heads(self, model: ModelConfig) -> int:
         return self.memory(model).num_heads

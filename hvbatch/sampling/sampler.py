@@ -13,9 +13,9 @@ import torch
 
 from hvbatch.config import SamplingConfig
 from hvbatch.models.geometry import LatentGeometry
-from hvbatch.models.protocols import Conditioning, VelocityModel
+from hvbatch.models.protocols import Conditioning, SamplingConvention, VelocityModel
 from hvbatch.sampling.cache import StepCache, step_cache_for
-from hvbatch.sampling.scheduler import euler_step, flow_match_schedule
+from hvbatch.sampling.scheduler import FlowMatchSchedule, euler_step, flow_match_schedule
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -36,6 +36,7 @@ def denoise(
     negative: Conditioning | None = None,
     on_step: Callable[[int, int], None] | None = None,
     step_cache: StepCache | None = None,
+    convention: SamplingConvention | None = None,
 ) -> torch.Tensor:
     """Run the Euler loop from `noise` `[B, C, T, Hh, Ww]` (sigma 1) to clean latents (sigma 0), float32.
 
@@ -45,12 +46,18 @@ def denoise(
     device), so a step never waits for the device (except a step cache's decision, one host value
     per step). Every step passes `t_next_B`, the next step's timestep (0 at the last step).
     `step_cache` (see `new_step_cache`) counts the steps it computed and skipped; the whole batch
-    takes one decision per step.
+    takes one decision per step. `convention` (the family's, `ModelFamily.sampler_convention`)
+    replaces the schedule and the CFG combination where its reference code computes them otherwise.
     """
     use_cfg = sampling.cfg_scale > 1.0
     if use_cfg and negative is None:
         raise ValueError(f"cfg_scale={sampling.cfg_scale} > 1 needs a negative-prompt conditioning")
-    schedule = flow_match_schedule(sampling.num_inference_steps, sampling.flow_shift)
+    if convention is None:
+        schedule = flow_match_schedule(sampling.num_inference_steps, sampling.flow_shift)
+    else:
+        schedule = FlowMatchSchedule(
+            *convention.flow_schedule(sampling.num_inference_steps, sampling.flow_shift)
+        )
     model_cond = cond.for_sampling(sampling)
     if use_cfg and negative is not None:
         model_cond = type(model_cond).cat([negative.for_sampling(sampling), model_cond])
@@ -72,9 +79,11 @@ def denoise(
             model_cond,
             t_next_B=next_timesteps_N[i].expand(batch),
             **cache_arg,
-        ).float()
-        if use_cfg:
-            uncond, conditional = velocity.chunk(2)
+        )
+        if use_cfg and convention is not None:
+            velocity = convention.combine_cfg(velocity, sampling.cfg_scale)
+        elif use_cfg:
+            uncond, conditional = velocity.float().chunk(2)
             velocity = uncond + sampling.cfg_scale * (conditional - uncond)
         latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
         if on_step is not None:
@@ -109,13 +118,16 @@ def sample(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int], None] | None = None,
     step_cache: StepCache | None = None,
+    convention: SamplingConvention | None = None,
 ) -> torch.Tensor:
     """One video's clean latents `[1, C, T, Hh, Ww]` from its seed; `cond` holds batch 1.
 
-    The latent's shape comes from the family's `geometry` (channels, VAE ratios).
+    The latent's shape comes from the family's `geometry` (channels, VAE ratios); the noise from
+    its `convention` (else `initial_noise`).
     """
     shape = geometry.latent_shape(sampling.height, sampling.width, sampling.num_frames)
-    noise = initial_noise((1, *shape), sampling.seed).to(device)
+    draw = initial_noise if convention is None else convention.initial_noise
+    noise = draw((1, *shape), sampling.seed).to(device)
     return denoise(
         model,
         noise,
@@ -124,4 +136,5 @@ def sample(
         negative=negative and negative.to(device),
         on_step=on_step,
         step_cache=step_cache,
+        convention=convention,
     )
