@@ -49,6 +49,7 @@ __all__ = [
     "family_of",
     "folder_family_problem",
     "get_family",
+    "model_folder_problem",
     "preset_path",
     "register_family",
 ]
@@ -319,3 +320,21 @@ def folder_family_problem(model: ModelConfig) -> str | None:
         f"model={model.name} is a {get_family(model.family).description} preset: use one of "
         f"{', '.join(other.presets)} (model=<preset>), or the weights of model={model.name}"
     )
+
+
+def model_folder_problem(model: ModelConfig) -> str | None:
+    """Why `model.path` cannot be loaded by the configured family, from its folder names and config
+    files only: another family's checkpoint, or no checkpoint any registered family recognises
+    (None when it is this family's, or not used). What `submit` refuses before writing anything."""
+    problem = folder_family_problem(model)
+    if problem is not None or not model.path or model.random_weights:
+        return problem
+    root = Path(model.path).expanduser()
+    if detect_family(root) is None:
+        known = "; ".join(f"{f.description}: {', '.join(f.presets)}" for f in families())
+        return (
+            f"model.path={model.path} is not a checkpoint folder of any model family hvbatch knows "
+            f"({'it does not exist' if not root.exists() else 'no layout of theirs matches'}); point it at "
+            f"the official or diffusers folder of the model of model={model.name} (families: {known})"
+        )
+    return None

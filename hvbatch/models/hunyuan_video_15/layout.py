@@ -123,6 +123,7 @@ def resolve_paths(model: ModelConfig) -> ComponentPaths15:
         found = {"transformer": root / "transformer", "vae": root / "vae", "text_encoders": root}
         if layout == OFFICIAL:
             version = _official_version(root, model)
+            found["transformer"] = root / "transformer" / version
     for name, key in (
         ("transformer", "transformer_path"),
         ("vae", "vae_path"),
