@@ -43,7 +43,9 @@ OFFICIAL_ARCH = HunyuanVideo15TransformerConfig(
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def diffusers_transformer(config: HunyuanVideo15TransformerConfig, seed: int, **extra: Any) -> torch.nn.Module:
+def diffusers_transformer(
+    config: HunyuanVideo15TransformerConfig, seed: int, **extra: Any
+) -> torch.nn.Module:
     from diffusers import HunyuanVideo15Transformer3DModel
 
     kwargs = {k: v for k, v in config.to_diffusers_config().items() if not k.startswith("_")}
@@ -57,7 +59,9 @@ def diffusers_vae() -> torch.nn.Module:
     config = HunyuanVideo15VaeConfig.tiny().to_diffusers_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
-        return AutoencoderKLHunyuanVideo15(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+        return AutoencoderKLHunyuanVideo15(
+            **{k: v for k, v in config.items() if not k.startswith("_")}
+        ).eval()
 
 
 def write_diffusers_root(root: Path, *, guidance_scale: float = 6.0) -> HunyuanVideo15TextEncoder:
@@ -106,5 +110,7 @@ def write_official_root(root: Path, version: str = "480p_t2v") -> Path:
     vae_state = random_vae(vae_config, seed=4).state_dict()
     save_file({k: v.contiguous() for k, v in vae_state.items()}, vae_folder / WEIGHTS)
     llm, tokenizer = tiny_llm(OFFICIAL_ARCH.text_dim, seed=8, num_layers=1)
-    write_official(HunyuanVideo15TextEncoder(llm, tokenizer, _wide_glyph_encoder(OFFICIAL_ARCH.glyph_dim)), root)
+    write_official(
+        HunyuanVideo15TextEncoder(llm, tokenizer, _wide_glyph_encoder(OFFICIAL_ARCH.glyph_dim)), root
+    )
     return root
