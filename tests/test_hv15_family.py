@@ -97,7 +97,8 @@ def test_denoising_loop_matches_diffusers_pipeline(folders: dict[str, Path]) -> 
         theirs = reference(
             prompt_embeds=pos[0], prompt_embeds_mask=pos[1], prompt_embeds_2=pos[2],
             prompt_embeds_mask_2=pos[3], negative_prompt_embeds=neg[0], negative_prompt_embeds_mask=neg[1],
-            negative_prompt_embeds_2=neg[2], negative_prompt_embeds_mask_2=neg[3], height=48, width=80, num_frames=5, num_inference_steps=3,
+            negative_prompt_embeds_2=neg[2], negative_prompt_embeds_mask_2=neg[3],
+            height=48, width=80, num_frames=5, num_inference_steps=3,
             latents=noise.float(), output_type="latent",
         ).frames  # fmt: skip
     assert theirs.std() > 0.1 and rel_err(ours, theirs) <= 1e-4
