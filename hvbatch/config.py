@@ -450,6 +450,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         OmegaConf.create({"model": preset_cfg}),
         file_cfg,
         dot_cfg,
+        OmegaConf.create({"model": {"name": preset}}),  # `model=<preset>` wins over a file's model.name
     ]
     try:
         merged = OmegaConf.merge(*layers)

@@ -132,7 +132,8 @@ class Pipeline:
         the transformer's attention kernel, quantization and compilation."""
         device = device or resolve_device(config.device)
         timings = timings or Timings()
-        problem = folder_family_problem(config.model)
+        problems = family_of(config.model).run_problems(config.model)
+        problem = "; ".join(problems) if problems else folder_family_problem(config.model)
         if problem is not None:
             raise ValueError(problem)
         with timings.measure("load", device):

@@ -257,6 +257,7 @@ def _a_10_checkpoint(root: Path) -> Path:
         ("1.0 folder, 1.5 preset", "holds a HunyuanVideo 1.0"),
         ("neither", "is not a recognised weights folder: model.path must be a HunyuanVideo-1.5 folder"),
         ("distilled steps", "runs 50 steps, not num_inference_steps=20"),
+        ("step-distilled steps", "runs 4 or 8 or 12 steps, not num_inference_steps=50"),
         ("16x size", "width=88 is not a positive multiple of 16"),
         ("unknown preset", "unknown model preset 'hunyuan-video-1.5-1080p-t2v'"),
         ("image-to-video", "is an image-to-video model"),
@@ -273,6 +274,10 @@ def test_mistakes_exit_2_with_one_message_and_nothing_written(
         ],
         "neither": ["model=hunyuan-video-1.5-480p-t2v", f"model.path={tmp_path}"],
         "distilled steps": ["model=hunyuan-video-1.5-480p-t2v-distilled", "sampling.num_inference_steps=20"],
+        "step-distilled steps": [
+            "model=hunyuan-video-1.5-480p-i2v-step-distilled",
+            "sampling.num_inference_steps=50",
+        ],
         "16x size": ["model=tiny-1.5", "sampling.width=88"],
         "unknown preset": ["model=hunyuan-video-1.5-1080p-t2v"],
         "image-to-video": ["model=hunyuan-video-1.5-480p-i2v-step-distilled"],

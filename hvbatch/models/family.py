@@ -170,6 +170,9 @@ class ModelFamily:
     """What is wrong with the family's sections of a resolved config (each naming its key)."""
     sampling_problems: Callable[[ModelConfig, SamplingConfig], list[str]] = _no_problems
     """What a variant refuses in a video's sampling settings (e.g. a fixed step count)."""
+    run_problems: Callable[[ModelConfig], list[str]] = _no_problems
+    """What the family cannot run yet for this config (e.g. a variant whose inputs are not wired):
+    `generate` and `submit` refuse it before writing anything; `plan` and `doctor` still answer."""
     sampling_convention: str | None = None
     """`module` whose `initial_noise`, `flow_schedule` and `combine_cfg` (`protocols.SamplingConvention`)
     the sampler uses instead of its defaults (the family's reference code draws noise, rounds the
@@ -323,9 +326,13 @@ def folder_family_problem(model: ModelConfig) -> str | None:
 
 
 def model_folder_problem(model: ModelConfig) -> str | None:
-    """Why `model.path` cannot be loaded by the configured family, from its folder names and config
-    files only: another family's checkpoint, or no checkpoint any registered family recognises
-    (None when it is this family's, or not used). What `submit` refuses before writing anything."""
+    """Why the configured model cannot run, from its config and its folder's names and config files
+    only: what the family cannot run yet (`run_problems`), a `model.path` of another family's
+    checkpoint, or of none any registered family recognises (None when all is well). What `submit`
+    refuses before writing anything."""
+    problems = get_family(model.family).run_problems(model)
+    if problems:
+        return "; ".join(problems)
     problem = folder_family_problem(model)
     if problem is not None or not model.path or model.random_weights:
         return problem

@@ -117,19 +117,24 @@ def _config_problems(model: ModelConfig) -> list[str]:
             f"model.text_encoder_2_path={model.text_encoder_2_path}: HunyuanVideo-1.5 reads both its text "
             "encoders from model.text_encoder_path (a folder of either layout); leave it unset"
         )
-    found = preset_variant(model.name)
-    if found is not None and found.task is Task.IMAGE_TO_VIDEO:
-        problems.append(
-            f"model={model.name} is an image-to-video model ({found.name}): hvbatch does not give 1.5 models "
-            "an input image yet; use a text-to-video preset (hunyuan-video-1.5-480p-t2v, -720p-t2v, "
-            "-480p-t2v-distilled)"
-        )
     if model.transformer.is_super_resolution:
         problems.append(
             "model.transformer.in_channels: a super-resolution transformer is not a base model; "
             "use a base preset"
         )
     return problems
+
+
+def _run_problems(model: ModelConfig) -> list[str]:
+    """The image-to-video variants: their input image is not wired to 1.5 yet."""
+    found = preset_variant(model.name)
+    if found is not None and found.task is Task.IMAGE_TO_VIDEO:
+        return [
+            f"model={model.name} is an image-to-video model ({found.name}): hvbatch does not give 1.5 models "
+            "an input image yet; use a text-to-video preset (hunyuan-video-1.5-480p-t2v, -720p-t2v, "
+            "-480p-t2v-distilled)"
+        ]
+    return []
 
 
 def _sampling_problems(model: ModelConfig, sampling: SamplingConfig) -> list[str]:
@@ -162,6 +167,7 @@ FAMILY = register_family(
         sampling_defaults=_sampling_defaults,
         config_problems=_config_problems,
         sampling_problems=_sampling_problems,
+        run_problems=_run_problems,
         sampling_convention="hvbatch.models.hunyuan_video_15.sampling",
         vae_tiling={"temporal": False, "blend": "sequential"},
         vae_defaults={"tile_latent_size": 16, "tile_latent_overlap": 2},
