@@ -294,3 +294,21 @@ def test_mistakes_exit_2_with_one_message_and_nothing_written(
             message = "is not a checkpoint folder of any model family hvbatch knows"
         assert message in submit_err and submit_err.count("error:") == 1
     assert not out.exists() and not run.exists()
+
+
+def test_compiled_blocks_equal_eager() -> None:
+    """`model.compile` on 1.5: each double block compiled (regional, dynamo with the eager backend
+    here) gives the eager output."""
+    from hvbatch.models.hunyuan_video_15.conditioning import HunyuanVideo15Conditioning
+    from hvbatch.models.hunyuan_video_15.transformer_loading import random_transformer
+    from hvbatch.models.runtime import compile_blocks
+
+    model = random_transformer(HunyuanVideo15TransformerConfig.tiny(), seed=0)
+    x = torch.randn(1, 32, 2, 3, 4, generator=torch.Generator().manual_seed(0))
+    cond = HunyuanVideo15Conditioning.example(model.config, 1, 5, "cpu")
+    with torch.no_grad():
+        eager = model(x, torch.tensor([700.0]), cond)
+        compile_blocks(model, backend="eager")
+        compiled = model(x, torch.tensor([700.0]), cond)
+    assert len(model.transformer_blocks()) == 2 and model.compiled_blocks
+    assert rel_err(compiled, eager) <= 1e-6

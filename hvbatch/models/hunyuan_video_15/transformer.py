@@ -373,6 +373,10 @@ class HunyuanVideo15Transformer(nn.Module):
         cache.store(out_BLD - img_BLD)
         return out_BLD
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The double-stream blocks in order (what regional compilation compiles one by one)."""
+        return list(self.double_blocks)
+
     def configure_attention(self, backend: AttentionBackend) -> str:
         """Dense or SSTA attention on `backend`, as `self.attention_mode` asks for this checkpoint
         (`model.attention_mode`; the runtime calls this once the kernel is chosen); in words."""
