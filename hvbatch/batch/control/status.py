@@ -25,7 +25,14 @@ from hvbatch.batch.executors.base import (
 from hvbatch.batch.executors.registry import live_states
 from hvbatch.batch.files import read_parquet_parts
 from hvbatch.batch.ledger import manual_reset_times
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, SHARD_PATTERN, RunDir, read_marker
+from hvbatch.batch.rundir import (
+    MANIFEST_SCHEMA,
+    METRICS_SCHEMA,
+    SHARD_PATTERN,
+    RunDir,
+    checked_marker,
+    read_marker,
+)
 from hvbatch.batch.summaries import PartTally, read_metrics_row, read_part_tally, shard_index, stamp_of
 from hvbatch.config import Config, load_config
 
@@ -192,8 +199,8 @@ Stamp = tuple[int, int, int]
 
 
 def _read_marker(path: str) -> Any:
-    """A completion marker (os-level reads: a complete run has one per shard); one that is not an
-    object with the shard's counts is named by `read_marker`'s error."""
+    """A completion marker (os-level reads: a complete run has one per shard); an unreadable one is
+    named by `read_marker`'s error, one of the wrong shape by `checked_marker`'s."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -201,11 +208,9 @@ def _read_marker(path: str) -> Any:
         finally:
             os.close(fd)
         marker = json.loads(data)
-    except ValueError:
-        marker = None
-    if isinstance(marker, dict) and {"done", "failed"} <= marker.keys():
-        return marker
-    return read_marker(Path(path))
+    except (OSError, ValueError):
+        return read_marker(Path(path))
+    return checked_marker(Path(path), marker)
 
 
 class RunReader:
