@@ -85,6 +85,31 @@ def rank_errors(run: RunDir, key: AttemptKey) -> list[dict[str, Any]]:
     ]
 
 
+def record_phase(run: RunDir, key: AttemptKey, phase: str, started_at: float | None = None) -> None:
+    """What the attempt is doing now, in words, for `--wait` and `status` while no video has
+    ended yet (`starting 8 ranks`, `loading the model`, `first denoising step`). Best effort: a
+    record that cannot be written is logged, never fatal (the next real write says why)."""
+    try:
+        payload = {"job_id": key.job_id, "attempt_key": str(key), "phase": phase, "at": time.time()}
+        write_json_atomic(run.phase_path(str(key)), payload | {"started_at": started_at})
+    except OSError as err:
+        logger.warning("could not record the attempt's phase (%s): %s", phase, err)
+
+
+def job_phases(run: RunDir, job_ids: set[str]) -> list[dict[str, Any]]:
+    """The phase records of these jobs' attempts, the most recent first."""
+    folder = run.root / "attempts"
+    if not job_ids or not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob("*.phase.json"):
+        with contextlib.suppress(OSError, ValueError):  # replaced or half-read: the next poll sees it
+            record = json.loads(path.read_text())
+            if isinstance(record, dict) and str(record.get("job_id")) in job_ids:
+                found.append(record)
+    return sorted(found, key=lambda record: -float(record.get("at") or 0.0))
+
+
 def backoff_seconds(retry: RetryConfig, attempts_so_far: int) -> float:
     return min(retry.max_backoff_s, retry.backoff_s * 2 ** max(0, attempts_so_far - 1))
 
