@@ -124,33 +124,41 @@ class ProgressReporter:
 def poll_run(reader: RunReader) -> tuple[bool, bool, dict[str, int]]:
     """One look (only new markers and manifest parts are read): (every shard complete, some job
     alive, counts). A scheduler that cannot answer counts as "alive"."""
-    complete, alive, counts, _ = poll_run_phases(reader, want_phase=False)
+    complete, alive, counts, _ = poll_run_phases(reader, False, with_phases=False)
     return complete, alive, counts
 
 
-def poll_run_phases(reader: RunReader, want_phase: bool) -> tuple[bool, bool, dict[str, int], str | None]:
-    """`poll_run`, and with `want_phase` what the live jobs are doing (`jobs_doing`)."""
+def poll_run_phases(
+    reader: RunReader, before_any_video: bool, with_phases: bool = True
+) -> tuple[bool, bool, dict[str, int], str | None]:
+    """`poll_run`, and what the running jobs are doing while they start up (`jobs_doing`)."""
     snapshot = reader.snapshot(every_job=True)
     counts, _ = reader.counts(snapshot)
     alive = snapshot.states is None or bool(snapshot.states)
-    doing = jobs_doing(reader.run, snapshot.states or {}) if want_phase else None
+    doing = jobs_doing(reader.run, snapshot.states or {}, before_any_video) if with_phases else None
     return len(snapshot.markers) == reader.num_shards(), alive, counts, doing
 
 
-def jobs_doing(run: RunDir, states: dict[str, str], now: float | None = None) -> str | None:
-    """The start-up phase of the live jobs in words: the latest phase an attempt recorded
-    (`ledger.record_phase`) and for how long, else the queue state (`job 12 PENDING`)."""
-    if not states:
+def jobs_doing(
+    run: RunDir, states: dict[str, str], before_any_video: bool, now: float | None = None
+) -> str | None:
+    """The start-up phase of the running jobs in words (`ledger.record_phase`): the latest, and
+    for how long; before any video has ended in this wait also a phase past start-up, or the
+    queue state (`job 12 pending`). None when there is nothing to say."""
+    running = sorted(job for job, state in states.items() if state == "RUNNING")
+    phases = ledger.job_phases(run, running)
+    starting = [record for record in phases if record.get("starting")]
+    shown = starting[:1] or (phases[:1] if before_any_video else [])
+    if shown:
+        record, now = shown[0], time.time() if now is None else now
+        since = format_duration(max(0.0, now - float(record.get("at") or now)))
+        others = len(starting) - 1 if starting else len(running) - 1
+        more = f" (+{count(others, 'other job')} starting)" if starting and others > 0 else ""
+        return f"job {record['job_id']}: {record['phase']} [{since}]{more}"
+    if not before_any_video or not states:
         return None
-    now = time.time() if now is None else now
-    phases = ledger.job_phases(run, set(states))
-    others = len(states) - 1
-    more = f" (+{count(others, 'other job')})" if others else ""
-    if phases:
-        latest = phases[0]
-        since = format_duration(max(0.0, now - float(latest.get("at") or now)))
-        return f"job {latest['job_id']}: {latest['phase']} [{since}]{more}"
-    job_id, state = sorted(states.items())[0]
+    job_id, state = (running[0], "RUNNING") if running else sorted(states.items())[0]
+    more = f" (+{count(len(states) - 1, 'other job')})" if len(states) > 1 else ""
     return f"job {job_id} {state.lower()}{', starting' if state == 'RUNNING' else ''}{more}"
 
 
@@ -171,14 +179,13 @@ def watch_run(
     done_at_start: int | None = None
     ended_at_start: int | None = None
     reader = RunReader(run)
-    starting = reporter is not None  # start-up phases are read only until a video ends in this wait
+    before_any_video = True  # in this wait
     while True:
-        complete, alive, counts, doing = poll_run_phases(reader, starting)
+        complete, alive, counts, doing = poll_run_phases(reader, before_any_video, reporter is not None)
         now = time.time()
         if done_at_start is None:
             done_at_start, ended_at_start = counts["done"], counts["done"] + counts["failed"]
-        starting = starting and counts["done"] + counts["failed"] == ended_at_start
-        doing = doing if starting else None
+        before_any_video = before_any_video and counts["done"] + counts["failed"] == ended_at_start
         if complete:
             complete_since = complete_since or now
         if reporter is not None:  # the rate stops at the last video: jobs exiting do not lower it

@@ -139,8 +139,6 @@ class LocalExecutor(Executor):
         job_fn = LocalShardJob(s.tasks_per_node, s.time_min, retry.signal_delay_s, delay_s)
         with _controller_ignores_ctrl_c():
             job = local.submit(job_fn, str(self.run.root), shards)
-        with contextlib.suppress(OSError):  # submitit makes its folder pattern itself, `%j` unreplaced
-            (self.run.root / "submitit" / "%j").rmdir()
         identity = process_identity(int(job.job_id))
         records = [JobRecord(shard, str(job.job_id), self.kind, identity) for shard in shards]
         record_submission(self.run, records, self.kind, manual=manual, delay_s=delay_s)
@@ -219,6 +217,8 @@ class LocalShardJob:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_stop_signal)
         run = RunDir(run_dir)
+        with contextlib.suppress(OSError):  # submitit's controller makes its folder pattern, unreplaced
+            (run.root / "submitit" / "%j").rmdir()
         retry = load_config(run.root / "config.yaml").retry
         job_id = os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
         time.sleep(self.delay_s)

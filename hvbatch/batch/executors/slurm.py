@@ -269,6 +269,11 @@ class SlurmShardJob:
         from hvbatch.parallel.launch import export_submitit_environment
 
         log_to_stderr()  # hvbatch's own lines (phases, layout, videos) in the job's log
+        if os.environ.get("SLURM_PROCID", "0") == "0":  # said before the seconds of torch's import
+            key = AttemptKey.slurm(job_id_from_environment(), int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+            what = f"{os.environ.get('SLURM_NTASKS', '?')} ranks started; importing torch and the model code"
+            logger.info("%s: %s", key, what)
+            ledger.record_phase(RunDir(run_dir), key, what)
         export_submitit_environment()  # RANK and MASTER_*; CUDA_VISIBLE_DEVICES left as Slurm set it
         with task_exits_cleanly():
             return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)

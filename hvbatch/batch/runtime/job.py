@@ -68,6 +68,7 @@ from hvbatch.parallel.launch import DistEnv, RankSetup, dist_env_from, setup_ran
 from hvbatch.parallel.liveness import Liveness, PeerLostError, StoreLostError
 from hvbatch.parallel.runner import warm_up
 from hvbatch.pipeline import Pipeline, Timings
+from hvbatch.process import process_age_s
 from hvbatch.text import printable
 
 logger = logging.getLogger(__name__)
@@ -136,9 +137,9 @@ class JobContext:
     stepped: bool = False
     """This rank has made a denoising step (its first one is said once, as a start-up phase)."""
 
-    def phase(self, what: str) -> None:
+    def phase(self, what: str, starting: bool = True) -> None:
         """Rank 0 says what the job is doing while it starts up (log line and `--wait`)."""
-        say_phase(self.run, self.identity, self.rank, what)
+        say_phase(self.run, self.identity, self.rank, what, starting)
 
     @property
     def rank(self) -> int:
@@ -186,9 +187,9 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
             first_step.append(time.time())
             if not job.stepped:
                 job.stepped = True
-                job.phase(
-                    f"first denoising step done, {time.time() - PROCESS_START:.0f} s after the rank started"
-                )
+                age = process_age_s()
+                after = f", {age:.0f} s after rank 0 started" if age else ""
+                job.phase(f"first denoising step done{after}", starting=False)
         if faults is not None:
             faults.at_step(step)
 
@@ -541,9 +542,9 @@ def run_shards_job(
         held_port = _port_fault(faults, run, shards, identity, env)
         world = env.world_size if env else 1
         started = time.time()
-        say_phase(
-            run, identity, rank, f"rank 0 started in {started - PROCESS_START:.0f} s; {world} ranks meeting"
-        )
+        age = process_age_s()
+        imported = f"imports done {age:.0f} s after rank 0 started" if age is not None else "imports done"
+        say_phase(run, identity, rank, f"{imported}; {world} ranks meeting")
         try:
             setup = setup_rank(config.parallel, config.device)
         finally:
@@ -592,12 +593,12 @@ def run_shards_job(
         logger.debug("rank %d left after %.0f s", rank, time.time() - PROCESS_START)
 
 
-def say_phase(run: RunDir, identity: JobIdentity, rank: int, what: str) -> None:
+def say_phase(run: RunDir, identity: JobIdentity, rank: int, what: str, starting: bool = True) -> None:
     """Rank 0's start-up phases: a log line and the attempt's phase record (`ledger.record_phase`)."""
     if rank != 0:
         return
     logger.info("%s: %s", identity.key, what)
-    ledger.record_phase(run, identity.key, what)
+    ledger.record_phase(run, identity.key, what, starting)
 
 
 def _report_failure(
