@@ -196,9 +196,9 @@ def retry_shards(
     (already checked) are saved in the run's config once there is a shard to submit."""
     config = overrides.config if overrides is not None else load_config(run.root / "config.yaml")
     check_model_files(config, "resubmitted")
-    overridden_executor = overrides is not None and "batch.executor" in overrides.changes
-    if executor is None and overridden_executor:
-        executor = config.batch.executor
+    asked_by = "--executor" if executor else "the run's executor"
+    if executor is None and overrides is not None and "batch.executor" in overrides.changes:
+        executor, asked_by = config.batch.executor, "batch.executor"
     if wait:  # without the lock: a job's own last step may need it meanwhile
         unfinished = unfinished_shards(run)
         census = _census(run, config, unfinished)
@@ -219,7 +219,6 @@ def retry_shards(
         held = [s for s in unfinished if s not in todo and s not in running]
         _report(run, census, running, ending, held)
         if todo:
-            asked_by = "--executor" if executor else "the run's executor"
             choice = choose_executor(
                 executor or run.read_run()["executor"], asked_by
             )  # refuse before writing
