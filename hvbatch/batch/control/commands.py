@@ -255,11 +255,11 @@ def run_submit(args: argparse.Namespace) -> int:
     check_run_dir_name(run.root)
     choice = choose_executor(args.executor or config.batch.executor, _executor_source(args))
     check_model_files(config, "submitted")
-    print(choice.line(), file=sys.stderr, flush=True)
     kind = choice.kind
     plan = job_plan(config, index.largest)
     layout = plan_layout(config, index, plan)
     create_run(run, config, prompts, StreamedShards(index, layout), kind)
+    print(choice.line(), file=sys.stderr, flush=True)
     records = executor_for(kind, run, config).submit(list(range(layout.num_shards)))
     job_ids = sorted({r.job_id for r in records})
     print(
