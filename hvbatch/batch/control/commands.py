@@ -254,7 +254,8 @@ def run_submit(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir or _default_run_dir(prompts))
     check_run_dir_name(run.root)
     choice = choose_executor(args.executor or config.batch.executor, _executor_source(args))
-    check_model_files(config, "submitted")
+    if not args.no_weight_check:
+        check_model_files(config, "submitted")
     kind = choice.kind
     plan = job_plan(config, index.largest)
     layout = plan_layout(config, index, plan)
@@ -328,7 +329,9 @@ def run_retry(args: argparse.Namespace) -> int:
         for line in recovery.repair_run(run):
             print(line)
     overrides = RetryOverrides.check(run, args.overrides)  # refused before anything is written
-    outcome = recovery.retry_shards(run, args.executor, wait=args.wait, overrides=overrides)
+    outcome = recovery.retry_shards(
+        run, args.executor, wait=args.wait, overrides=overrides, check_weights=not args.no_weight_check
+    )
     if outcome.held:
         return 1  # recovery said which shards and why
     if args.wait and (outcome.submitted or outcome.running):
@@ -385,6 +388,11 @@ def add_batch_parsers(commands: argparse._SubParsersAction) -> None:
         help="wait until every shard is complete (Ctrl-C: local jobs stop, Slurm jobs keep running)",
     )
     submit.add_argument(
+        "--no-weight-check",
+        action="store_true",
+        help="do not check the model's files here first (for weights this machine cannot see)",
+    )
+    submit.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. model=tiny slurm.partition=gpu"
     )
     submit.set_defaults(func=run_submit)
@@ -405,6 +413,11 @@ def add_batch_parsers(commands: argparse._SubParsersAction) -> None:
     retry.add_argument("--wait", action="store_true")
     retry.add_argument(
         "--repair", action="store_true", help="first move corrupt markers, records and parts to corrupt/"
+    )
+    retry.add_argument(
+        "--no-weight-check",
+        action="store_true",
+        help="do not check the model's files here first (for weights this machine cannot see)",
     )
     retry.add_argument(
         "overrides",

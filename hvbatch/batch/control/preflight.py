@@ -65,7 +65,8 @@ def check_model_files(config: Config, command: str) -> None:
         )
         raise ValueError(
             f"the model's files (model={config.model.name}) would fail every job, so nothing was "
-            f"{command}:\n{lines}\n(`hvbatch doctor` checks a config without submitting)"
+            f"{command}:\n{lines}\n(`hvbatch doctor` checks a config without submitting; --no-weight-check "
+            "skips this check where the weights are visible only on the compute nodes)"
         )
 
 

@@ -190,12 +190,17 @@ class RetryOutcome:
 
 
 def retry_shards(
-    run: RunDir, executor: str | None, wait: bool, overrides: RetryOverrides | None = None
+    run: RunDir,
+    executor: str | None,
+    wait: bool,
+    overrides: RetryOverrides | None = None,
+    check_weights: bool = True,
 ) -> RetryOutcome:
     """Resubmit the unfinished shards whose jobs are gone (see the module docstring). `overrides`
     (already checked) are saved in the run's config once there is a shard to submit."""
     config = overrides.config if overrides is not None else load_config(run.root / "config.yaml")
-    check_model_files(config, "resubmitted")
+    if check_weights:
+        check_model_files(config, "resubmitted")
     asked_by = "--executor" if executor else "the run's executor"
     if executor is None and overrides is not None and "batch.executor" in overrides.changes:
         executor, asked_by = config.batch.executor, "batch.executor"
@@ -219,9 +224,7 @@ def retry_shards(
         held = [s for s in unfinished if s not in todo and s not in running]
         _report(run, census, running, ending, held)
         if todo:
-            choice = choose_executor(
-                executor or run.read_run()["executor"], asked_by
-            )  # refuse before writing
+            choice = choose_executor(executor or run.read_run()["executor"], asked_by)  # before writing
             print(choice.line(), file=sys.stderr, flush=True)
             kind = choice.kind
             if overrides is not None:
