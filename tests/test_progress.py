@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -115,6 +116,28 @@ def test_watch_reports_every_poll_and_returns_how_the_run_ended(monkeypatch: pyt
     monkeypatch.setattr(progress.RunDir, "completed_shards", lambda self: set())
     monkeypatch.setattr(progress.RunDir, "num_shards", lambda self: 2)
     assert watch_run(RunDir("unused"), None, poll_s=-1.0) is False
+
+
+def test_the_phase_of_a_job_starting_is_shown_also_after_videos_ended(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    ledger.record_phase(run, AttemptKey.slurm("7_0", 0), "first denoising step done", starting=False)
+    ledger.record_phase(run, AttemptKey.slurm("7_1", 0), "8 ranks up in 3 s; loading the model")
+    ledger.record_phase(run, AttemptKey.slurm("7_2", 0), "imports done; 8 ranks meeting")
+    states = {"7_0": "RUNNING", "7_1": "RUNNING", "7_2": "RUNNING", "7_3": "PENDING"}
+    now = time.time() + 12
+    # The latest start-up phase of a running job, with how long ago it began and who else starts.
+    doing = progress.jobs_doing(run, states, before_any_video=False, now=now)
+    assert doing == "job 7_2: imports done; 8 ranks meeting [12s] (+1 other job starting)"
+    # Past start-up, a job is named only before any video ended; a queued one by its state.
+    assert progress.jobs_doing(run, {"7_0": "RUNNING"}, before_any_video=False, now=now) is None
+    assert (
+        progress.jobs_doing(run, {"7_0": "RUNNING"}, True, now=now)
+        == "job 7_0: first denoising step done [12s]"
+    )
+    assert progress.jobs_doing(run, {"7_3": "PENDING"}, True) == "job 7_3 pending"
+    assert progress.jobs_doing(run, {"7_4": "RUNNING", "7_3": "PENDING"}, True) == (
+        "job 7_4 running, starting (+1 other job)"
+    )
 
 
 def _small_run(tmp_path: Path, num_shards: int = 2) -> RunDir:
