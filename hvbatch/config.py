@@ -1,8 +1,8 @@
 """The one config tree: omegaconf structured configs, YAML presets in `configs/`, `key=value` overrides.
 
-Resolution order (later wins): the dataclass defaults, the model family's sampling defaults for
-the preset, the model preset named by `model=<name>` (a YAML file of `configs/model/`), a user YAML
-file, then command-line `key=value` overrides.
+Resolution order (later wins): the dataclass defaults, the model family's sampling (and `vae.*`)
+defaults for the preset, the model preset named by `model=<name>` (a YAML file of `configs/model/`),
+a user YAML file, then command-line `key=value` overrides.
 
 The model family owns its sections of the tree: `model.transformer` (the architecture) and
 `model.text_encoder` (the encoder settings) are typed by the family's own dataclasses
@@ -368,6 +368,30 @@ def _split_model_override(overrides: list[str]) -> tuple[str | None, list[str]]:
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
 
+def bundled_configs() -> dict[str, Path]:
+    """The example configs shipped in the package (`configs/examples/*.yaml`), by name."""
+    import importlib.resources
+
+    folder = Path(str(importlib.resources.files("hvbatch.configs"))) / "examples"
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def config_file_path(config_file: str | Path) -> Path:
+    """`--config`: a YAML file's path, or, when no such file exists here, the name of an example
+    config shipped in the package (`--config tiny-batch`)."""
+    path = Path(config_file).expanduser()
+    if path.exists():
+        return path
+    bundled = bundled_configs()
+    name = path.name.removesuffix(".yaml") if path.parent == Path(".") else None
+    if name in bundled:
+        return bundled[name]
+    raise ValueError(
+        f"config file {config_file} does not exist; give a YAML file's path or the name of a bundled "
+        f"example config: {', '.join(bundled)}"
+    )
+
+
 def _load_yaml_file(path: str | Path) -> DictConfig:
     """A user's YAML file as plain data: no `!!python/...` objects (omegaconf loads with a safe
     loader) and no aliases (`*name`: a few lines of them expand to billions of nodes)."""
@@ -440,7 +464,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
     check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
-    file_cfg = _load_yaml_file(config_file) if config_file is not None else OmegaConf.create()
+    file_cfg = OmegaConf.create() if config_file is None else _load_yaml_file(config_file_path(config_file))
     if preset is None:
         preset = OmegaConf.select(file_cfg, "model.name") or default_preset()
     preset_cfg = _preset_yaml(preset)
@@ -458,10 +482,13 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     raise_problems(problems)
     layers: list[Any] = [
         schema,
-        OmegaConf.create({"sampling": dict(family.sampling_defaults(preset))}),
+        OmegaConf.create(
+            {"sampling": dict(family.sampling_defaults(preset)), "vae": dict(family.vae_defaults)}
+        ),
         OmegaConf.create({"model": preset_cfg}),
         file_cfg,
         dot_cfg,
+        OmegaConf.create({"model": {"name": preset}}),  # `model=<preset>` wins over a file's model.name
     ]
     try:
         merged = OmegaConf.merge(*layers)
