@@ -130,7 +130,8 @@ def _check_hv15_phases(phases: dict[str, dict[str, Any]]) -> None:
     ssta = phases["ssta_attention"]
     assert ssta["grid"] == hv15["96p"]["grid"] and ssta["dense_ms"] > 0 and ssta["portable"]["ms"] > 0
     speedup = ssta["dense_ms"] / ssta["portable"]["ms"]
-    assert ssta["portable"]["speedup_vs_dense"] == pytest.approx(speedup, rel=0.01)
+    # printed to 3 decimals
+    assert ssta["portable"]["speedup_vs_dense"] == pytest.approx(speedup, rel=0.01, abs=6e-4)
     assert 0 < ssta["attended_tile_share"] <= 1
     sr = phases["sr_step"]
     assert sr["in_channels"] == 98
