@@ -361,3 +361,35 @@ def test_pipeline_takes_the_image_and_keys_the_prompt_cache_on_it(takes_images: 
     pipeline.family = dataclasses.replace(pipeline.family, image_input=None)
     with pytest.raises(ValueError, match="takes no input image"):
         pipeline.generate("a cat", cfg.sampling, image=image, decode=False)
+
+
+def test_generate_with_an_image(
+    takes_images: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    picture = tmp_path / "in.png"
+    picture.write_bytes(png(64, 120, seed=9))
+    record = tmp_path / "received"
+    record.mkdir()
+    out = tmp_path / "v.mp4"
+    fast = ["model=tiny", "device=cpu", "sampling.num_frames=5", "sampling.num_inference_steps=1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(double.RECORD_VAR, str(record))
+        assert (
+            main(["generate", "--prompt", "a tower", "--image", str(picture), "--out", str(out), *fast]) == 0
+        )
+    assert imageio.get_reader(out).get_data(0).shape == (80, 48, 3)  # the bucket of a 64x120 image
+    (got,) = record.glob(f"{hashlib.sha256(picture.read_bytes()).hexdigest()}-80x48-*.png")
+    want = double.SIZING.fit(decode(picture.read_bytes()), 80, 48)
+    assert np.array_equal(np.asarray(Image.open(got)), np.asarray(want))
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "x", "--image", str(tmp_path / "nope.png"), *fast]) == 2
+    assert "nope.png: missing file" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_image_for_a_text_to_video_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    picture = tmp_path / "in.png"
+    picture.write_bytes(png(64, 64))
+    assert main(["generate", "--prompt", "x", "--image", str(picture), "model=tiny", "device=cpu"]) == 2
+    assert "takes no input image" in capsys.readouterr().err
