@@ -30,7 +30,6 @@ VIDEO_KEYS = (
     "gpu_seconds",
     "error",
     "href",
-    "image_source",
 )
 
 
@@ -104,7 +103,7 @@ def render_html(data: ReportData) -> str:
     videos = [
         {key: v[key] for key in VIDEO_KEYS}
         | {"thumb": base64.b64encode(v["thumb"]).decode("ascii") if v["thumb"] else None}
-        | {"input_thumb": _b64(v.get("input_thumb"))}
+        | {"image_source": v.get("image_source"), "input_thumb": _b64(v.get("input_thumb"))}
         for v in data.videos
     ]
     reasons = sorted({a["exit_reason"] for a in data.attempts})

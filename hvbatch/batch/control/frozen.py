@@ -206,5 +206,8 @@ def _write_shard(path: Path, table: pa.Table) -> None:
 def _index_rows(group: ShardGroup) -> pa.Table:
     columns = [group.videos[name] for name in ("video_id", "prompt", "seed")]
     shards = np.repeat(np.arange(group.first, group.first + len(group.sizes), dtype=np.int32), group.sizes)
-    images = [group.videos[name] for name in IMAGE_COLUMNS]
+    names = group.videos.column_names  # (tables made before the image columns have none)
+    images = [
+        group.videos[n] if n in names else pa.nulls(group.videos.num_rows, pa.string()) for n in IMAGE_COLUMNS
+    ]
     return pa.Table.from_arrays([*columns, pa.array(shards), *images], schema=INDEX_SCHEMA)

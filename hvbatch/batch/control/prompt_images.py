@@ -2,7 +2,7 @@
 
 A row's image is read, hashed, decoded in full and dropped as soon as it is checked
 (`hvbatch.images.check_images`), a batch of `IMAGE_BATCH_ROWS` rows at a time; what is kept per row
-is its sha256, format and size (`PromptImages`: 45 bytes a row, only for a file with an image
+is its sha256, format and size (`PromptImages`: 42 bytes a row, only for a file with an image
 column), so the second read of the file (`reread_batches`) knows every row's image without
 opening one again. At submit, each distinct content is written once into a staging folder beside
 the run directory (`ImageStaging`), made durable by one filesystem sync and renamed into the run
@@ -17,7 +17,6 @@ ids) and the video's cost (`ImageInput.extra_cost`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -114,7 +113,7 @@ def _labels(values: list[Any]) -> list[str | None]:
 
 
 class PromptImages:
-    """Every row's checked image: sha256, format, size (45 bytes a row), and the bad ones."""
+    """Every row's checked image: sha256, format, size (42 bytes a row), and the bad ones."""
 
     def __init__(self, num_rows: int, options: ImageOptions, base_dir: Path) -> None:
         self.options, self.base_dir = options, base_dir
@@ -294,8 +293,8 @@ class ImageStaging:
             adopt_folder(self.folder, self.run_root / IMAGES_DIR)
 
     def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.folder)
+        if self.used:  # (never made, or moved into the run: nothing to remove)
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def dry_run_lines(

@@ -207,7 +207,7 @@ def index_prompts(
 ) -> PromptIndex:
     """Read and validate a prompt file as `read_prompts` does (the same problems, the same ids, the
     same sizes and costs by the family's `geometry`), keeping only the compact `PromptIndex` (and,
-    with an image column, `PromptImages`: 45 bytes a row)."""
+    with an image column, `PromptImages`: 42 bytes a row)."""
     geometry = geometry or default_geometry()
     try:
         num_rows = pq.ParquetFile(path).metadata.num_rows
