@@ -225,6 +225,13 @@ def test_every_bad_image_refused_in_one_error(
     ints = write_file(data / "ints.parquet", [{"prompt": "p", "image": 3}], pa.int64())
     assert main(["submit", str(ints), "--config", str(EXAMPLE_CONFIG), "--run-dir", str(run_dir)]) == 2
     assert "column image: type int64" in capsys.readouterr().err and not run_dir.exists()
+    # Good images into a directory that cannot take the run: the frozen copies are removed too.
+    fine = write_file(data / "fine.parquet", [{"prompt": "p", "image": {"bytes": good, "path": None}}])
+    run_dir.mkdir()
+    (run_dir / "other.txt").write_text("not a run")
+    assert main(["submit", str(fine), "--config", str(EXAMPLE_CONFIG), "--run-dir", str(run_dir)]) == 2
+    assert "is not empty and not a run" in capsys.readouterr().err
+    assert os.listdir(run_dir.parent) == ["run"] and os.listdir(run_dir) == ["other.txt"]
 
 
 def test_a_family_that_takes_no_images_refuses_the_column(
