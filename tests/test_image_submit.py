@@ -289,6 +289,19 @@ def test_ids_sizes_and_costs(takes_images: None, tmp_path: Path, capsys: pytest.
     assert "729 image tokens at every step, condition latents" in out
 
 
+def test_the_plan_counts_the_image_encoder_and_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvbatch.parallel.plan import memory_figures
+
+    cfg = config("model=hunyuan-video-t2v-720p")
+    text_only = memory_figures(cfg)
+    registry.families()
+    monkeypatch.setitem(registry._REGISTRY, double.NAME, double.make())
+    with_images = memory_figures(cfg)
+    assert with_images.encoder_params == text_only.encoder_params + 400_000_000
+    assert with_images.text_tokens == text_only.text_tokens + 729
+    assert with_images.encoder_words.endswith(" + a test image encoder")
+
+
 # -- the job side, up to the pipeline ------------------------------------------------------------
 
 

@@ -83,7 +83,8 @@ class MemoryFigures:
     text_tokens: int = 256
     """Conditioning tokens every rank holds besides its image tokens (replicated)."""
     encoder_params: int = 0
-    """All text (and image) encoder parameters of the released weights."""
+    """All text encoder parameters of the released weights (an image encoder declared in the
+    family's `ImageInput` is added by the memory plan)."""
     encoder_words: str = ""
     """The encoders, in words (e.g. the model names)."""
     vae_params: int = 0
@@ -123,7 +124,9 @@ class ImageInput:
     min_side: int = 16
     """The least shorter side (pixels) of an input image; smaller ones are refused at submit."""
     encoder_params: int = 0
-    """Parameters of the image encoder (SigLIP, or the vision tower of a multimodal text encoder)."""
+    """Parameters of the image encoder (SigLIP, or the vision tower of a multimodal text encoder).
+    The memory plan adds them, and `image_tokens`, to the family's `MemoryFigures` (which should
+    then not count them too)."""
     encoder_words: str = ""
     """The image encoder, in words."""
     image_tokens: int = 0

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hvbatch.batch.control.prompt_ids import Problems
 from hvbatch.batch.files import adopt_folder, tmp_name
@@ -197,7 +198,7 @@ class PromptImages:
         rows = slice(offset, offset + n)
         has = self.has[rows].copy()
         mask = pa.array(~has)
-        sha = pc_mask(_hex_strings(self.digests[rows]), mask)
+        sha = _nulls_where(_hex_strings(self.digests[rows]), mask)
         extensions = np.array([FORMAT_EXTENSIONS[f] for f in _FORMATS], dtype=object)[self.formats[rows]]
         frozen = [
             ImageStore.relative_path(s, e) if h else None
@@ -260,10 +261,8 @@ class PromptImages:
         )
 
 
-def pc_mask(strings: pa.Array, mask: pa.Array) -> pa.Array:
-    """`strings` with nulls where `mask` (no copy of the values)."""
-    import pyarrow.compute as pc
-
+def _nulls_where(strings: pa.Array, mask: pa.Array) -> pa.Array:
+    """`strings` with nulls where `mask`."""
     return pc.if_else(mask, pa.scalar(None, pa.string()), strings)
 
 
