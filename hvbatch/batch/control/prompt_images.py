@@ -130,6 +130,19 @@ class PromptImages:
     def num_images(self) -> int:
         return int(self.has.sum())
 
+    def read(
+        self, batch: pa.RecordBatch, offset: int, ids: list[str | None] | None, check: bool,
+        problems: Problems, numbers: dict[str, np.ndarray], given: dict[str, np.ndarray],
+    ) -> BatchImages:  # fmt: skip
+        """A batch's images: checked (first read, `check`; `ids`: the explicit ids, for messages)
+        or recalled (second read); their rows' sizes (`numbers`, where `given` says a column was not
+        given) and costs."""
+        column = batch.column(IMAGE_COLUMN)
+        found = self.check(column, offset, ids, problems) if check else self.batch(offset, column)
+        self.fit_sizes(found, numbers, given, offset, problems if check else None)
+        self.set_cost(found, numbers["num_inference_steps"])
+        return found
+
     def check(
         self, column: pa.Array, offset: int, ids: list[str | None] | None, problems: Problems
     ) -> BatchImages:

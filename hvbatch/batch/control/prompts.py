@@ -398,8 +398,10 @@ def _read_batch(
     problems.add_mask(
         "columns seed, num_videos", "with seed + num_videos - 1 over 2**63-1", seeds_over, offset
     )
-    batch_images = _batch_images(batch, offset, images, ids, problems, numbers, given)
-    if batch_images is not None:
+    batch_images = None
+    if images is not None:
+        named = _text(col("id")).to_pylist() if "id" in names and check else None
+        batch_images = images.read(batch, offset, named, check, problems, numbers, given)
         bad |= batch_images.bad
         hashed[IMAGE_COLUMN] = batch_images.sha256
     filled_negative = (
@@ -428,24 +430,6 @@ def _read_batch(
         hashes[~explicit] = keys
         ids = hashed_ids if not explicit.any() else pc.replace_with_mask(ids, missing, hashed_ids)
     return _Batch(offset, prompt, filled_negative, numbers, ids, explicit, hashes, batch_images)
-
-
-def _batch_images(
-    batch: pa.RecordBatch, offset: int, images: PromptImages | None, ids: pa.Array | None,
-    problems: _Problems, numbers: dict[str, np.ndarray], given: dict[str, np.ndarray],
-) -> BatchImages | None:  # fmt: skip
-    """The batch's images: checked (first read: `ids` None) or recalled; their rows' sizes and costs."""
-    if images is None:
-        return None
-    column = batch.column(IMAGE_COLUMN)
-    if ids is None:
-        named = _text(batch.column("id")).to_pylist() if "id" in batch.schema.names else None
-        found = images.check(column, offset, named, problems)
-    else:
-        found = images.batch(offset, column)
-    images.fit_sizes(found, numbers, given, offset, problems if ids is None else None)
-    images.set_cost(found, numbers["num_inference_steps"])
-    return found
 
 
 def video_cost(

@@ -52,3 +52,39 @@ def window_images(
         except (ValueError, OSError) as err:
             found[video["video_id"]] = err
     return found
+
+
+def take_image(
+    images: dict[str, InputImage | Exception], run: RunDir, video: dict[str, Any], family: ModelFamily,
+    defaults: SamplingConfig,
+) -> InputImage | None:  # fmt: skip
+    """The video's fitted input image from its window's `images` (read now if not there); None
+    for text-to-video; raises what stopped reading it (the video fails alone)."""
+    if not video.get("image_sha256"):
+        return None
+    if video["video_id"] not in images:
+        images |= window_images(run, [video], family, defaults)
+    image = images.pop(video["video_id"])
+    if isinstance(image, Exception):
+        raise image
+    return image
+
+
+def encode_apart(
+    pipeline: Any, videos: list[dict[str, Any]], images: dict[str, InputImage | Exception], store: Any,
+    defaults: SamplingConfig,
+) -> int:  # fmt: skip
+    """Encode an encoding window's prompts, text-to-video and image-to-video videos apart (never one
+    batch), each distinct (prompt, image) once (`Pipeline.encode_prompts`); a video whose image
+    cannot be read is left out (it fails alone, with that error, when its turn comes)."""
+    encoded = 0
+    for with_image in (False, True):
+        kind = [video for video in videos if bool(video.get("image_sha256")) == with_image]
+        if with_image:
+            kind = [video for video in kind if not isinstance(images[video["video_id"]], Exception)]
+        if not kind:
+            continue
+        requests = [(video["prompt"], sampling_for(video, defaults)) for video in kind]
+        chosen = [images[video["video_id"]] for video in kind] if with_image else None
+        encoded += pipeline.encode_prompts(requests, store, chosen)
+    return int(encoded)

@@ -44,7 +44,7 @@ from hvbatch.batch.files import is_disk_full
 from hvbatch.batch.ledger import VideoHistory, record_rank_error, video_histories
 from hvbatch.batch.rundir import RunDir, shard_name
 from hvbatch.batch.runtime.faults import FaultInjector, VideoFaults
-from hvbatch.batch.runtime.inputs import window_images
+from hvbatch.batch.runtime.inputs import encode_apart, take_image, window_images
 from hvbatch.batch.runtime.support import (
     PROCESS_START,
     JobIdentity,
@@ -166,18 +166,6 @@ class ShardContext:
     images: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The encoding window's input images by video id (`InputImage`, or the error that stops one)."""
 
-    def take_image(self, video: dict[str, Any]) -> Any:
-        """The video's fitted input image (None for text-to-video); raises what stopped reading it."""
-        if not video.get("image_sha256"):
-            return None
-        if video["video_id"] not in self.images:
-            job = self.job
-            self.images |= window_images(job.run, [video], job.pipeline.family, job.config.sampling)
-        image = self.images.pop(video["video_id"])
-        if isinstance(image, Exception):
-            raise image
-        return image
-
     @property
     def scope(self) -> str:
         return f"{shard_name(self.shard)}.dp{self.groups.dp_index}"
@@ -200,7 +188,7 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
     if faults is not None and faults.nan:
         sampling = dataclasses.replace(sampling, guidance_scale=float("nan"))
     try:
-        image = ctx.take_image(video)
+        image = take_image(ctx.images, job.run, video, job.pipeline.family, job.config.sampling)
         conditioning = job.pipeline.conditioning(video["prompt"], sampling, job.prompts, image=image)
         # Every rank of the video calls the shard's decoder: the leader's alone, or the parallel
         # decoder, which returns the frames on the leader only.
@@ -398,18 +386,7 @@ def _encode_window(ctx: ShardContext, videos: list[dict[str, Any]]) -> None:
     job = ctx.job
     job.doing(f"encoding the prompts of {len(videos)} videos")
     ctx.images = window_images(job.run, videos, job.pipeline.family, job.config.sampling)
-    encoded = 0
-    # Text-to-video and image-to-video videos are encoded apart, never in one batch; a video whose
-    # image cannot be read is left out (it fails alone, with that error, in `_generate_one`).
-    for with_image in (False, True):
-        kind = [video for video in videos if bool(video.get("image_sha256")) == with_image]
-        if with_image:
-            kind = [video for video in kind if not isinstance(ctx.images[video["video_id"]], Exception)]
-        if not kind:
-            continue
-        requests = [(video["prompt"], sampling_for(video, job.config.sampling)) for video in kind]
-        images = [ctx.images[video["video_id"]] for video in kind] if with_image else None
-        encoded += job.pipeline.encode_prompts(requests, job.prompts, images)
+    encoded = encode_apart(job.pipeline, videos, ctx.images, job.prompts, job.config.sampling)
     logger.debug("encoded %d prompts for %d videos", encoded, len(videos))
 
 
