@@ -36,6 +36,7 @@ from tests import image_family_double as double
 from tests.batch_helpers import EXAMPLE_CONFIG
 from tests.browser import load_page
 
+pytest_plugins = ["tests.slurm_cluster"]
 REPO = Path(__file__).resolve().parents[1]
 STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 FAST = [
@@ -80,12 +81,10 @@ def config(*overrides: str) -> Any:
 # -- the mixed file, submitted and run -----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def submit_mixed(tmp: Path, executor: str) -> dict[str, Any]:
     """Six rows: a relative and an absolute path, {bytes, path} structs (RGBA PNG, JPEG), a row
     without an image, and one whose frozen copy is removed right after submit. The submitter's
     files are overwritten right after submit too: the jobs must not see it."""
-    tmp = tmp_path_factory.mktemp("mixed")
     data = tmp / "data"
     (data / "pics").mkdir(parents=True)
     originals = {
@@ -117,7 +116,7 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         patch.setenv(registry.FAMILY_MODULES_VAR, double.MODULE)
         patch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         patch.setenv(double.RECORD_VAR, str(record))
-        argv = ["submit", str(prompts), "--config", str(EXAMPLE_CONFIG), "--executor", "local",
+        argv = ["submit", str(prompts), "--config", str(EXAMPLE_CONFIG), "--executor", executor,
                 "--run-dir", str(run_dir), *FAST]  # fmt: skip
         assert main(argv) == 0
         # The job is starting (a Python process importing torch, then the model load): these
@@ -131,6 +130,11 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"run": run_dir, "originals": originals, "record": record, "data": data}
 
 
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return submit_mixed(tmp_path_factory.mktemp("mixed"), "local")
+
+
 def _manifest(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, Any]]:
     capsys.readouterr()
     assert main(["manifest", str(run_dir), "--json"]) == 0
@@ -140,6 +144,14 @@ def _manifest(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, di
 def test_mixed_file_every_video_once_with_its_image(
     mixed_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert_mixed_run(mixed_run, capsys)
+
+
+def test_mixed_file_on_slurm(tmp_path: Path, slurm_env: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_mixed_run(submit_mixed(tmp_path, "slurm"), capsys)
+
+
+def assert_mixed_run(mixed_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, originals, record = mixed_run["run"], mixed_run["originals"], mixed_run["record"]
     rows = _manifest(run_dir, capsys)
     absolute = str((mixed_run["data"] / "tall.jpg").resolve())
