@@ -244,6 +244,19 @@ def test_every_bad_image_refused_in_one_error(
     assert main(["submit", str(fine), "--config", str(EXAMPLE_CONFIG), "--run-dir", str(run_dir)]) == 2
     assert "is not empty and not a run" in capsys.readouterr().err
     assert os.listdir(run_dir.parent) == ["run"] and os.listdir(run_dir) == ["other.txt"]
+    # A run directory whose parent cannot hold the staging folder: where, and what to do.
+    (tmp_path / "a-file").write_text("")
+    argv = [
+        "submit",
+        str(fine),
+        "--config",
+        str(EXAMPLE_CONFIG),
+        "--run-dir",
+        str(tmp_path / "a-file" / "run"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot freeze the input images in {tmp_path / 'a-file'}" in err and "choose a --run-dir" in err
 
 
 def test_a_family_that_takes_no_images_refuses_the_column(

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hvbatch.batch.control.prompt_ids import Problems
-from hvbatch.batch.files import adopt_folder, tmp_name
+from hvbatch.batch.files import adopt_folder, is_disk_full, tmp_name
 from hvbatch.images import (
     FORMAT_EXTENSIONS,
     IMAGES_DIR,
@@ -279,6 +279,26 @@ def _nulls_where(strings: pa.Array, mask: pa.Array) -> pa.Array:
     return pc.if_else(mask, pa.scalar(None, pa.string()), strings)
 
 
+class _StagingStore(ImageStore):
+    """An `ImageStore` whose write errors name the run directory's parent (where it stages)."""
+
+    def __init__(self, folder: Path, run_root: Path) -> None:
+        super().__init__(folder, sync_each=False)
+        self.run_root = run_root
+
+    def freeze(self, data: bytes, extension: str | None = None) -> str:
+        try:
+            return super().freeze(data, extension)
+        except OSError as err:
+            if is_disk_full(err):
+                raise
+            raise ValueError(
+                f"cannot freeze the input images in {self.run_root.parent} (beside --run-dir "
+                f"{self.run_root}, until the run is created): {err.strerror or err}; choose a --run-dir "
+                "in a folder you can write"
+            ) from err
+
+
 class ImageStaging:
     """Where submit freezes images before the run directory exists: a hidden folder beside it,
     moved in as `<run>/images` by `adopt`, removed on any error (`with`)."""
@@ -286,7 +306,7 @@ class ImageStaging:
     def __init__(self, run_root: Path) -> None:
         self.run_root = run_root
         self.folder = run_root.parent / tmp_name(f"{run_root.name}.{IMAGES_DIR}")
-        self.store = ImageStore(self.folder, sync_each=False)
+        self.store: ImageStore = _StagingStore(self.folder, run_root)
 
     def __enter__(self) -> ImageStaging:
         return self
