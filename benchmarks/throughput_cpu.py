@@ -89,7 +89,7 @@ def planner_peaks() -> list[str]:
     lines = []
     for cfg in (1.0, 6.0):
         for offload in ("keep", "cpu"):
-            overrides = [f"sampling.cfg_scale={cfg}", "parallel.gpus_per_node=1"]
+            overrides = [f"sampling.cfg_scale={cfg}", "slurm.gpus_per_node=1"]
             config = load_config(overrides=[*overrides, f"model.text_encoder_offload={offload}"])
             try:
                 plan = plan_for_config(config)

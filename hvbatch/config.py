@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hvbatch.config_checks import check_config, check_overrides, preset_problem
+from hvbatch.config_checks import check_overrides, config_problems, preset_problem, raise_problems
 from hvbatch.models.family import (
     ModelFamily,
     available_presets,
@@ -173,9 +173,11 @@ class ParallelConfig:
     `none` sends them exact; `auto` is fp8 only for a layout whose Ulysses or ring group crosses nodes
     (inside a node, packing costs more memory traffic than NVLink saves)."""
     gpus_per_node: int = 8
-    """GPUs per node the planner may use (a job's own count overrides it at run time)."""
+    """An older name of `slurm.gpus_per_node` (the one owner): a value given here moves there, and
+    after loading this mirrors it."""
     num_nodes: int = 1
-    """Nodes per job."""
+    """An older name of `slurm.nodes` (the one owner): a value given here moves there, and after
+    loading this mirrors it."""
     gpu_memory_gib: float = 80.0
     """Usable memory per GPU for the planner's memory model."""
     backend: str = "auto"
@@ -208,10 +210,13 @@ class SlurmConfig:
     """Walltime of one shard job in minutes; shards are sized to fit it. Slurm gets it rounded up to
     whole minutes; the local executor uses it as given."""
     nodes: int = 1
+    """Nodes of each shard's job: what `plan`, `submit --dry-run`, `doctor` and the jobs all use
+    (`parallel.num_nodes` is an older name of it)."""
     gpus_per_node: int = 8
-    """GPUs per node requested from Slurm (the local executor uses parallel.gpus_per_node GPUs if any)."""
+    """GPUs per node of each job (requested from Slurm; the local executor uses as many if it has
+    GPUs), planned for by `plan`, `--dry-run` and `doctor` (`parallel.gpus_per_node` is an older name)."""
     tasks_per_node: int = 8
-    """Ranks per node: one per GPU."""
+    """Ranks per node: one per GPU, so setting either of this and `gpus_per_node` sets both."""
     cpus_per_task: int | None = None
     mem_gb: int | None = None
     """Host memory per node in GB. None: from the memory model (`hvbatch.parallel.plan.slurm_mem_gb`:
@@ -431,6 +436,8 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     """
     from omegaconf import OmegaConf
 
+    from hvbatch.config_layers import fold_job_shape, job_shape_problems, layer_problems, mirror_job_shape
+
     check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
     file_cfg = _load_yaml_file(config_file) if config_file is not None else OmegaConf.create()
@@ -442,8 +449,15 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     except Exception as err:  # omegaconf raises several types; all mean "bad key or value"
         raise ValueError(f"invalid config override or file: {err}") from err
     family = _family_of_request(preset, file_cfg, dot_cfg)
+    schema = _family_schema(family)
+    user_layers = {f"config file {config_file}": file_cfg, "override": dot_cfg}
+    problems = [  # strict for the overrides only: a file may be an older run's saved config
+        p for where, layer in user_layers.items() for p in fold_job_shape(layer, where, where == "override")
+    ]
+    problems += [p for where, layer in user_layers.items() for p in layer_problems(schema, layer, where)]
+    raise_problems(problems)
     layers: list[Any] = [
-        _family_schema(family),
+        schema,
         OmegaConf.create({"sampling": dict(family.sampling_defaults(preset))}),
         OmegaConf.create({"model": preset_cfg}),
         file_cfg,
@@ -452,11 +466,12 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     try:
         merged = OmegaConf.merge(*layers)
     except Exception as err:  # omegaconf raises several types; all mean "bad key or value"
-        raise ValueError(f"invalid config override or file: {err}") from err
+        raise ValueError(f"invalid config override or file: {' '.join(str(err).split())}") from err
     merged.model.family = family.name  # runs saved before families existed do not name theirs
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)
-    check_config(config, available_presets())
+    mirror_job_shape(config)
+    raise_problems(config_problems(config, available_presets()) + job_shape_problems(config))
     return config
 
 

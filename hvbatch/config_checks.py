@@ -83,8 +83,7 @@ BOUNDS: dict[str, Bound] = {
     "vae.tile_latent_frame_overlap": NON_NEGATIVE,
     "video.fps": AT_LEAST_1,
     "video.crf": Bound(0, 51),
-    "parallel.gpus_per_node": AT_LEAST_1,
-    "parallel.num_nodes": AT_LEAST_1,
+    # parallel.gpus_per_node / num_nodes mirror slurm.* (hvbatch.config_layers): checked there.
     "parallel.gpu_memory_gib": POSITIVE,
     "slurm.time_min": POSITIVE,
     "slurm.nodes": AT_LEAST_1,

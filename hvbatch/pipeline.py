@@ -247,11 +247,13 @@ class Pipeline:
         if image is None:
             return
         spec = self.family.image_input
+        refusal = self.family.no_images_reason(self.config.model)
+        if refusal is not None:
+            raise ValueError(f"this video has an input image, but {refusal}")
         if spec is None or spec.condition is None:
-            why = "takes no input image" if spec is None else "has no image-to-video sampling wired yet"
             raise ValueError(
-                f"model family {self.family.name} ({self.family.description}) {why}: this video has an "
-                "input image; use an image-to-video preset, or drop the image for text-to-video"
+                f"model family {self.family.name} ({self.family.description}) has no image-to-video "
+                "sampling wired yet: this video has an input image; drop it for text-to-video"
             )
         if image.size != (sampling.height, sampling.width):
             raise ValueError(

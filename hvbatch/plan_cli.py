@@ -48,7 +48,7 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> None:
         "plan",
         help="print the parallel layout (dp x ulysses x ring) and per-GPU memory estimate",
         description="Plan the parallel layout of a job from the config tree, without loading anything: "
-        "e.g. parallel.mode=latency parallel.num_nodes=2 sampling.height=544 sampling.width=960.",
+        "e.g. parallel.mode=latency slurm.nodes=2 sampling.height=544 sampling.width=960.",
     )
     parser.add_argument("--config", help="a YAML file merged over the defaults and the preset")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -72,7 +73,13 @@ def test_cancel_then_retry_finishes_exactly_once(tmp_path: Path, capsys: pytest.
     status = json.loads(capsys.readouterr().out)
     assert 1 <= status["counts"]["done"] < 6
     assert status["counts"]["pending"] == 6 - status["counts"]["done"]  # nothing is left running
+    assert main(["status", str(run_dir)]) == 0  # the shard that never started says why it stopped
+    assert re.search(
+        r"stopped: shard 1 cancelled by the user at .*\(hvbatch cancel, before the shard started\)",
+        capsys.readouterr().out,
+    )
     assert main(["retry", str(run_dir), "--wait"]) == 0
     assert_every_video_done_once(run_dir, capsys)
     reasons = [row["exit_reason"] for row in RunDir(run_dir).metrics_rows()]
-    assert reasons.count("cancelled") == 1 and reasons.count("completed") == 2  # 2 shards, one cut short
+    # 2 shards: one cut short, one cancelled before it started
+    assert reasons.count("cancelled") == 2 and reasons.count("completed") == 2

@@ -229,8 +229,10 @@ def test_unknown_layouts_are_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "HunyuanVideoTransformer3DModel"}))
     with pytest.raises(ValueError, match=r"no diffusion_pytorch_model\.safetensors"):
         load_transformer(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"image_condition_type": "token_replace"}))
-    with pytest.raises(ValueError, match="image-to-video is not supported"):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"image_condition_type": "latent_concat", "in_channels": 33})
+    )
+    with pytest.raises(ValueError, match="image-to-video is built for token_replace only"):
         load_transformer(tmp_path)
     with pytest.raises(ValueError, match="no state dict under 'module'"):
         torch.save({"weights": {"a": 1}}, tmp_path / "odd.pt")

@@ -262,7 +262,7 @@ def test_plan_never_advises_more_gpus_when_the_weights_alone_do_not_fit(
     assert "alone need" in err and "more GPUs per job cannot help" in err and "fp8" in err, err
     assert "use more GPUs" not in err
     # Where more GPUs would help, they are still the first advice.
-    argv = ["plan", "model=hunyuan-video-t2v-720p", "parallel.gpus_per_node=1", "parallel.gpu_memory_gib=45"]
+    argv = ["plan", "model=hunyuan-video-t2v-720p", "slurm.gpus_per_node=1", "parallel.gpu_memory_gib=45"]
     assert main(argv) == 2
     assert "To fix: use more GPUs per job" in _error(capsys, "plan")
 

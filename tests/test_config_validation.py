@@ -101,8 +101,8 @@ def test_safe_slurm_settings_load(tmp_path: Path) -> None:
         ("retry.stall_timeout_s=-3", "retry.stall_timeout_s=-3.0 must be > 0"),
         ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
         ("parallel.gpu_memory_gib=0", "parallel.gpu_memory_gib=0.0 must be > 0"),
-        ("parallel.gpus_per_node=0", "parallel.gpus_per_node=0 must be >= 1"),
-        ("parallel.num_nodes=0", "parallel.num_nodes=0 must be >= 1"),
+        ("parallel.gpus_per_node=0", "slurm.gpus_per_node=0 must be >= 1"),  # one owner
+        ("parallel.num_nodes=0", "slurm.nodes=0 must be >= 1"),
         ("parallel.mode=fast", "parallel.mode='fast' is not one of throughput, latency (or auto)"),
         ("parallel.backend=mpi", "parallel.backend='mpi' is not one of auto, nccl, gloo"),
         ("parallel.ring=0", "parallel.ring='0' must be 'auto' or a positive integer"),

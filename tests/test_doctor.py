@@ -269,3 +269,33 @@ def test_a_folder_of_another_family_is_named(tmp_path: Path, monkeypatch: pytest
     assert "model=tiny is a HunyuanVideo 1.0" in check.detail and "other-preset" in check.detail
     with pytest.raises(ValueError, match="holds a Other Video checkpoint"):
         Pipeline.load(config)
+
+
+def _doctor_lines(capsys: pytest.CaptureFixture[str], *overrides: str) -> dict[str, str]:
+    assert main(["doctor", "--config", str(EXAMPLE), *LOCAL, *overrides]) == 1
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    return {line.split(":")[0].split()[-1]: line for line in lines}
+
+
+def test_every_component_is_checked_whatever_the_transformer_holds(
+    weights: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    components = ("vae", "text_encoder", "text_encoder_2")
+    missing = tmp_path / "missing"
+    shutil.copytree(weights["official"], missing)
+    (pt,) = missing.glob("*/transformers/*.pt")
+    pt.unlink()
+    lines = _doctor_lines(capsys, f"model.path={missing}", "model.random_weights=false")
+    assert lines["weights"].startswith("FAIL") and "not found: transformer" in lines["weights"]
+    assert all(lines[name].startswith("ok") for name in components)
+    pt.write_bytes(os.urandom(4096))  # garbage, not a checkpoint
+    lines = _doctor_lines(capsys, f"model.path={missing}", "model.random_weights=false")
+    assert "is not a readable checkpoint" in lines["transformer"] and "pickled" not in lines["transformer"]
+    assert all(lines[name].startswith("ok") for name in components)
+    sparse = tmp_path / "sparse"
+    shutil.copytree(weights["diffusers"], sparse)
+    with open(sparse / "transformer" / "config.json", "r+b") as handle:
+        handle.truncate(1500 << 20)  # 1.5 GB, sparse: refused by its size, never read
+    lines = _doctor_lines(capsys, f"model.path={sparse}", "model.random_weights=false")
+    assert "config.json is 1,500 MiB, more than the 16 MiB" in lines["transformer"]
+    assert all(lines[name].startswith("ok") for name in components)

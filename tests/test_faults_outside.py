@@ -251,6 +251,11 @@ def test_weights_that_fail_to_load_are_retried_without_charging_the_videos(
     assert not [r for r in _rows(run_dir) if r["status"] == "failed"]  # no video charged or failed
     assert {row["status"] for row in manifest(capsys, run_dir).values()} == {"pending"}
     assert "its videos not charged (last: load-failed" in run_status(RunDir(run_dir)).stopped[0]
+    # The report says in its text (not only on hover) that the jobs failed though no video did.
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "No video failed, but 2 job attempts ended without completing (2 load-failed):" in page
+    assert page.count('<td class="err">rank 0: ModelLoadError: loading the model failed') == 2
     checkpoint.write_bytes(good)  # the weights fixed: `hvbatch retry` finishes
     assert main(["retry", str(run_dir), "--wait"]) == 0
     assert_exactly_once(run_dir, TWO, {})

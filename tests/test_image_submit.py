@@ -403,6 +403,10 @@ def test_pipeline_takes_the_image_and_keys_the_prompt_cache_on_it(takes_images: 
     small = InputImage("cd" * 32, double.SIZING.fit(decode(png(64, 64)), 32, 32))
     with pytest.raises(ValueError, match="fit it first"):
         pipeline.generate("a cat", cfg.sampling, image=small, decode=False)
+    refusing = dataclasses.replace(spec, refusal=lambda model: f"model={model.name} is text-to-video")
+    pipeline.family = dataclasses.replace(pipeline.family, image_input=refusing)
+    with pytest.raises(ValueError, match="has an input image, but model=tiny is text-to-video"):
+        pipeline.generate("a cat", cfg.sampling, image=image, decode=False)
     pipeline.family = dataclasses.replace(pipeline.family, image_input=None)
     with pytest.raises(ValueError, match="takes no input image"):
         pipeline.generate("a cat", cfg.sampling, image=image, decode=False)

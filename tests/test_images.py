@@ -32,8 +32,8 @@ from hvbatch.images import (
     model_pixels,
     read_frozen,
 )
+from hvbatch.models.hunyuan_video import sizing as i2v_sizing
 from hvbatch.models.hunyuan_video_15 import variants
-from hvbatch.models.hunyuan_video_i2v import sizing as i2v_sizing
 
 
 def _noise(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

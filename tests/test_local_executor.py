@@ -116,3 +116,21 @@ def test_the_local_time_limit_is_per_shard(tmp_path: Path, monkeypatch: pytest.M
     assert len({a["job_id"] for attempts in by_shard.values() for a in attempts}) == 1  # one job for all
     for attempts in by_shard.values():  # each shard's own time, not the job's since it started
         assert attempts[0]["wall_seconds"] < 12
+
+
+def test_captured_submit_returns_while_the_local_job_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`out=$(hvbatch submit ...)` / `| tee log`: the local job does not hold the caller's pipe."""
+    prompts = write_prompts(tmp_path / "p.parquet", FAULT_PROMPTS[:1])
+    run_dir = tmp_path / "run"
+    argv = submit_argv(prompts, run_dir, "local", "sampling.num_inference_steps=40", "slurm.tasks_per_node=1")
+    done = subprocess.run(  # returns when the pipes close, not when the process exits
+        [sys.executable, "-m", "hvbatch", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0 and f"run {run_dir}:" in done.stdout
+    try:
+        assert not RunDir(run_dir).completed_shards()  # still running: it would be done had it held them
+    finally:
+        assert main(["cancel", str(run_dir)]) == 0
+        capsys.readouterr()

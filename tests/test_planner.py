@@ -229,7 +229,7 @@ def test_explicit_degrees_that_do_not_divide_the_world_name_every_factor() -> No
         plan_parallel(BF16, image_tokens=TOKENS_720P, ulysses=3, ring=3)
     message = str(err.value)
     assert "dp(1) * cfg(1) * ulysses(3) * ring(3) = 9 != WORLD_SIZE(8)" in message
-    assert "parallel.gpus_per_node(8) * parallel.num_nodes(1)" in message
+    assert "slurm.gpus_per_node(8) * slurm.nodes(1)" in message
     with pytest.raises(ValueError, match=r"ring\(3\) = 6 != WORLD_SIZE\(8\)"):
         plan_parallel(BF16, image_tokens=TOKENS_720P, ring=3)
 

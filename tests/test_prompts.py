@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
 import re
@@ -64,9 +65,17 @@ def test_defaults_fill_missing_columns_and_schema_is_exact(tmp_path: Path) -> No
     row = table.to_pylist()[1]
     assert row["prompt"] == "a dog" and row["negative_prompt"] == "blurry" and row["row"] == 1
     assert (row["height"], row["width"], row["num_frames"], row["num_inference_steps"]) == (544, 960, 65, 30)
-    assert (row["seed"], row["guidance_scale"], row["flow_shift"], row["video_index"]) == (7, 5.0, 9.0, 0)
+    assert (row["guidance_scale"], row["flow_shift"], row["video_index"]) == (5.0, 9.0, 0)
     assert row["video_id"] == row["prompt_id"] and re.fullmatch(r"[0-9a-f]{16}", row["prompt_id"])
+    # No seed column: a seed derived from the prompt id and sampling.seed (README "Prompts").
+    assert row["seed"] == derived_seed(row["prompt_id"], salt=7) != table.to_pylist()[0]["seed"]
     assert row["cost"] == 17 * 34 * 60 * 30
+
+
+def derived_seed(prompt_id: str, salt: int = 0) -> int:
+    """The documented rule (README "Prompts"), written out independently of `seeds.py`."""
+    digest = hashlib.blake2b(f"{salt}:{prompt_id}".encode(), digest_size=8, person=b"hvbatch-seed").digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def test_nulls_in_optional_columns_take_defaults(tmp_path: Path) -> None:
@@ -85,17 +94,17 @@ def test_nulls_in_optional_columns_take_defaults(tmp_path: Path) -> None:
     rows = read_prompts(write(tmp_path, columns), DEFAULTS).to_pylist()
     keys = [k for k in columns if k != "num_videos"]
     assert [tuple(r[k] for k in keys) for r in rows] == [
-        ("a", "", 0, 720, 960, 129, 50, 6.0, 2.0),
+        ("a", "", derived_seed(rows[0]["prompt_id"]), 720, 960, 129, 50, 6.0, 2.0),
         ("b", "ugly", 3, 544, 1280, 33, 20, 1.5, 7.0),
     ]
 
 
 def test_num_videos_expands_with_consecutive_seeds(tmp_path: Path) -> None:
     columns = {
-        "prompt": ["a", "b", "c"],
-        "id": ["x", "y", "z"],
-        "seed": [10, None, 5],
-        "num_videos": [3, 1, 2],
+        "prompt": ["a", "b", "c", "d"],
+        "id": ["x", "y", "z", "w"],
+        "seed": [10, None, 5, None],
+        "num_videos": [3, 1, 2, 2],
     }
     rows = read_prompts(write(tmp_path, columns), DEFAULTS).to_pylist()
     got = [(r["video_id"], r["prompt_id"], r["row"], r["video_index"], r["seed"]) for r in rows]
@@ -103,10 +112,13 @@ def test_num_videos_expands_with_consecutive_seeds(tmp_path: Path) -> None:
         ("x#0", "x", 0, 0, 10),
         ("x#1", "x", 0, 1, 11),
         ("x#2", "x", 0, 2, 12),
-        ("y", "y", 1, 0, 0),
+        ("y", "y", 1, 0, derived_seed("y")),  # no seed: derived from the prompt id
         ("z#0", "z", 2, 0, 5),
         ("z#1", "z", 2, 1, 6),
+        ("w#0", "w", 3, 0, derived_seed("w")),
+        ("w#1", "w", 3, 1, derived_seed("w") + 1),
     ]
+    assert len({derived_seed("y"), derived_seed("w"), derived_seed("w", salt=1)}) == 3
 
 
 def test_cost_is_image_tokens_times_steps(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -24,7 +25,7 @@ from tests.fault_helpers import submit_argv, write_prompts
 PROMPTS = [
     {"id": "city/ü night", "prompt": "A city at night.", "seed": 1},
     {"id": "kite", "prompt": "A kite </script><b id=injected>over</b> & a beach.", "seed": 2},
-    {"id": "plain", "prompt": "A plain field.", "seed": 3},
+    {"id": "plain", "prompt": "A plain field.", "seed": None},  # a seed derived from the id
 ]
 NETWORK_URL = re.compile(r"""(src|href|url)\s*[=(]\s*["']?\s*(https?:)?//""", re.IGNORECASE)
 
@@ -47,14 +48,16 @@ def assert_not_blank(png: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three videos in two shards of one-rank jobs; `kite` raises every time (one final failure)."""
+    """Three videos in two shards of one-rank jobs (`slurm.gpus_per_node=1` alone: one rank per GPU);
+    `kite` raises every time (one final failure)."""
     tmp = tmp_path_factory.mktemp("report")
     prompts = write_prompts(tmp / "prompts.parquet", PROMPTS)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HVBATCH_FAULT", "action=raise,rank=all,video=kite")
         argv = submit_argv(
-            prompts, tmp / "run", "local", "slurm.tasks_per_node=1", "retry.max_prompt_attempts=1"
+            prompts, tmp / "run", "local", "slurm.gpus_per_node=1", "retry.max_prompt_attempts=1"
         )
+        argv.remove("slurm.tasks_per_node=2")  # FAST's ranks: here GPUs alone set them
         assert main([*argv, "--wait"]) == 0
     return tmp / "run"
 
@@ -80,6 +83,11 @@ def test_report_of_a_run_in_headless_chromium(
     assert videos["kite"]["thumb"] is None and videos["plain"]["thumb"]
     rows = {r["video_id"]: r for r in RunDir(run_dir).manifest_rows().to_pylist() if r["status"] == "done"}
     assert videos["plain"]["gpu_seconds"] == pytest.approx(rows["plain"]["seconds"])  # one-rank replicas
+    assert {row["world_size"] for row in RunDir(run_dir).metrics_rows()} == {1}  # the jobs' one owner
+    # No seed in the file: derived from the id (README "Prompts") and recorded, the same in both.
+    digest = hashlib.blake2b(b"0:plain", digest_size=8, person=b"hvbatch-seed").digest()
+    assert videos["plain"]["seed"] == rows["plain"]["seed"] == int.from_bytes(digest[:4], "big")
+    assert videos["city/ü night"]["seed"] == 1
 
     page = load_page(out, tmp_path / "browser")
     assert page.console == []  # no script error, no refused resource

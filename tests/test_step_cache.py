@@ -20,7 +20,7 @@ from hvbatch.config import SamplingConfig, load_config, transformer_preset
 from hvbatch.models.hunyuan_video import random_transformer
 from hvbatch.sampling import denoise, initial_noise, new_step_cache
 from hvbatch.sampling.cache import CachePolicy, StepCache
-from hvbatch.sampling.estimates import expected_speedup
+from hvbatch.sampling.estimates import expected_speedup, smallest_skipping_threshold
 from tests.helpers import HUNYUAN_VIDEO, TEACACHE, rel_err
 from tests.parallel_worker import LATENT_SHAPE, conditioning
 
@@ -164,10 +164,35 @@ def test_manifest_parts_without_step_counts_still_read(tmp_path: Path) -> None:
 
 def test_expected_speedup_table() -> None:
     figures = HUNYUAN_VIDEO.step_cache
+    # TeaCache: one step adds at least the polynomial's minimum to the sum it compares, so no
+    # threshold up to that minimum skips anything; found from the coefficients by a dense scan.
+    xs = [i * 1e-5 for i in range(100_000)]
+    poly = lambda x: sum(c * x ** (4 - k) for k, c in enumerate(figures.teacache_coefficients))
+    scanned = min(max(poly(x), 0) for x in xs)
+    floor = smallest_skipping_threshold("teacache", figures)
+    assert floor == pytest.approx(scanned, abs=1e-7) and 0.05 < floor < 0.053
+    assert smallest_skipping_threshold("fbcache", figures) == 0.0
     assert expected_speedup("none", 0.1, figures) == 1.0 and expected_speedup("teacache", 0.0, figures) == 1.0
-    assert expected_speedup("teacache", 0.1, figures) == pytest.approx(1.6)
+    assert expected_speedup("teacache", 0.05, figures) == 1.0
+    assert expected_speedup("teacache", floor, figures) == 1.0
+    assert 1.0 < expected_speedup("teacache", floor + 0.005, figures) < 1.1
+    assert expected_speedup("teacache", 0.1, figures) == pytest.approx(1.6)  # TeaCache's README (A800)
     assert expected_speedup("teacache", 0.125, figures) == pytest.approx(1.85)
-    assert expected_speedup("fbcache", 1.0, figures) == pytest.approx(2.3)
+    assert expected_speedup("teacache", 0.3, figures) == pytest.approx(2.1)  # no figure past 0.15
+    assert expected_speedup("fbcache", 0.05, figures) == pytest.approx(1.95)  # diffusers PR 11180
+    assert expected_speedup("fbcache", 0.1, figures) == pytest.approx(2.91)
+    assert expected_speedup("fbcache", 0.025, figures) == pytest.approx(1.475)
+
+
+def test_plan_says_a_teacache_threshold_below_the_floor_skips_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from hvbatch.cli import main
+
+    argv = ["plan", "--config", str(EXAMPLE), "sampling.cache=teacache", "sampling.cache_threshold=0.05"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no step can be skipped at or below 0.0521" in out and "1.00x" in out
 
 
 def test_dry_run_prints_the_saving(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,7 +214,7 @@ def test_dry_run_prints_the_saving(tmp_path: Path, capsys: pytest.CaptureFixture
         main(["plan", "--config", str(EXAMPLE), "sampling.cache=fbcache", "sampling.cache_threshold=0.1"])
         == 0
     )
-    assert "step caching: fbcache threshold 0.1: ~2.00x faster denoising" in capsys.readouterr().out
+    assert "step caching: fbcache threshold 0.1: ~2.91x faster denoising" in capsys.readouterr().out
 
 
 def test_teacache_needs_the_family_coefficients() -> None:

@@ -220,6 +220,18 @@ def cancel(run: RunDir, job_ids: set[str], detail: str = "hvbatch cancel") -> No
             end(run, int(row["shard"]), AttemptKey.parse(row["attempt_key"]), ExitReason.CANCELLED, detail)
 
 
+def cancel_unstarted(run: RunDir, jobs: list[tuple[int, str, str]], detail: str = "hvbatch cancel") -> None:
+    """Jobs `(shard, job_id, executor)` cancelled before their shard started get one ended attempt
+    saying so, so that `status` and the report tell why the shard stopped (call it once the jobs
+    are cancelled: none of them can start any more)."""
+    started = {(int(row["shard"]), str(row["job_id"])) for row in run.metrics_rows()}
+    for shard, job_id, executor in jobs:
+        if (shard, job_id) in started:
+            continue
+        key = AttemptKey.slurm(job_id, 0) if executor == "slurm" else AttemptKey.local(job_id, 0)
+        end(run, shard, key, ExitReason.CANCELLED, f"{detail}, before the shard started")
+
+
 def reconcile(run: RunDir, shards: list[int], probe: JobProbe, current: AttemptKey | None = None) -> None:
     """Attempts still `running` whose job is gone (node failure, scancel, a killed job script).
 

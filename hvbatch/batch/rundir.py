@@ -160,9 +160,12 @@ def json_object(
 
 def read_marker(path: Path) -> dict[str, Any]:
     """A completion marker: an object with the shard's counts."""
-    return json_object(
-        path, read_json(path), MARKER_FIELDS, ("done", "failed"), "an object with the shard's counts"
-    )
+    return checked_marker(path, read_json(path))
+
+
+def checked_marker(path: Path, data: Any) -> dict[str, Any]:
+    """`data`, parsed from the marker at `path`, if it is an object with the shard's counts."""
+    return json_object(path, data, MARKER_FIELDS, ("done", "failed"), "an object with the shard's counts")
 
 
 def read_submission(path: Path) -> dict[str, Any]:

@@ -136,6 +136,9 @@ class ImageInput:
     encode_cost: float = 0.0
     """Cost units (image token x step) of encoding one image: image encoder and the first frame's
     VAE encode."""
+    refusal: Callable[[ModelConfig], str | None] | None = None
+    """Why a config of the family takes no image (e.g. a text-to-video preset of a family that has
+    both), None when it does; None (the default): every config takes images."""
     condition: Callable[[Any, Any, Any, SamplingConfig], Any] | None = None
     """`(pipeline, video conditioning, images.InputImage, sampling)` -> the video conditioning with
     the image in it; None while the family's image-to-video sampling is not wired (such a video
@@ -247,7 +250,7 @@ class ModelFamily:
                 f"model={model.name} is a {self.description} preset, which takes no input image; use an "
                 "image-to-video preset, or drop the image column for text-to-video"
             )
-        return None
+        return None if self.image_input.refusal is None else self.image_input.refusal(model)
 
 
 _REGISTRY: dict[str, ModelFamily] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hvbatch.models.family import WeightReport
+from hvbatch.models.json_files import read_json
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -42,7 +43,7 @@ def weight_files(folder: Path) -> tuple[list[Path], str]:
     """The weight files in `folder` and, if an index lists shards that are absent, which."""
     for index in sorted(folder.glob("*.index.json")):
         try:
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         except (OSError, json.JSONDecodeError, AttributeError) as err:
             return [], f"{index} cannot be read: {err}"
         absent = [name for name in shards if not (folder / name).is_file()]
@@ -61,7 +62,7 @@ def check_encoder_folder(
         return WeightReport(name, "fail", "the transformers package is not installed", ENCODERS_INSTALL)
     config_path = folder / "config.json"
     try:
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
     except (OSError, json.JSONDecodeError) as err:
         return WeightReport(name, "fail", f"{what}: cannot read {config_path}: {err}", fix)
     files, problem = weight_files(folder)

@@ -54,6 +54,29 @@ class Conditioning(Protocol):
         ...
 
 
+# Optional capabilities of a conditioning, for families whose conditioning pins latents or depends on
+# a token's position (HunyuanVideo-I2V's frame 0). A conditioning without them is neither.
+
+
+def conditioning_for_tokens(cond: C, grid: tuple[int, int, int], start: int, stop: int) -> C:
+    """`cond` as read by a forward over image tokens `[start, stop)` of a video with token `grid`
+    (all of them, or a sequence-parallel shard): its `for_image_tokens`, else `cond` itself."""
+    method = getattr(cond, "for_image_tokens", None)
+    return cond if method is None else method(grid, start, stop)  # type: ignore[no-any-return]
+
+
+def initial_latents(cond: Any, noise_BCTHW: torch.Tensor) -> torch.Tensor:
+    """Where the sampler starts from this noise: the conditioning's `initial_latents`, else the noise."""
+    method = getattr(cond, "initial_latents", None)
+    return noise_BCTHW if method is None else method(noise_BCTHW)  # type: ignore[no-any-return]
+
+
+def pin_latents(cond: Any, latents_BCTHW: torch.Tensor) -> torch.Tensor:
+    """The latents after a step, with what the conditioning fixes set again (its `pin_latents`)."""
+    method = getattr(cond, "pin_latents", None)
+    return latents_BCTHW if method is None else method(latents_BCTHW)  # type: ignore[no-any-return]
+
+
 class StepCacheHook(Protocol):
     """What `forward_tokens` asks of a step cache (`hvbatch.sampling.cache.StepCache`).
 

@@ -1,6 +1,7 @@
 """The layout a config leads to: `ParallelPlan`s from the config tree, for a video or a job.
 
-Nothing is loaded: the plan comes from the config tree alone (`parallel.*`, `sampling.*`,
+Nothing is loaded: the plan comes from the config tree alone (`parallel.*`, the job's shape
+`slurm.nodes` x `slurm.gpus_per_node` (its one owner, `hvbatch.config_layers`), `sampling.*`,
 `model=`, `model.dtype`) and the model family's figures (`ModelFamily.memory`: parameter counts,
 encoders, VAE, and whether the block linears run in FP8; `ModelFamily.geometry`: the image tokens
 of a video). Used by `hvbatch plan`, `submit --dry-run`, inside every shard job and by
@@ -110,8 +111,8 @@ def plan_for_config(
         model,
         image_tokens=video_tokens(config, sampling),
         text_tokens=figures.text_tokens,
-        gpus_per_node=p.gpus_per_node,
-        num_nodes=p.num_nodes,
+        gpus_per_node=config.slurm.gpus_per_node,  # the job's shape has one owner: slurm.*
+        num_nodes=config.slurm.nodes,
         gpu_memory_gib=p.gpu_memory_gib,
         mode=plan_mode(config, auto_mode),
         ulysses=ulysses,
@@ -162,9 +163,13 @@ def plan_for_job(
     auto_mode: str = "throughput",
 ) -> ParallelPlan:
     """The plan for a job of `num_nodes` x `gpus_per_node` ranks making a video of size `sampling`."""
+    shape = {"gpus_per_node": gpus_per_node, "num_nodes": num_nodes}
     job = dataclasses.replace(
         config,
-        parallel=dataclasses.replace(config.parallel, gpus_per_node=gpus_per_node, num_nodes=num_nodes),
+        parallel=dataclasses.replace(config.parallel, **shape),
+        slurm=dataclasses.replace(
+            config.slurm, nodes=num_nodes, gpus_per_node=gpus_per_node, tasks_per_node=gpus_per_node
+        ),
     )
     return plan_for_config(job, sampling, auto_mode=auto_mode)
 

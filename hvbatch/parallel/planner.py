@@ -158,7 +158,7 @@ def _validate(dims: ParallelDims, num_heads: int, gpus_per_node: int, num_nodes:
         dims.validate(num_heads)
     except ValueError as err:
         raise ValueError(
-            f"{err} (WORLD_SIZE = parallel.gpus_per_node({gpus_per_node}) * parallel.num_nodes({num_nodes}); "
+            f"{err} (WORLD_SIZE = slurm.gpus_per_node({gpus_per_node}) * slurm.nodes({num_nodes}); "
             "set parallel.ulysses and parallel.ring to auto, or to degrees whose product divides WORLD_SIZE)"
         ) from err
 
@@ -187,7 +187,7 @@ def _too_big(largest: _Candidate, gpu_memory_gib: float, world: int) -> ValueErr
             f"; the weights, text encoders and VAE decode alone need {fixed:.1f} GiB (with the margin) "
             "and do not shrink with more GPUs"
         )
-    more_gpus = "use more GPUs per job (parallel.num_nodes, parallel.gpus_per_node) or "
+    more_gpus = "use more GPUs per job (slurm.nodes, slurm.gpus_per_node) or "
     if fixed > gpu_memory_gib:  # sequence parallelism splits the video's tokens, never the weights
         more_gpus = "more GPUs per job cannot help; use "
     return ValueError(
@@ -368,8 +368,8 @@ def plan_parallel(
     Raises ValueError for inconsistent settings (naming every factor) and, with no explicit degree,
     when no layout fits (saying what to change).
     """
-    minimums: dict[str, tuple[float, float]] = {"parallel.gpus_per_node": (gpus_per_node, 1)}
-    minimums |= {"parallel.num_nodes": (num_nodes, 1), "parallel.gpu_memory_gib": (gpu_memory_gib, 0.001)}
+    minimums: dict[str, tuple[float, float]] = {"slurm.gpus_per_node": (gpus_per_node, 1)}
+    minimums |= {"slurm.nodes": (num_nodes, 1), "parallel.gpu_memory_gib": (gpu_memory_gib, 0.001)}
     minimums |= {"image_tokens": (image_tokens, 1), "text_tokens": (text_tokens, 0), "batch": (batch, 1)}
     _check_inputs(mode, minimums)
     world = gpus_per_node * num_nodes

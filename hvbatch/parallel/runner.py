@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hvbatch.models.attention import set_token_grid
-from hvbatch.models.protocols import Conditioning, StagedTransformer
+from hvbatch.models.protocols import Conditioning, StagedTransformer, conditioning_for_tokens
 from hvbatch.parallel.attention import CommStats, USPAttention
 from hvbatch.parallel.dims import ParallelGroups
 from hvbatch.parallel.ssta_attention import usp_attention_for
@@ -106,14 +106,15 @@ class SequenceParallelTransformer:
         num_tokens = img_BLD.shape[1]
         shard_len = math.ceil(num_tokens / self.groups.dims.sp)
         self.attention.set_sequence(num_tokens, shard_len)
+        start = self.groups.sp_index * shard_len
         if step_cache is not None:  # the cache decides on sums over the whole video, padding left out
-            step_cache.valid_tokens = max(0, min(shard_len, num_tokens - self.groups.sp_index * shard_len))
+            step_cache.valid_tokens = max(0, min(shard_len, num_tokens - start))
             step_cache.reduce_sums = self._reduce_sums
         return model.forward_tokens(
             self._shard(img_BLD, shard_len),
             (self._shard(cos_LD, shard_len), self._shard(sin_LD, shard_len)),
             t_B,
-            cond,
+            conditioning_for_tokens(cond, grid, start, start + shard_len),  # which tokens this shard holds
             t_next_B=t_next_B,
             step_cache=step_cache,
         )

@@ -71,10 +71,39 @@ def _summary_html(data: ReportData) -> str:
     return f'<table class="summary">{body}</table>'
 
 
+MAX_JOB_ROWS = 200
+ENDED_WELL = ("running", "completed")
+
+
+def _failed_jobs_html(data: ReportData, any_video_failed: bool) -> str:
+    """The job attempts that ended otherwise than completed, with their reasons as text."""
+    ended = [a for a in data.attempts if a["exit_reason"] not in ENDED_WELL]
+    if not ended:
+        return ""
+    exits = sorted(data.summary()["exit_reasons"].items())
+    reasons = ", ".join(f"{n} {reason}" for reason, n in exits if reason not in ENDED_WELL)
+    lead = "" if any_video_failed else "No video failed, but "
+    attempts = f"{len(ended)} job attempt{'s' if len(ended) != 1 else ''}"
+    head = f"{lead}{attempts} ended without completing ({reasons}):"
+    rows = "".join(
+        f"<tr><td>{a['shard']}</td><td>{escape(str(a['job_id']))}</td><td>{a['attempt']}</td>"
+        f"<td>{escape(str(a['exit_reason']))}</td>"
+        f'<td class="err">{escape(str(a["exit_detail"] or ""))}</td></tr>'
+        for a in ended[:MAX_JOB_ROWS]
+    )
+    more = len(ended) - MAX_JOB_ROWS
+    note = f'<p class="sub">{more} more: `hvbatch status --json` lists them all.</p>' if more > 0 else ""
+    return (
+        f'<p class="jobs-failed">{escape(head[0].upper() + head[1:])}</p><table class="failures jobs">'
+        f"<tr><th>shard</th><th>job</th><th>attempt</th><th>reason</th><th>detail</th></tr>{rows}</table>{note}"
+    )
+
+
 def _failures_html(data: ReportData) -> str:
     failed = [v for v in data.videos if v["status"] == "failed"]
+    jobs = _failed_jobs_html(data, bool(failed))
     if not failed:
-        return '<p class="sub">No video failed.</p>'
+        return jobs or '<p class="sub">No video failed.</p>'
     rows = "".join(
         f"<tr><td>{escape(v['id'])}</td><td>{v['shard']}</td><td>{v['attempts']}</td>"
         f'<td class="err">{escape(v["error"] or "")}</td><td>{escape(v["prompt"])}</td></tr>'
@@ -84,7 +113,7 @@ def _failures_html(data: ReportData) -> str:
     note = f'<p class="sub">{more} more: use the "failed" filter above.</p>' if more > 0 else ""
     return (
         f'<table class="failures"><tr><th>video</th><th>shard</th><th>tries</th><th>error</th>'
-        f"<th>prompt</th></tr>{rows}</table>{note}"
+        f"<th>prompt</th></tr>{rows}</table>{note}{jobs}"
     )
 
 

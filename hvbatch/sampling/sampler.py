@@ -13,7 +13,7 @@ import torch
 
 from hvbatch.config import SamplingConfig
 from hvbatch.models.geometry import LatentGeometry
-from hvbatch.models.protocols import Conditioning, VelocityModel
+from hvbatch.models.protocols import Conditioning, VelocityModel, initial_latents, pin_latents
 from hvbatch.sampling.cache import StepCache, step_cache_for
 from hvbatch.sampling.scheduler import euler_step, flow_match_schedule
 
@@ -45,13 +45,14 @@ def denoise(
     device), so a step never waits for the device (except a step cache's decision, one host value
     per step). Every step passes `t_next_B`, the next step's timestep (0 at the last step).
     `step_cache` (see `new_step_cache`) counts the steps it computed and skipped; the whole batch
-    takes one decision per step.
+    takes one decision per step. A conditioning that pins part of the latents (image-to-video's
+    frame 0) gives the start (`initial_latents`) and sets them again after every step (`pin_latents`).
     """
     use_cfg = sampling.cfg_scale > 1.0
     if use_cfg and negative is None:
         raise ValueError(f"cfg_scale={sampling.cfg_scale} > 1 needs a negative-prompt conditioning")
     schedule = flow_match_schedule(sampling.num_inference_steps, sampling.flow_shift)
-    model_cond = cond.for_sampling(sampling)
+    positive = model_cond = cond.for_sampling(sampling)
     if use_cfg and negative is not None:
         model_cond = type(model_cond).cat([negative.for_sampling(sampling), model_cond])
     batch = model_cond.batch_size
@@ -63,7 +64,7 @@ def denoise(
         raise ValueError(f"step_cache was made for {made} steps, sampling has {steps}: use new_step_cache")
     # Only a cache is passed on, so that velocity models without the argument run uncached as before.
     cache_arg: dict[str, Any] = {} if step_cache is None else {"step_cache": step_cache}
-    latents = noise.float()
+    latents = initial_latents(positive, noise.float())
     for i in range(schedule.num_steps):
         x = torch.cat([latents, latents]) if use_cfg else latents
         velocity = model(
@@ -76,7 +77,7 @@ def denoise(
         if use_cfg:
             uncond, conditional = velocity.chunk(2)
             velocity = uncond + sampling.cfg_scale * (conditional - uncond)
-        latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+        latents = pin_latents(positive, euler_step(latents, velocity, sigmas[i], sigmas[i + 1]))
         if on_step is not None:
             on_step(i + 1, schedule.num_steps)
     return latents

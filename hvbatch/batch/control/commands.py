@@ -95,6 +95,9 @@ def _print_dry_run(config: Config, index: PromptIndex, plan: ParallelPlan, layou
         figures = family_of(config.model).step_cache
         print(saving_line(config.sampling.cache, gpu_hours, list(costs), list(thresholds), figures))
     summary = layout.summary()
+    idle = idle_gpus_line(plan, [int(entry["num_videos"]) for entry in summary])
+    if idle:
+        print(idle)
     for entry in summary[:20]:
         print(f"  shard {entry['index']:>5}: {entry['num_videos']} videos, cost {entry['cost']:.3g}")
     for entry in summary:
@@ -102,6 +105,22 @@ def _print_dry_run(config: Config, index: PromptIndex, plan: ParallelPlan, layou
             print(f"warning: shard {entry['index']}: {entry['warning']}")
     if layout.num_shards > 20:
         print(f"  ... {layout.num_shards - 20} more shards")
+
+
+def idle_gpus_line(plan: ParallelPlan, videos_per_shard: list[int]) -> str | None:
+    """Says how many of a job's GPUs have no video when a shard holds fewer videos than dp groups."""
+    short = [n for n in videos_per_shard if n < plan.dp]
+    if not short:
+        return None
+    fewest = min(short)
+    idle = (plan.dp - fewest) * plan.group
+    jobs = "the job" if len(videos_per_shard) == 1 else f"{len(short)} of the {len(videos_per_shard)} jobs"
+    return (
+        f"idle GPUs: {idle} of {plan.world_size} GPUs idle in {jobs} (a shard of {fewest} "
+        f"video{'s' if fewest != 1 else ''} fills {fewest} of the {plan.dp} groups of {plan.group} GPUs); "
+        "fewer GPUs per job (slurm.nodes, slurm.gpus_per_node) or a larger parallel group "
+        "(parallel.mode=latency) would use them"
+    )
 
 
 def _default_run_dir(prompts: Path) -> Path:

@@ -189,6 +189,7 @@ def _first_video(b: _Batch, i: int, cost: float) -> dict[str, Any]:
     video |= {"row": b.offset + i, "video_index": 0, "prompt": b.prompt[i].as_py()}
     video |= {"negative_prompt": b.negative_prompt[i].as_py()}
     video |= {k: int(b.numbers[k][i]) for k in INT_COLUMNS if k != "num_videos"}
+    video["seed"] = int(b.row_seeds()[i])
     video |= {k: float(b.numbers[k][i]) for k in FLOAT_COLUMNS}
     video["cost"] = cost
     images = b.images

@@ -6,7 +6,8 @@ default from the `SamplingConfig` passed in):
     prompt               string   the text prompt; must not be null, empty or whitespace-only
     id                   string or integer (made a string); default: a hash of the row's content
     negative_prompt      string
-    seed                 integer  >= 0; the row's videos get seeds seed, seed+1, ..., seed+n-1
+    seed                 integer  >= 0; the row's videos get seeds seed, seed+1, ..., seed+n-1;
+                                  none: a base seed derived from the prompt id (`seeds.py`)
     height, width        integer  positive multiples of the model family's size multiple (16)
     num_frames           integer  rk+1 for the family's temporal ratio r (4k+1)
     num_inference_steps  integer  >= 1
@@ -62,6 +63,7 @@ from hvbatch.batch.control.prompt_images import (
     PromptImages,
     image_type_problem,
 )
+from hvbatch.batch.control.seeds import derived_base_seeds
 from hvbatch.config import SamplingConfig
 from hvbatch.models.family import LatentGeometry, default_preset, family_for_preset
 
@@ -271,8 +273,19 @@ class _Batch:
     """True where the id was given in the file (else hashed)."""
     hashes: np.ndarray
     """uint64 key of each hashed id (`_hash_ids`); 0 where the id was given."""
+    seed_given: np.ndarray | None = None
+    """True where the row gives a seed; elsewhere `numbers["seed"]` is `sampling.seed`, and the
+    row's seed is derived from its id (`row_seeds`)."""
     images: BatchImages | None = None
     """The rows' input images (a file with an image column)."""
+
+    def row_seeds(self) -> np.ndarray:
+        """Each row's first video's seed: the file's, or derived from the prompt id (`seeds.py`)."""
+        given = self.seed_given if self.seed_given is not None else np.zeros(len(self.ids), bool)
+        if given.all():
+            return self.numbers["seed"]
+        derived = derived_base_seeds(self.ids, self.numbers["seed"])
+        return np.where(given, self.numbers["seed"], derived)
 
 
 def _text(arr: pa.Array) -> pa.Array:
@@ -374,6 +387,7 @@ def _read_batch(
     used["negative_prompt"] = used.get("negative_prompt", 0) + unset
     numbers: dict[str, np.ndarray] = {}
     given: dict[str, np.ndarray] = {}
+    seed_given = np.zeros(n, bool)
     for name in (*INT_COLUMNS, *FLOAT_COLUMNS):
         default = 1 if name == "num_videos" else getattr(defaults, name)
         arr = col(name)
@@ -386,6 +400,7 @@ def _read_batch(
         given[name] = ~arr.is_null().to_numpy(zero_copy_only=False)
         values, ok = _numbers(arr, name, offset, problems)
         numbers[name] = np.where(ok, values, default)
+        seed_given = ok if name == "seed" else seed_given
         used[name] = used.get(name, 0) + arr.null_count
         if not check:
             continue
@@ -410,9 +425,10 @@ def _read_batch(
         else pc.fill_null(negative, defaults.negative_prompt)
     )
     if ids is not None:
-        explicit = np.zeros(n, bool)
-        hashes = np.zeros(n, np.uint64)
-        return _Batch(offset, prompt, filled_negative, numbers, ids, explicit, hashes, batch_images)
+        explicit, no_hashes = np.zeros(n, bool), np.zeros(n, np.uint64)
+        recalled = _Batch(offset, prompt, filled_negative, numbers, ids, explicit, no_hashes, seed_given)
+        recalled.images = batch_images
+        return recalled
     ids = _text(col("id")) if "id" in names else pa.nulls(n, pa.string())
     if "id" in names:
         _check_ids(ids, offset, problems)
@@ -429,7 +445,9 @@ def _read_batch(
         hashed_ids, keys = _hash_ids(canonical)
         hashes[~explicit] = keys
         ids = hashed_ids if not explicit.any() else pc.replace_with_mask(ids, missing, hashed_ids)
-    return _Batch(offset, prompt, filled_negative, numbers, ids, explicit, hashes, batch_images)
+    made = _Batch(offset, prompt, filled_negative, numbers, ids, explicit, hashes, seed_given)
+    made.images = batch_images
+    return made
 
 
 def video_cost(
@@ -457,7 +475,7 @@ def _expand(b: _Batch, geometry: LatentGeometry) -> pa.RecordBatch:
         video_id = pc.if_else(pa.array(count[take] == 1), prompt_id, suffixed)
     h, w, f, steps = (nums[k][take] for k in ("height", "width", "num_frames", "num_inference_steps"))
     arrays = [video_id, prompt_id, pa.array(take + b.offset, pa.int64()), pa.array(index, pa.int32())]
-    arrays += [prompt, negative, pa.array(nums["seed"][take] + index, pa.int64())]
+    arrays += [prompt, negative, pa.array(b.row_seeds()[take] + index, pa.int64())]
     arrays += [pa.array(v, pa.int32()) for v in (h, w, f, steps)]
     arrays += [pa.array(nums[k][take], pa.float64()) for k in FLOAT_COLUMNS]
     cost = video_cost(h, w, f, steps, geometry)

@@ -272,6 +272,7 @@ def cancel_run(run: RunDir) -> int:
         by_kind.setdefault(record.executor, []).append(record)
     for kind, group in by_kind.items():
         executor_for(kind, run, config).cancel(group)
+    ledger.cancel_unstarted(run, [(r.shard, r.job_id, r.executor) for r in records])
     if census is None or not ids:
         print(f"run {run.root}: cancelled {len(ids)} jobs")
         return 0

@@ -15,11 +15,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hvbatch.batch.attempt import ExitReason
-from hvbatch.batch.executors.base import LIVE_STATES, JobRecord, SchedulerUnavailable, latest_records
+from hvbatch.batch.executors.base import (
+    LIVE_STATES,
+    JobRecord,
+    RunProbe,
+    SchedulerUnavailable,
+    latest_records,
+)
 from hvbatch.batch.executors.registry import live_states
 from hvbatch.batch.files import read_parquet_parts
 from hvbatch.batch.ledger import manual_reset_times
-from hvbatch.batch.rundir import MANIFEST_SCHEMA, METRICS_SCHEMA, SHARD_PATTERN, RunDir, read_marker
+from hvbatch.batch.rundir import (
+    MANIFEST_SCHEMA,
+    METRICS_SCHEMA,
+    SHARD_PATTERN,
+    RunDir,
+    checked_marker,
+    read_marker,
+)
 from hvbatch.batch.summaries import PartTally, read_metrics_row, read_part_tally, shard_index, stamp_of
 from hvbatch.config import Config, load_config
 
@@ -189,8 +202,8 @@ Stamp = tuple[int, int, int]
 
 
 def _read_marker(path: str) -> Any:
-    """A completion marker (os-level reads: a complete run has one per shard); one that is not an
-    object with the shard's counts is named by `read_marker`'s error."""
+    """A completion marker (os-level reads: a complete run has one per shard); an unreadable one is
+    named by `read_marker`'s error, one of the wrong shape by `checked_marker`'s."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -198,11 +211,9 @@ def _read_marker(path: str) -> Any:
         finally:
             os.close(fd)
         marker = json.loads(data)
-    except ValueError:
-        marker = None
-    if isinstance(marker, dict) and {"done", "failed"} <= marker.keys():
-        return marker
-    return read_marker(Path(path))
+    except (OSError, ValueError):
+        return read_marker(Path(path))
+    return checked_marker(Path(path), marker)
 
 
 class RunReader:
@@ -386,7 +397,11 @@ def run_status(run: RunDir) -> RunStatus:
 
 
 def _shard_stop(
-    shard: int, marker: dict[str, Any] | None, record: JobRecord | None, entry: dict[str, Any]
+    shard: int,
+    marker: dict[str, Any] | None,
+    record: JobRecord | None,
+    entry: dict[str, Any],
+    final_state: Callable[[str], str | None] = lambda job_id: None,
 ) -> str:
     """Why one unfinished shard (no marker, or one that counts failed videos) is not running."""
     last, detail = entry.get("last_exit"), entry.get("last_exit_detail")
@@ -398,8 +413,15 @@ def _shard_stop(
         return f"shard {shard}: {failed} videos failed on every try (retry.max_prompt_attempts)"
     if record is None:
         return f"shard {shard} was never submitted"
-    if last is None:
-        return f"shard {shard}: job {record.job_id} ended before the shard started (see its log)"
+    if last is None:  # no attempt: ask the scheduler how the job ended (cancelled outside hvbatch, ...)
+        state = final_state(record.job_id)
+        if state == "CANCELLED":
+            return (
+                f"shard {shard}: job {record.job_id} was cancelled before the shard started (the scheduler "
+                "says CANCELLED: scancel or an administrator, not `hvbatch cancel`)"
+            )
+        said = f"; the scheduler says {state}" if state else ""
+        return f"shard {shard}: job {record.job_id} ended before the shard started{said} (see its log)"
     if last == ExitReason.CANCELLED:
         at = entry.get("last_exit_at")
         when = time.strftime(" at %Y-%m-%d %H:%M:%S %Z", time.localtime(at)) if at else ""
@@ -432,10 +454,17 @@ def why_stopped(
     """Lines saying why a run with no live job is not complete, and what to do; [] otherwise."""
     if snapshot.states is None or snapshot.live_shards():
         return []
+    probe, asked = RunProbe(run), [0]
+
+    def final_state(job_id: str) -> str | None:  # the scheduler is asked for the lines shown only
+        asked[0] += 1
+        return probe.final_state(job_id) if asked[0] <= MAX_STOP_LINES else None
+
     causes = [
-        _shard_stop(shard, snapshot.markers.get(shard), snapshot.records.get(shard), history.get(shard, {}))
+        _shard_stop(shard, snapshot.markers.get(shard), record, history.get(shard, {}), final_state)
         for shard in range(run.num_shards())
         if shard not in snapshot.markers or snapshot.markers[shard].get("failed", 0)
+        for record in (snapshot.records.get(shard),)
     ]
     if not causes:
         return []

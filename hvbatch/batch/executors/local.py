@@ -103,6 +103,28 @@ def kill_process_tree(pid: int) -> None:
 
 
 @contextlib.contextmanager
+def _controller_detached_from_terminal() -> Iterator[None]:
+    """submitit's controller inherits file descriptors 0-2 and outlives `submit`: it would hold
+    the caller's pipe open (`out=$(hvbatch submit ...)`, `| tee log` would wait for the whole run).
+    It writes its tasks' output to the run's log files, so it gets /dev/null instead; the swap lasts
+    only while the controller is started."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in zip((0, 1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+
+
+@contextlib.contextmanager
 def _controller_ignores_ctrl_c() -> Iterator[None]:
     """submitit's controller inherits an ignored SIGINT: Ctrl-C then reaches the supervisor, which
     records `cancelled` and stops its ranks, and not the controller, which would print a traceback."""
@@ -122,14 +144,14 @@ class LocalExecutor(Executor):
     def submit(self, shards: list[int], *, delay_s: float = 0.0, manual: bool = True) -> list[JobRecord]:
         s, retry = self.config.slurm, self.config.retry
         local = submitit.LocalExecutor(folder=self.run.root / "submitit" / "%j", max_num_timeout=0)
-        gpus = self.config.parallel.gpus_per_node if _local_gpus(self.config) else 0
+        gpus = self.config.slurm.gpus_per_node if _local_gpus(self.config) else 0
         # The supervisor enforces each shard's time itself; submitit's limit only bounds the run.
         budget_min = s.time_min * len(shards) * (retry.max_attempts + retry.max_walltime_requeues + 1)
         local.update_parameters(
             timeout_min=budget_min + delay_s / 60.0, tasks_per_node=1, nodes=1, gpus_per_node=gpus
         )
         job_fn = LocalShardJob(s.tasks_per_node, s.time_min, retry.signal_delay_s, delay_s)
-        with _controller_ignores_ctrl_c():
+        with _controller_ignores_ctrl_c(), _controller_detached_from_terminal():
             job = local.submit(job_fn, str(self.run.root), shards)
         identity = process_identity(int(job.job_id))
         records = [JobRecord(shard, str(job.job_id), self.kind, identity) for shard in shards]

@@ -12,6 +12,13 @@ RELEASED_PRESET = "hunyuan-video-t2v-720p"
 """The released 720p text-to-video model (HYVideo-T/2-cfgdistill): hvbatch's default preset."""
 TINY_PRESET = "tiny"
 """The released structure at a size that runs on a CPU in seconds, with seeded random weights."""
+I2V_PRESET = "hunyuan-video-i2v-720p"
+"""HunyuanVideo-I2V (2025-03, the `token_replace` weights): the 1.0 architecture conditioned on an image."""
+TINY_I2V_PRESET = "tiny-i2v"
+"""The image-to-video structure at the tiny size, seeded random weights (a tiny LLaVA included)."""
+IMAGE_CONDITION_TYPES = ("token_replace",)
+"""`TransformerConfig.image_condition_type` values built (the official `--i2v-condition-type`;
+`latent_concat`, the 33-channel variant, is not)."""
 
 
 @dataclass
@@ -50,6 +57,9 @@ class TransformerConfig:
     """Channels of the pooled CLIP embedding (`text_states_2`)."""
     guidance_embed: bool = True
     """Guidance-distilled model with an embedded-guidance input (`guidance_in`)."""
+    image_condition_type: str | None = None
+    """Image-to-video (HunyuanVideo-I2V): `token_replace` (latent frame 0 is the clean image latent
+    and its tokens are modulated with a t = 0 embedding); null for text-to-video."""
 
     @property
     def hidden_size(self) -> int:
@@ -69,8 +79,23 @@ class TransformerConfig:
         for name in ("in_channels", "out_channels", "num_heads", "head_dim", "patch_size", "patch_size_t"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_condition_type is not None and self.image_condition_type not in IMAGE_CONDITION_TYPES:
+            problems.append(
+                f"image_condition_type={self.image_condition_type!r} is not supported (built: "
+                f"{', '.join(IMAGE_CONDITION_TYPES)}, or null for text-to-video; the 33-channel "
+                "latent_concat weights are not)"
+            )
+        if self.image_condition_type == "token_replace" and self.in_channels != self.out_channels:
+            problems.append(
+                f"token_replace takes the noisy latents alone: in_channels={self.in_channels} must equal "
+                f"out_channels={self.out_channels}"
+            )
         if problems:
             raise ValueError("invalid transformer config: " + "; ".join(problems))
+
+    @property
+    def token_replace(self) -> bool:
+        return self.image_condition_type == "token_replace"
 
 
 @dataclass
@@ -87,3 +112,12 @@ class TextEncoderConfig:
     """Likewise for the image template, used when num_frames == 1."""
     clip_max_tokens: int = 77
     """CLIP-L tokens."""
+    crop_start_i2v: int | None = 103
+    """Image-to-video (LLaVA with the image): template tokens before the prompt, counting the one
+    `<image>` placeholder (the official 103); null measures it with the tokenizer."""
+    image_embed_interleave: int = 4
+    """Image-to-video: every n-th of LLaVA's image tokens is kept (the official 4 for token_replace:
+    576 -> 144 tokens in front of the text)."""
+    i2v_stability: bool = True
+    """Image-to-video: start from 0.999 x noise + 0.001 x image latent (the official `--i2v-stability`,
+    paired with flow_shift 7); false starts from pure noise (the official pairs it with flow_shift 17)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hvbatch.models.hunyuan_video.config import TransformerConfig
+from hvbatch.models.hunyuan_video.config import IMAGE_CONDITION_TYPES, TransformerConfig
 
 # Leaf renames inside one block: official module path -> diffusers module path(s).
 _REFINER_LEAVES: dict[str, tuple[str, ...]] = {
@@ -140,6 +140,7 @@ def config_to_diffusers(config: TransformerConfig) -> dict[str, Any]:
     for json_key, field_name in _CONFIG_FIELDS.items():
         raw[json_key] = getattr(config, field_name)
     raw["rope_axes_dim"] = list(config.rope_axes_dim)
+    raw["image_condition_type"] = config.image_condition_type
     return raw
 
 
@@ -168,9 +169,11 @@ def config_from_diffusers(raw: dict[str, Any], source: str) -> TransformerConfig
     unsupported = []
     if raw.get("qk_norm", "rms_norm") != "rms_norm":
         unsupported.append(f"qk_norm={raw['qk_norm']!r} (only 'rms_norm')")
-    if raw.get("image_condition_type") is not None:
+    image_condition = raw.get("image_condition_type")
+    if image_condition not in (None, *IMAGE_CONDITION_TYPES):
         unsupported.append(
-            f"image_condition_type={raw['image_condition_type']!r} (image-to-video is not supported)"
+            f"image_condition_type={image_condition!r} (image-to-video is built for "
+            f"{', '.join(IMAGE_CONDITION_TYPES)} only)"
         )
     class_name = raw.get("_class_name", "HunyuanVideoTransformer3DModel")
     if class_name != "HunyuanVideoTransformer3DModel":
@@ -184,6 +187,7 @@ def config_from_diffusers(raw: dict[str, Any], source: str) -> TransformerConfig
             setattr(config, field_name, list(value) if field_name == "rope_axes_dim" else value)
     if raw.get("out_channels") is None:
         config.out_channels = config.in_channels
+    config.image_condition_type = image_condition
     try:
         config.validate()
     except ValueError as err:

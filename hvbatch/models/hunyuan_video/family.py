@@ -1,6 +1,13 @@
-"""HunyuanVideo 1.0 text-to-video, registered as a model family (no torch imported here).
+"""HunyuanVideo 1.0, registered as a model family (no torch imported here).
 
-The loaders and the doctor checks import the torch-side modules when they are called.
+Its flavors: text-to-video (`hunyuan-video-t2v-720p`, `tiny`) and HunyuanVideo-I2V, the
+image-to-video model of the same architecture (`hunyuan-video-i2v-720p`, `tiny-i2v`; the
+`token_replace` form). One family: the variants share the transformer class (an
+`image_condition_type` field of its config, as in diffusers' one class), the VAE, CLIP-L, the
+loaders and figures; what differs is config (the architecture field, the encoder settings) and
+what the preset's config selects (the LLaVA encoder with the image, the I2V checkpoint folders,
+the sampling defaults), as 1.5's variants are presets of one family. The loaders and the doctor
+checks import the torch-side modules when they are called.
 """
 
 from __future__ import annotations
@@ -11,13 +18,16 @@ from typing import TYPE_CHECKING, Any
 from hvbatch.models.family import Components, ModelFamily, WeightReport, register_family
 from hvbatch.models.hunyuan_video import layout
 from hvbatch.models.hunyuan_video.config import (
+    I2V_PRESET,
     RELEASED_PRESET,
+    TINY_I2V_PRESET,
     TINY_PRESET,
     TextEncoderConfig,
     TransformerConfig,
 )
 from hvbatch.models.hunyuan_video.figures import (
     GEOMETRY,
+    I2V_SAMPLING_DEFAULTS,
     SAMPLING_DEFAULTS,
     SECONDS_PER_TOKEN_STEP,
     STEP_CACHE,
@@ -32,8 +42,9 @@ if TYPE_CHECKING:
     from hvbatch.config import ModelConfig
 
 NAME = "hunyuan-video-1.0"
-BOUNDED_AT_LEAST_1 = ("max_text_tokens", "clip_max_tokens")
-BOUNDED_AT_LEAST_0 = ("hidden_state_skip_layer", "crop_start_video", "crop_start_image")
+BOUNDED_AT_LEAST_1 = ("max_text_tokens", "clip_max_tokens", "image_embed_interleave")
+BOUNDED_AT_LEAST_0 = ("hidden_state_skip_layer", "crop_start_video", "crop_start_image", "crop_start_i2v")
+IMAGE_TO_VIDEO_PRESETS = (I2V_PRESET, TINY_I2V_PRESET)
 
 
 def _load(model: ModelConfig, device: torch.device) -> Components:
@@ -59,7 +70,7 @@ def _detect(root: Path) -> str | None:
 
 
 def _sampling_defaults(preset: str) -> Mapping[str, Any]:
-    return SAMPLING_DEFAULTS  # every 1.0 preset samples like the released model
+    return I2V_SAMPLING_DEFAULTS if preset in IMAGE_TO_VIDEO_PRESETS else SAMPLING_DEFAULTS
 
 
 def _config_problems(model: ModelConfig) -> list[str]:
@@ -80,11 +91,22 @@ def _config_problems(model: ModelConfig) -> list[str]:
     return problems
 
 
+def _sampling_problems(model: ModelConfig, sampling: Any) -> list[str]:
+    image_to_video = getattr(model.transformer, "image_condition_type", None) is not None
+    if image_to_video and sampling.num_frames < 2:
+        return [
+            f"num_frames={sampling.num_frames}: model={model.name} (HunyuanVideo-I2V) makes videos only, "
+            "num_frames must be at least 5 (1 + 4k)"
+        ]
+    return []
+
+
 FAMILY = register_family(
     ModelFamily(
         name=NAME,
-        description="HunyuanVideo 1.0 text-to-video (13B, LLaVA-Llama-3 + CLIP-L text encoders)",
-        presets=(RELEASED_PRESET, TINY_PRESET),
+        description="HunyuanVideo 1.0 (13B; text-to-video, and image-to-video HunyuanVideo-I2V; "
+        "LLaVA-Llama-3 + CLIP-L encoders)",
+        presets=(RELEASED_PRESET, TINY_PRESET, I2V_PRESET, TINY_I2V_PRESET),
         default_preset=RELEASED_PRESET,
         config_sections={"transformer": TransformerConfig, "text_encoder": TextEncoderConfig},
         conditioning="hvbatch.models.hunyuan_video.conditioning:TextConditioning",
@@ -98,9 +120,13 @@ FAMILY = register_family(
         example_conditioning=_example_conditioning,
         sampling_defaults=_sampling_defaults,
         config_problems=_config_problems,
+        sampling_problems=_sampling_problems,
         markers=(
             NAME,
             RELEASED_PRESET,
+            I2V_PRESET,
+            TINY_I2V_PRESET,
+            layout.OFFICIAL_I2V_TEXT_ENCODER,
             layout.OFFICIAL_TRANSFORMER.name,
             "mp_rank_00",
             layout.DIFFUSERS_CLASS_NAME,

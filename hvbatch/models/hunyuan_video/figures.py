@@ -36,6 +36,10 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
 }
 """The official sample script's defaults (the embedded-guidance distilled 720p model)."""
 
+I2V_SAMPLING_DEFAULTS: dict[str, Any] = {**SAMPLING_DEFAULTS, "flow_shift": 7.0}
+"""HunyuanVideo-I2V's official stable-mode defaults (`--i2v-stability --flow-shift 7
+--embedded-cfg-scale 6`, cfg 1, 50 steps, 129 frames at 720p; the size follows the image's bucket)."""
+
 # --- Activations of one single-stream block forward, per token and per hidden channel -----------
 # (`MMSingleStreamBlock.forward`; D = hidden size; "b" = bytes of the compute dtype, 2 for bf16).
 # Summing the largest tensors that are live during the block (an upper bound: a few are freed
@@ -64,6 +68,15 @@ norm. 15.0 GB in float16 (the full 8.03B causal LM with lm_head would be 16.1 GB
 CLIP_PARAMS = 123_060_480
 """CLIP-L (openai/clip-vit-large-patch14) text model: 0.25 GB in float16."""
 ENCODER_WORDS = "LLaVA-Llama-3-8B + CLIP-L"
+LLAVA_PARAMS = 8_030_261_248 + 303_507_456 + 20_979_712
+"""HunyuanVideo-I2V's text encoder, the full LlavaForConditionalGeneration of llava-llama-3-8b:
+the Llama-3-8B causal LM with lm_head (8,030,261,248), the CLIP ViT-L/14-336 vision tower
+(303,507,456) and the projector 1024 -> 4096 -> 4096 (20,979,712): 16.7 GB in float16."""
+I2V_ENCODER_WORDS = "LLaVA-Llama-3-8B (with its vision tower) + CLIP-L"
+LLAVA_IMAGE_TOKENS = 576
+"""Image tokens LLaVA puts in place of `<image>` (336 / 14 squared)."""
+I2V_ASSISTANT_TOKENS = 4
+"""The assistant header's tokens cut from the LLM states (the encoder's `ASSISTANT_HEADER_TOKENS`)."""
 VAE_PARAMS = 246_478_803
 """AutoencoderKLCausal3D with the released config, encoder and decoder (counted on the meta device
 from `VaeConfig()`): 0.49 GB in float16."""
@@ -82,14 +95,19 @@ TEACACHE_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.149878
 """TeaCache's rescale polynomial for HunyuanVideo, highest degree first (TeaCache4HunyuanVideo)."""
 STEP_CACHE = StepCacheFigures(
     teacache_coefficients=TEACACHE_COEFFICIENTS,
-    # (threshold, speedup) points, linearly interpolated; 0 -> 1x. Published end-to-end figures at
-    # 720p x 129 frames: TeaCache 1.6x at 0.1 and 2.1x at 0.15 (A800; 1.61x / 2.17x on an H100);
-    # First-Block-Cache 1.62x at 0.06 (L20, 30 steps), about 2x at 0.1 (ParaAttention).
+    # Published (threshold, end-to-end speedup) points; `estimates.py` starts them at 1.0 from the
+    # smallest threshold that can skip a step (TeaCache: the polynomial's minimum, about 0.0521).
+    # TeaCache: TeaCache4HunyuanVideo/README.md, one A800, 50 steps: "1.6x" at 0.1 and "2.1x" at
+    # 0.15 (720p: ~50 -> ~30 / ~23 min; 540p: ~18 -> ~11 / ~8 min).
+    # First-Block-Cache: diffusers pull request 11180, HunyuanVideo 320x512 x 61 frames, 50 steps:
+    # 121.85 s -> 62.47 / 41.84 / 28.11 s at 0.05 / 0.10 / 0.20 (1.95x / 2.91x / 4.33x). The other
+    # published point, ParaAttention's 1.62x at 0.06 (one L20, 720p x 129 frames, 30 steps), is for
+    # fewer steps than hvbatch's default 50 and is not interpolated with these.
     expected_speedups={
-        "teacache": ((0.0, 1.0), (0.1, 1.6), (0.15, 2.1), (0.2, 2.5)),
-        "fbcache": ((0.0, 1.0), (0.06, 1.62), (0.1, 2.0), (0.15, 2.3)),
+        "teacache": ((0.1, 1.6), (0.15, 2.1)),
+        "fbcache": ((0.05, 1.95), (0.1, 2.91), (0.2, 4.33)),
     },
-    source="published 720p HunyuanVideo speedups",
+    source="published HunyuanVideo speedups at 50 steps (README \"Step caching\")",
 )
 
 
@@ -168,9 +186,21 @@ RELEASED_COMPONENTS = {
 """The released text encoders and VAE, as `MemoryFigures` fields."""
 
 
+def conditioning_tokens(model: ModelConfig) -> int:
+    """Tokens in front of the image tokens: the LLM's, and for image-to-video LLaVA's kept image
+    tokens before them (720p I2V: 576 / 4 + 256 - 4 = 396)."""
+    encoder = model.text_encoder
+    if not model.transformer.token_replace:
+        return int(encoder.max_text_tokens)
+    interleave = encoder.image_embed_interleave
+    image = -(-LLAVA_IMAGE_TOKENS // interleave) if 0 < interleave < 6 else LLAVA_IMAGE_TOKENS
+    return image + encoder.max_text_tokens - I2V_ASSISTANT_TOKENS
+
+
 def memory_figures(model: ModelConfig) -> MemoryFigures:
     """Figures of `model`'s transformer, with the released text encoders and VAE."""
-    base = transformer_figures(
-        model.transformer, fp8=runs_fp8(model), text_tokens=model.text_encoder.max_text_tokens
-    )
-    return MemoryFigures(**{**base.__dict__, **RELEASED_COMPONENTS})
+    base = transformer_figures(model.transformer, fp8=runs_fp8(model), text_tokens=conditioning_tokens(model))
+    components = dict(RELEASED_COMPONENTS)
+    if model.transformer.token_replace:
+        components.update(encoder_params=LLAVA_PARAMS + CLIP_PARAMS, encoder_words=I2V_ENCODER_WORDS)
+    return MemoryFigures(**{**base.__dict__, **components})

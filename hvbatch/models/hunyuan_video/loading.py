@@ -27,6 +27,7 @@ from hvbatch.models.fp8 import FP8_DTYPE, FP8Linear, enable_fp8_gemm, swap_in_fp
 from hvbatch.models.hunyuan_video.config import RELEASED_PRESET, TransformerConfig
 from hvbatch.models.hunyuan_video.convert import config_from_diffusers, source_rule
 from hvbatch.models.hunyuan_video.transformer import HunyuanVideoTransformer
+from hvbatch.models.json_files import read_json
 from hvbatch.models.state_dict_check import report_mismatch
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -142,13 +143,13 @@ def _looks_diffusers(keys: list[str]) -> bool:
 def _diffusers_folder(folder: Path) -> CheckpointSource:
     config_path = folder / "config.json"
     try:
-        raw = json.loads(config_path.read_text())
+        raw = read_json(config_path)
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from err
     config = config_from_diffusers(raw, str(config_path))
     index_path = folder / DIFFUSERS_INDEX
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+        weight_map = read_json(index_path).get("weight_map", {})
         files = sorted({folder / name for name in weight_map.values()})
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -184,6 +185,11 @@ def _weights_only_load(path: Path, mmap: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # a bad opcode, not a refused class: not a checkpoint
+            raise ValueError(
+                f"{path} is not a readable checkpoint: it is not a file torch.save wrote, or it is "
+                "damaged (re-download or re-convert it)"
+            ) from err
         raise ValueError(
             f"refusing to load {path}: it contains pickled Python objects that are not tensors, "
             "and hvbatch never unpickles arbitrary code. Re-save it as a plain state dict "

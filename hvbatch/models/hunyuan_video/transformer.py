@@ -3,6 +3,12 @@
 Shape legend: B batch, C latent channels, T/Hh/Ww latent frames/height/width, L tokens
 (image tokens Li in (t, h, w) order, then text tokens), D hidden size, H heads, hd head dim.
 
+Image-to-video (`config.image_condition_type == "token_replace"`, HunyuanVideo-I2V): the image
+stream's first-frame tokens (the leading `cond.first_frame_tokens` of the tokens a forward holds)
+take their modulation (shift, scale, gate) from a t = 0 conditioning vector, the other tokens from
+the step's, as the official model and diffusers' token-replace blocks do; text tokens and the final
+layer always use the step's.
+
 The model holds no distributed code. Attention goes through `self.attention_fn`
 (see `hvbatch.models.attention`), and `forward` is split into `embed_image` / `forward_tokens` /
 `unpatchify` so that a sequence-parallel runner can shard image tokens and RoPE tables
@@ -32,7 +38,7 @@ from hvbatch.models.layers import (
     modulate,
     rope_frequencies,
 )
-from hvbatch.models.protocols import StepCacheHook
+from hvbatch.models.protocols import StepCacheHook, conditioning_for_tokens
 from hvbatch.models.refiner import SingleTokenRefiner
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -42,6 +48,52 @@ ROPE_CACHE_SIZE = 4
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = rearrange(qkv, "B L (K H hd) -> K B L H hd", K=3, H=num_heads)
     return q, k, v
+
+
+class TokenModulation:
+    """A stream's modulation vectors (`mods`, one `[B, D]` per chunk), or for its leading `first_tokens`
+    tokens the first-frame ones (`first_mods`, token_replace): split per token, no mask."""
+
+    def __init__(
+        self,
+        mods: Sequence[torch.Tensor],
+        first_mods: Sequence[torch.Tensor] | None = None,
+        first_tokens: int = 0,
+    ) -> None:
+        self.mods, self.first_mods = mods, first_mods
+        self.first_tokens = first_tokens if first_mods is not None else 0
+
+    def modulate(self, x_BLD: torch.Tensor, shift: int, scale: int) -> torch.Tensor:
+        n, mods = self.first_tokens, self.mods
+        if not n:
+            return modulate(x_BLD, mods[shift], mods[scale])
+        assert self.first_mods is not None
+        first = modulate(x_BLD[:, :n], self.first_mods[shift], self.first_mods[scale])
+        return torch.cat([first, modulate(x_BLD[:, n:], mods[shift], mods[scale])], dim=1)
+
+    def gated(self, y_BLD: torch.Tensor, gate: int) -> torch.Tensor:
+        n, mods = self.first_tokens, self.mods
+        if not n:
+            return mods[gate][:, None] * y_BLD
+        assert self.first_mods is not None
+        first = y_BLD[:, :n] * self.first_mods[gate][:, None]
+        return torch.cat([first, y_BLD[:, n:] * mods[gate][:, None]], dim=1)
+
+
+class Vectors:
+    """The conditioning vectors of one forward: the step's `[B, D]`, and for token_replace the t = 0
+    one of the first-frame tokens with how many of this forward's image tokens are first-frame."""
+
+    def __init__(
+        self, vec_BD: torch.Tensor, first_BD: torch.Tensor | None = None, first_tokens: int = 0
+    ) -> None:
+        self.vec_BD, self.first_BD, self.first_tokens = vec_BD, first_BD, first_tokens
+
+    def image(self, mod: nn.Module, chunks: int) -> TokenModulation:
+        mods = mod(self.vec_BD).chunk(chunks, dim=-1)
+        if self.first_BD is None or not self.first_tokens:
+            return TokenModulation(mods)
+        return TokenModulation(mods, mod(self.first_BD).chunk(chunks, dim=-1), self.first_tokens)
 
 
 class MMDoubleStreamBlock(nn.Module):
@@ -60,34 +112,33 @@ class MMDoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_attn_proj", nn.Linear(hidden_size, hidden_size))
             setattr(self, f"{stream}_mlp", MLP(hidden_size, mlp_hidden, activation="gelu_tanh"))
 
-    def _qkv(self, stream: str, x_BLD: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-        qkv = getattr(self, f"{stream}_attn_qkv")(modulate(layer_norm(x_BLD), shift, scale))
+    def _qkv(self, stream: str, x_BLD: torch.Tensor, mods: TokenModulation):
+        qkv = getattr(self, f"{stream}_attn_qkv")(mods.modulate(layer_norm(x_BLD), 0, 1))
         q, k, v = _split_heads(qkv, self.num_heads)
         q = getattr(self, f"{stream}_attn_q_norm")(q).to(v.dtype)
         k = getattr(self, f"{stream}_attn_k_norm")(k).to(v.dtype)
         return q, k, v
 
     def _residuals(
-        self, stream: str, x_BLD: torch.Tensor, attn_BLD: torch.Tensor, mods: tuple[torch.Tensor, ...]
+        self, stream: str, x_BLD: torch.Tensor, attn_BLD: torch.Tensor, mods: TokenModulation
     ) -> torch.Tensor:
-        _, _, gate1, shift2, scale2, gate2 = mods
-        x_BLD = x_BLD + gate1[:, None] * getattr(self, f"{stream}_attn_proj")(attn_BLD)
-        mlp_out = getattr(self, f"{stream}_mlp")(modulate(layer_norm(x_BLD), shift2, scale2))
-        return x_BLD + gate2[:, None] * mlp_out
+        x_BLD = x_BLD + mods.gated(getattr(self, f"{stream}_attn_proj")(attn_BLD), 2)
+        mlp_out = getattr(self, f"{stream}_mlp")(mods.modulate(layer_norm(x_BLD), 3, 4))
+        return x_BLD + mods.gated(mlp_out, 5)
 
     def forward(
         self,
         img_BLD: torch.Tensor,
         txt_BLD: torch.Tensor,
-        vec_BD: torch.Tensor,
+        vectors: Vectors,
         rope: RopeTables,
         text_lens: Sequence[int] | None,
         attention_fn: AttentionFn,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_mods = self.img_mod(vec_BD).chunk(6, dim=-1)
-        txt_mods = self.txt_mod(vec_BD).chunk(6, dim=-1)
-        img_q, img_k, img_v = self._qkv("img", img_BLD, img_mods[0], img_mods[1])
-        txt_q, txt_k, txt_v = self._qkv("txt", txt_BLD, txt_mods[0], txt_mods[1])
+        img_mods = vectors.image(self.img_mod, 6)
+        txt_mods = TokenModulation(self.txt_mod(vectors.vec_BD).chunk(6, dim=-1))
+        img_q, img_k, img_v = self._qkv("img", img_BLD, img_mods)
+        txt_q, txt_k, txt_v = self._qkv("txt", txt_BLD, txt_mods)
         img_q, img_k = apply_rope(img_q, *rope), apply_rope(img_k, *rope)
         num_image_tokens = img_BLD.shape[1]
         attn = joint_attention(
@@ -121,14 +172,14 @@ class MMSingleStreamBlock(nn.Module):
     def forward(
         self,
         x_BLD: torch.Tensor,
-        vec_BD: torch.Tensor,
+        vectors: Vectors,
         num_image_tokens: int,
         rope: RopeTables,
         text_lens: Sequence[int] | None,
         attention_fn: AttentionFn,
     ) -> torch.Tensor:
-        shift, scale, gate = self.modulation(vec_BD).chunk(3, dim=-1)
-        qkv, mlp = self.linear1(modulate(layer_norm(x_BLD), shift, scale)).split(
+        mods = vectors.image(self.modulation, 3)  # first-frame tokens lead x = [image ; text]
+        qkv, mlp = self.linear1(mods.modulate(layer_norm(x_BLD), 0, 1)).split(
             [3 * self.hidden_size, self.mlp_hidden], dim=-1
         )
         q, k, v = _split_heads(qkv, self.num_heads)
@@ -139,7 +190,7 @@ class MMSingleStreamBlock(nn.Module):
         k = torch.cat([apply_rope(k[:, :n], *rope), k[:, n:]], dim=1)
         attn = joint_attention(attention_fn, q, k, v, num_image_tokens=n, text_lens=text_lens)
         out = self.linear2(torch.cat([attn.flatten(2), F.gelu(mlp, approximate="tanh")], dim=-1))
-        return x_BLD + gate[:, None] * out
+        return x_BLD + mods.gated(out, 2)
 
 
 class PatchEmbed(nn.Module):
@@ -165,7 +216,10 @@ class FinalLayer(nn.Module):
 
 
 class HunyuanVideoTransformer(nn.Module):
-    """`model(x, t, cond) -> velocity`: x `[B, C, T, H, W]`, t `[B]`, cond a `TextConditioning`."""
+    """`model(x, t, cond) -> velocity`: x `[B, C, T, H, W]`, t `[B]`, cond a `TextConditioning`.
+
+    Image-to-video (token_replace) takes the same inputs: x with frame 0 pinned to the image latent
+    by the sampler, the LLaVA image tokens in front of the text in `cond.text_states`."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -273,7 +327,9 @@ class HunyuanVideoTransformer(nn.Module):
         guidance_B = None
         if cond.guidance_scale is not None:
             guidance_B = embedded_guidance(cond.guidance_scale, batch, self.compute_dtype, img_BLD.device)
-        vec_BD = self.conditioning_vector(t_B, cond.text_states_2, guidance_B)
+        vectors = Vectors(self.conditioning_vector(t_B, cond.text_states_2, guidance_B))
+        if self.config.token_replace:
+            vectors = self._first_frame_vectors(vectors, t_B, cond)
         # Text columns padded in every sample carry nothing a valid token may see: drop them.
         txt = cond.text_states[:, : max(cond.text_lens)].to(self.compute_dtype)
         txt_BLD = self.txt_in(txt, t_B, cond.text_lens)
@@ -282,29 +338,41 @@ class HunyuanVideoTransformer(nn.Module):
         rope = (rope[0].to(img_BLD.device), rope[1].to(img_BLD.device))
         text_lens = cond.ragged
         if step_cache is None:
-            img_BLD = self._blocks(img_BLD, txt_BLD, vec_BD, rope, text_lens, first=0)
+            img_BLD = self._blocks(img_BLD, txt_BLD, vectors, rope, text_lens, first=0)
         else:
-            img_BLD = self._cached_blocks(step_cache, img_BLD, txt_BLD, vec_BD, rope, text_lens)
-        return self.final_layer(img_BLD, vec_BD)
+            img_BLD = self._cached_blocks(step_cache, img_BLD, txt_BLD, vectors, rope, text_lens)
+        return self.final_layer(img_BLD, vectors.vec_BD)
+
+    def _first_frame_vectors(self, vectors: Vectors, t_B: torch.Tensor, cond: TextConditioning) -> Vectors:
+        """token_replace: the first-frame tokens' vector, `time_in(0) + vector_in(pooled)` (no
+        guidance term, as in the official model and diffusers)."""
+        if cond.first_frame_tokens is None:
+            raise ValueError(
+                "an image-to-video (token_replace) model needs to know which image tokens are latent "
+                "frame 0's: call the model, or forward_tokens with cond.for_image_tokens(grid, start, stop)"
+            )
+        pooled_BD = self.vector_in(cond.text_states_2.to(self.compute_dtype))
+        first_BD = self.time_in(torch.zeros_like(t_B)) + pooled_BD
+        return Vectors(vectors.vec_BD, first_BD, cond.first_frame_tokens)
 
     def _blocks(
         self,
         img_BLD: torch.Tensor,
         txt_BLD: torch.Tensor,
-        vec_BD: torch.Tensor,
+        vectors: Vectors,
         rope: RopeTables,
         text_lens: Sequence[int] | None,
         first: int,
     ) -> torch.Tensor:
         """Double blocks from `first` on, then every single block -> image tokens."""
         for block in self.double_blocks[first:]:
-            img_BLD, txt_BLD = block(img_BLD, txt_BLD, vec_BD, rope, text_lens, self.attention_fn)
+            img_BLD, txt_BLD = block(img_BLD, txt_BLD, vectors, rope, text_lens, self.attention_fn)
         num_image_tokens = img_BLD.shape[1]
         x_BLD = torch.cat([img_BLD, txt_BLD], dim=1)
         if self.compiled_blocks:
             torch._dynamo.maybe_mark_dynamic(x_BLD, 1)
         for block in self.single_blocks:
-            x_BLD = block(x_BLD, vec_BD, num_image_tokens, rope, text_lens, self.attention_fn)
+            x_BLD = block(x_BLD, vectors, num_image_tokens, rope, text_lens, self.attention_fn)
         return x_BLD[:, :num_image_tokens]
 
     def _cached_blocks(
@@ -312,7 +380,7 @@ class HunyuanVideoTransformer(nn.Module):
         cache: StepCacheHook,
         img_BLD: torch.Tensor,
         txt_BLD: torch.Tensor,
-        vec_BD: torch.Tensor,
+        vectors: Vectors,
         rope: RopeTables,
         text_lens: Sequence[int] | None,
     ) -> torch.Tensor:
@@ -320,15 +388,14 @@ class HunyuanVideoTransformer(nn.Module):
         first = 0
         if cache.probe_after_first_block:
             block = self.double_blocks[0]
-            out_BLD, txt_BLD = block(img_BLD, txt_BLD, vec_BD, rope, text_lens, self.attention_fn)
+            out_BLD, txt_BLD = block(img_BLD, txt_BLD, vectors, rope, text_lens, self.attention_fn)
             probe_BLD = out_BLD - img_BLD
             img_BLD, first = out_BLD, 1
-        else:
-            shift, scale = self.double_blocks[0].img_mod(vec_BD).chunk(6, dim=-1)[:2]
-            probe_BLD = modulate(layer_norm(img_BLD), shift, scale)
+        else:  # the first block's modulated image input (first-frame tokens by their own vector)
+            probe_BLD = vectors.image(self.double_blocks[0].img_mod, 6).modulate(layer_norm(img_BLD), 0, 1)
         if not cache.should_compute(probe_BLD):
             return cache.apply(img_BLD)
-        out_BLD = self._blocks(img_BLD, txt_BLD, vec_BD, rope, text_lens, first=first)
+        out_BLD = self._blocks(img_BLD, txt_BLD, vectors, rope, text_lens, first=first)
         cache.store(out_BLD - img_BLD)
         return out_BLD
 
@@ -345,5 +412,6 @@ class HunyuanVideoTransformer(nn.Module):
         grid = self.token_grid(x_BCTHW.shape)
         img_BLD = self.embed_image(x_BCTHW, cond)
         rope = self.rope(grid, x_BCTHW.device)
+        cond = conditioning_for_tokens(cond, grid, 0, img_BLD.shape[1])
         out_BLP = self.forward_tokens(img_BLD, rope, t_B, cond, t_next_B=t_next_B, step_cache=step_cache)
         return self.unpatchify(out_BLP, grid)

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from hvbatch.models.hunyuan_video.vae import AutoencoderKLCausal3D, VaeConfig
+from hvbatch.models.json_files import read_json
 from hvbatch.models.state_dict_check import check_state_dict
 
 CONFIG_NAME = "config.json"
@@ -122,7 +123,7 @@ def _detect_weights(folder: Path) -> str:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"load_vae: cannot read {path} as JSON: {err}") from None
     if not isinstance(data, dict):

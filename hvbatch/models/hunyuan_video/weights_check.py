@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 from hvbatch.models.family import WeightReport
 from hvbatch.models.hf_folders import check_encoder_folder, count_words, transformers_installed
 from hvbatch.models.hunyuan_video.config import TransformerConfig
-from hvbatch.models.hunyuan_video.layout import EXPECTED_LAYOUT, layout_words, resolve_paths
+from hvbatch.models.hunyuan_video.layout import EXPECTED_LAYOUT, existing_paths, layout_words, resolve_paths
 
 if TYPE_CHECKING:
     from hvbatch.config import ModelConfig
+
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
 def check_weights(model: ModelConfig) -> list[WeightReport]:
@@ -26,36 +28,65 @@ def check_weights(model: ModelConfig) -> list[WeightReport]:
         detail = "model.random_weights=true: every component gets seeded random weights, no files to check"
         return [WeightReport("weights", "ok", detail), transformers_installed()]
     try:
-        paths = resolve_paths(model)
+        resolved = resolve_paths(model)
     except ValueError as err:
         fix = "set model.path to the weights root, or the model.*_path of each missing component"
-        return [WeightReport("weights", "fail", str(err).removesuffix(EXPECTED_LAYOUT), fix)]
-    reports = [WeightReport("weights", "ok", layout_words(model))]
-    reports.append(check_transformer(paths.transformer, model))
-    reports.append(check_vae(paths.vae))
+        reports = [WeightReport("weights", "fail", str(err).removesuffix(EXPECTED_LAYOUT), fix)]
+        found = existing_paths(model)  # the components that are there are still checked
+    else:
+        reports = [WeightReport("weights", "ok", layout_words(model))]
+        found = {k: v for k, v in dataclasses.asdict(resolved).items() if v is not None}
+    return reports + _component_reports(model, found)
+
+
+def _component_reports(model: ModelConfig, found: dict[str, Path]) -> list[WeightReport]:
+    """One report per component whose files exist (a missing one is named by the `weights` line)."""
+    reports = []
+    if "transformer" in found:
+        reports.append(check_transformer(found["transformer"], model))
+    if "vae" in found:
+        reports.append(check_vae(found["vae"]))
     arch = model.transformer
     fix = "point model.{}_path (or model.path) at {}'s folder as released with HunyuanVideo"
     encoders = (
         (
             "text_encoder",
-            "the LLM",
-            paths.text_encoder,
-            paths.tokenizer,
+            "LLaVA (with its vision tower)" if arch.token_replace else "the LLM",
+            found.get("text_encoder"),
+            found.get("tokenizer"),
             ("model.transformer.text_dim", arch.text_dim),
         ),
         (
             "text_encoder_2",
             "CLIP-L",
-            paths.text_encoder_2,
-            paths.tokenizer_2,
+            found.get("text_encoder_2"),
+            found.get("tokenizer_2"),
             ("model.transformer.pooled_text_dim", arch.pooled_text_dim),
         ),
     )
     reports += [
         check_encoder_folder(name, what, folder, tokenizer, width, fix.format(name, what))
         for name, what, folder, tokenizer, width in encoders
+        if folder is not None
     ]
+    processor = found.get("image_processor") or found.get("text_encoder")
+    if arch.token_replace and processor is not None:
+        reports.append(check_image_processor(processor))
     return reports
+
+
+def check_image_processor(folder: Path) -> WeightReport:
+    """Image-to-video: LLaVA's CLIP image processor config (official: inside the LLaVA folder)."""
+    if (folder / IMAGE_PROCESSOR_FILE).is_file():
+        return WeightReport(
+            "image_processor", "ok", f"LLaVA's image processor: {folder / IMAGE_PROCESSOR_FILE}"
+        )
+    return WeightReport(
+        "image_processor",
+        "fail",
+        f"no {IMAGE_PROCESSOR_FILE} in {folder}: LLaVA's image processor is missing",
+        "use the text_encoder_i2v/ folder as released (official), or the diffusers folder's image_processor/",
+    )
 
 
 def check_transformer(path: Path, model: ModelConfig) -> WeightReport:
