@@ -267,7 +267,7 @@ def test_a_family_that_takes_no_images_refuses_the_column(
     run_dir = tmp_path / "run"
     assert main(["submit", str(prompts), "--config", str(EXAMPLE_CONFIG), "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "column image: model=tiny is a HunyuanVideo 1.0 text-to-video" in err
+    assert "column image: model=tiny is a HunyuanVideo 1.0" in err
     assert "takes no input image" in err and not run_dir.exists()
     # An image column with no image in it is fine (text-to-video rows).
     empty = write_file(tmp_path / "q.parquet", [{"prompt": "p", "image": None}], pa.string())
