@@ -43,7 +43,6 @@ from gpu_check_step import BlockTimer, lap_seconds
 from hvbatch.models.attention_backends import backend_for
 from hvbatch.models.hunyuan_video_15.conditioning import HunyuanVideo15Conditioning
 from hvbatch.models.hunyuan_video_15.config import HunyuanVideo15TransformerConfig
-from hvbatch.models.hunyuan_video_15.ssta_attention import configure_attention
 from hvbatch.models.hunyuan_video_15.super_resolution import sr_condition, upsample_low_res_latents
 from hvbatch.models.hunyuan_video_15.transformer import HunyuanVideo15Transformer
 from hvbatch.models.hunyuan_video_15.transformer_loading import random_transformer
@@ -63,6 +62,7 @@ from hvbatch.models.hunyuan_video_15.variants import (
     variant,
     video_stages,
 )
+from hvbatch.models.ssta_attention import configure_attention
 
 DEPTH = 2
 """Double blocks built and timed (of 54): each is timed on its own, so two give the mean."""
@@ -172,7 +172,7 @@ class Hv15Sizes:
 
     @classmethod
     def smoke(cls) -> Hv15Sizes:
-        from hvbatch.models.hunyuan_video_15.ssta import SstaParams
+        from hvbatch.models.ssta import SstaParams
 
         base = (BaseVideo("64p", 64, 96, 9), BaseVideo("96p", 96, 160, 9))
         sr = (

@@ -68,7 +68,7 @@ def _peak_gib(device: str, fn: Callable[[], object]) -> float | None:
 def share_bounds(grid: tuple[int, int, int], params: Any = None) -> dict[str, Any]:
     """What the official parameters imply on `grid`: tiles, top-k, and the attended share's bounds
     (top-k alone .. top-k plus a window that overlaps none of them), in tiles and in token pairs."""
-    from hvbatch.models.hunyuan_video_15.ssta import SstaParams
+    from hvbatch.models.ssta import SstaParams
 
     plan = (params or SstaParams()).plan(grid)
     dense_pairs = plan.num_tokens**2
@@ -107,8 +107,8 @@ def ssta_phase(
     `into`: where to write each figure as soon as it is measured (gpu_check's phase recorder, so a
     phase cut at its budget keeps what it finished); returned. None: a new dict."""
     from hvbatch.models.attention_backends import backend_for
-    from hvbatch.models.hunyuan_video_15.ssta import SstaParams
-    from hvbatch.models.hunyuan_video_15.ssta_attention import official_kernel_serves, ssta_full_grid
+    from hvbatch.models.ssta import SstaParams
+    from hvbatch.models.ssta_attention import official_kernel_serves, ssta_full_grid
 
     params = params or SstaParams()
     plan = params.plan(grid)
@@ -176,9 +176,9 @@ def tiny_model_sparsity(
     from hvbatch.models.attention_backends import AttentionBackend
     from hvbatch.models.hunyuan_video_15.conditioning import HunyuanVideo15Conditioning
     from hvbatch.models.hunyuan_video_15.config import HunyuanVideo15TransformerConfig
-    from hvbatch.models.hunyuan_video_15.ssta import SstaParams
-    from hvbatch.models.hunyuan_video_15.ssta_attention import SstaAttention
     from hvbatch.models.hunyuan_video_15.transformer_loading import random_transformer
+    from hvbatch.models.ssta import SstaParams
+    from hvbatch.models.ssta_attention import SstaAttention
 
     config = HunyuanVideo15TransformerConfig.tiny()
     model = random_transformer(config, seed=seed)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(tiny_model_sparsity(tuple(args.sparsity), first_block_only=args.first_block_only)))
         return 0
     if args.cpu_smoke:
-        from hvbatch.models.hunyuan_video_15.ssta import SstaParams
+        from hvbatch.models.ssta import SstaParams
 
         smoke = SstaParams(tile=(2, 2, 4), window=(1, 3, 3), topk=4)
         record = ssta_phase(

@@ -1,8 +1,8 @@
 """The one config tree: omegaconf structured configs, YAML presets in `configs/`, `key=value` overrides.
 
-Resolution order (later wins): the dataclass defaults, the model family's sampling defaults for
-the preset, the model preset named by `model=<name>` (a YAML file of `configs/model/`), a user YAML
-file, then command-line `key=value` overrides.
+Resolution order (later wins): the dataclass defaults, the model family's sampling (and `vae.*`)
+defaults for the preset, the model preset named by `model=<name>` (a YAML file of `configs/model/`),
+a user YAML file, then command-line `key=value` overrides.
 
 The model family owns its sections of the tree: `model.transformer` (the architecture) and
 `model.text_encoder` (the encoder settings) are typed by the family's own dataclasses
@@ -458,10 +458,13 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     raise_problems(problems)
     layers: list[Any] = [
         schema,
-        OmegaConf.create({"sampling": dict(family.sampling_defaults(preset))}),
+        OmegaConf.create(
+            {"sampling": dict(family.sampling_defaults(preset)), "vae": dict(family.vae_defaults)}
+        ),
         OmegaConf.create({"model": preset_cfg}),
         file_cfg,
         dot_cfg,
+        OmegaConf.create({"model": {"name": preset}}),  # `model=<preset>` wins over a file's model.name
     ]
     try:
         merged = OmegaConf.merge(*layers)

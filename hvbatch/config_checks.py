@@ -117,7 +117,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # As hvbatch.models.attention_backends.BACKEND_CHOICES (a test keeps the two equal).
     "model.attention": ("auto", "default", "cudnn", "flash", "efficient", "math", "fa3", "fa4", "sage"),
     "model.quantize": ("none", "fp8"),
-    # As hvbatch.models.hunyuan_video_15.ssta_attention.ATTENTION_MODES (a test keeps the two equal).
+    # As hvbatch.models.ssta_attention.ATTENTION_MODES (a test keeps the two equal).
     "model.attention_mode": ("auto", "dense", "ssta"),
     "sampling.cache": ("none", "teacache", "fbcache"),  # as hvbatch.sampling.cache.CACHE_MODES
 }

@@ -8,7 +8,7 @@ through `Pipeline.parallelize` (the sequence-/CFG-parallel runner and the parall
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -79,6 +79,12 @@ def negative_text(sampling: SamplingConfig) -> str:
     return sampling.negative_prompt or " "
 
 
+def negative_key(key: Hashable) -> Hashable:
+    """The store key of a negative prompt's encoding: apart from a positive prompt of the same text
+    (a family may encode negatives otherwise, e.g. without their quoted text)."""
+    return ("negative", key)
+
+
 VideoDecoder = Callable[[VideoVae, torch.Tensor, VaeTilingConfig], "torch.Tensor | None"]
 """`decoder(vae, latents, tiling)` -> float32 video in [0, 1]; None on a rank that only helps decode."""
 
@@ -130,7 +136,8 @@ class Pipeline:
         the transformer's attention kernel, quantization and compilation."""
         device = device or resolve_device(config.device)
         timings = timings or Timings()
-        problem = folder_family_problem(config.model)
+        problems = family_of(config.model).run_problems(config.model)
+        problem = "; ".join(problems) if problems else folder_family_problem(config.model)
         if problem is not None:
             raise ValueError(problem)
         with timings.measure("load", device):
@@ -187,8 +194,8 @@ class Pipeline:
             wanted.setdefault(key(prompt, sampling.num_frames, image), (prompt, frames, image))
             if sampling.cfg_scale > 1.0:  # the negative prompt: without the image (the family's choice)
                 negative = negative_text(sampling)
-                negatives.add(key(negative, sampling.num_frames))
-                wanted.setdefault(key(negative, sampling.num_frames), (negative, frames, None))
+                negatives.add(negative_key(key(negative, sampling.num_frames)))
+                wanted.setdefault(negative_key(key(negative, sampling.num_frames)), (negative, frames, None))
         todo = store.missing(list(wanted))
         if not todo:
             return 0
@@ -220,7 +227,7 @@ class Pipeline:
         store = PromptStore() if store is None else store
         keys = [self.prompt_key(prompt, sampling.num_frames, image)]
         if sampling.cfg_scale > 1.0:
-            keys.append(self.prompt_key(negative_text(sampling), sampling.num_frames))
+            keys.append(negative_key(self.prompt_key(negative_text(sampling), sampling.num_frames)))
         if any(k not in store.entries and k not in store.errors for k in keys):
             self.encode_prompts([(prompt, sampling)], store, [image])  # a failed encoding is not retried here
         positive = store.get(keys[0])
@@ -238,6 +245,7 @@ class Pipeline:
             tile_latent_overlap=v.tile_latent_overlap,
             tile_latent_frames=v.tile_latent_frames,
             tile_latent_frame_overlap=v.tile_latent_frame_overlap,
+            **self.family.vae_tiling,
         )
 
     # -- image-to-video: the input image threaded through (the family conditions on it) -----------
@@ -313,6 +321,7 @@ class Pipeline:
                 device=self.device,
                 on_step=on_step,
                 step_cache=step_cache,
+                convention=self.family.sampler_convention(),
             )
         if not torch.isfinite(latents).all():
             raise FloatingPointError("the denoised latents contain NaN or Inf")

@@ -13,10 +13,10 @@ import torch.distributed as dist
 
 from hvbatch.models.attention_backends import AttentionBackend
 from hvbatch.models.hunyuan_video_15.config import HunyuanVideo15TransformerConfig
-from hvbatch.models.hunyuan_video_15.ssta import SstaParams
-from hvbatch.models.hunyuan_video_15.ssta_attention import SstaAttention
 from hvbatch.models.hunyuan_video_15.transformer import HunyuanVideo15Transformer
 from hvbatch.models.hunyuan_video_15.transformer_loading import random_transformer
+from hvbatch.models.ssta import SstaParams
+from hvbatch.models.ssta_attention import SstaAttention
 from hvbatch.parallel.dims import ParallelDims, build_groups, destroy_groups
 from hvbatch.parallel.ssta_attention import SstaUSPAttention, usp_attention_for
 from tests.hv15_helpers import Inputs, make_inputs

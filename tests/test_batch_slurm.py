@@ -66,3 +66,15 @@ def test_scancel_mid_shard_then_retry(
     # No attempt is left `running`, and the cancelled job was not retried automatically (2 submissions).
     reasons = [row["exit_reason"] for row in RunDir(run_dir).metrics_rows()]
     assert set(reasons) <= {"cancelled", "completed"} and reasons.count("completed") == 2
+
+
+def test_slurm_runs_tiny_15_every_prompt_once(
+    tmp_path: Path, slurm_env: SlurmCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HunyuanVideo-1.5's structure (model=tiny-1.5) through a real Slurm array: every video once."""
+    run_dir = tmp_path / "run"
+    assert main([*_submit_argv(run_dir, "model=tiny-1.5", "sampling.cfg_scale=2", "--wait")]) == 0
+    assert_every_video_done_once(run_dir, capsys)
+    metrics = RunDir(run_dir).metrics_rows()
+    assert metrics and all(row["exit_reason"] == "completed" for row in metrics)
+    assert "family: hunyuan-video-1.5" in (run_dir / "config.yaml").read_text()

@@ -20,15 +20,15 @@ from hvbatch.config_checks import CHOICES
 from hvbatch.models.attention import LocalAttention
 from hvbatch.models.attention_backends import AttentionBackend
 from hvbatch.models.hunyuan_video_15.config import HunyuanVideo15TransformerConfig
-from hvbatch.models.hunyuan_video_15.ssta import SstaParams, TilePlan, select_tiles, tile_means, tile_sums
-from hvbatch.models.hunyuan_video_15.ssta_attention import (
+from hvbatch.models.hunyuan_video_15.transformer_loading import load_transformer, random_transformer
+from hvbatch.models.ssta import SstaParams, TilePlan, select_tiles, tile_means, tile_sums
+from hvbatch.models.ssta_attention import (
     ATTENTION_MODES,
     SstaAttention,
     configure_attention,
     resolve_attention_mode,
     ssta_full_grid,
 )
-from hvbatch.models.hunyuan_video_15.transformer_loading import load_transformer, random_transformer
 from tests.helpers import rel_err
 from tests.hv15_helpers import SMALL, make_inputs
 from tests.hv15_ssta_worker import TEST_PARAMS

@@ -52,6 +52,7 @@ __all__ = [
     "family_of",
     "folder_family_problem",
     "get_family",
+    "model_folder_problem",
     "preset_path",
     "register_family",
     "replace_family",
@@ -224,6 +225,17 @@ class ModelFamily:
     """What is wrong with the family's sections of a resolved config (each naming its key)."""
     sampling_problems: Callable[[ModelConfig, SamplingConfig], list[str]] = _no_problems
     """What a variant refuses in a video's sampling settings (e.g. a fixed step count)."""
+    run_problems: Callable[[ModelConfig], list[str]] = _no_problems
+    """What the family cannot run yet for this config (e.g. a variant whose inputs are not wired):
+    `generate` and `submit` refuse it before writing anything; `plan` and `doctor` still answer."""
+    sampling_convention: str | None = None
+    """`module` whose `initial_noise`, `flow_schedule` and `combine_cfg` (`protocols.SamplingConvention`)
+    the sampler uses instead of its defaults (the family's reference code draws noise, rounds the
+    schedule or combines CFG differently); None: the defaults."""
+    vae_tiling: Mapping[str, Any] = field(default_factory=dict)
+    """Fixed `VaeTilingConfig` fields of the family's VAE (e.g. spatial-only tiles): over `vae.*`."""
+    vae_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """`vae.*` defaults of the family (tile sizes in its latent cells): merged over the built-in ones."""
     default_preset: str | None = None
     """Set by the one family whose preset is hvbatch's default."""
     image_input: ImageInput | None = None
@@ -239,6 +251,10 @@ class ModelFamily:
     def conditioning_type(self) -> type:
         module, _, name = self.conditioning.partition(":")
         return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+    def sampler_convention(self) -> Any:
+        """The `SamplingConvention` module, or None for the sampler's defaults."""
+        return None if self.sampling_convention is None else importlib.import_module(self.sampling_convention)
 
     def attention_heads(self, model: ModelConfig) -> int:
         return self.memory(model).num_heads
@@ -389,3 +405,25 @@ def folder_family_problem(model: ModelConfig) -> str | None:
         f"model={model.name} is a {get_family(model.family).description} preset: use one of "
         f"{', '.join(other.presets)} (model=<preset>), or the weights of model={model.name}"
     )
+
+
+def model_folder_problem(model: ModelConfig) -> str | None:
+    """Why the configured model cannot run, from its config and its folder's names and config files
+    only: what the family cannot run yet (`run_problems`), a `model.path` of another family's
+    checkpoint, or of none any registered family recognises (None when all is well). What `submit`
+    refuses before writing anything."""
+    problems = get_family(model.family).run_problems(model)
+    if problems:
+        return "; ".join(problems)
+    problem = folder_family_problem(model)
+    if problem is not None or not model.path or model.random_weights:
+        return problem
+    root = Path(model.path).expanduser()
+    if detect_family(root) is None:
+        known = "; ".join(f"{f.description}: {', '.join(f.presets)}" for f in families())
+        return (
+            f"model.path={model.path} is not a checkpoint folder of any model family hvbatch knows "
+            f"({'it does not exist' if not root.exists() else 'no layout of theirs matches'}); point it at "
+            f"the official or diffusers folder of the model of model={model.name} (families: {known})"
+        )
+    return None

@@ -93,6 +93,23 @@ class StepCacheHook(Protocol):
     def apply(self, img_BLD: torch.Tensor) -> torch.Tensor: ...
 
 
+class SamplingConvention(Protocol):
+    """How a family's reference code draws noise, builds the schedule and combines CFG, where it
+    differs from hvbatch's defaults (`hvbatch.sampling.sampler`); `ModelFamily.sampling_convention`."""
+
+    def initial_noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """Starting latents `[B, C, T, Hh, Ww]` from a seed, on the CPU."""
+        ...
+
+    def flow_schedule(self, num_steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(sigmas [N+1], timesteps [N])`, float32."""
+        ...
+
+    def combine_cfg(self, velocity_2B: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """The `[negative, positive]` batch's velocity combined (in whatever dtype the reference does)."""
+        ...
+
+
 class VelocityModel(Protocol):
     """What the sampler calls: the model, or a sequence- / CFG-parallel runner of it."""
 

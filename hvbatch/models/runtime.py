@@ -41,10 +41,14 @@ def configure_transformer(model: StagedTransformer, model_config: ModelConfig, d
         )
     dtype = model.compute_dtype
     backend = backend_for(model_config.attention, device, dtype, model.config.head_dim)
-    model.attention_fn = LocalAttention(backend)
+    configure = getattr(model, "configure_attention", None)  # a model with a choice (e.g. sparse)
+    mode = configure(backend) if configure is not None else "dense"
+    if configure is None:
+        model.attention_fn = LocalAttention(backend)
     already_fp8 = any(isinstance(m, FP8Linear) for m in model.modules())
     if model_config.quantize == "fp8" and not already_fp8:
         quantize_model_fp8(model)
     if model_config.compile:
         compile_blocks(model)
-    return resolved_backend_name(model_config, device, dtype)
+    words = resolved_backend_name(model_config, device, dtype)
+    return words if mode == "dense" else f"{words}, {mode}"

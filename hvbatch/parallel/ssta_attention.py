@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hvbatch.models.attention import AttentionFn, sdpa_attention
-from hvbatch.models.hunyuan_video_15.ssta import (
+from hvbatch.models.ssta import (
     TilePlan,
     add_zero_keys,
     merge_partial,
@@ -33,7 +33,7 @@ from hvbatch.models.hunyuan_video_15.ssta import (
     tile_means,
     tile_sums,
 )
-from hvbatch.models.hunyuan_video_15.ssta_attention import SstaAttention, ssta_full_grid
+from hvbatch.models.ssta_attention import SstaAttention, ssta_full_grid
 from hvbatch.parallel.attention import USPAttention, attention_with_lse
 from hvbatch.parallel.dims import ParallelGroups
 

@@ -13,9 +13,15 @@ import torch
 
 from hvbatch.config import SamplingConfig
 from hvbatch.models.geometry import LatentGeometry
-from hvbatch.models.protocols import Conditioning, VelocityModel, initial_latents, pin_latents
+from hvbatch.models.protocols import (
+    Conditioning,
+    SamplingConvention,
+    VelocityModel,
+    initial_latents,
+    pin_latents,
+)
 from hvbatch.sampling.cache import StepCache, step_cache_for
-from hvbatch.sampling.scheduler import euler_step, flow_match_schedule
+from hvbatch.sampling.scheduler import FlowMatchSchedule, euler_step, flow_match_schedule
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -36,6 +42,7 @@ def denoise(
     negative: Conditioning | None = None,
     on_step: Callable[[int, int], None] | None = None,
     step_cache: StepCache | None = None,
+    convention: SamplingConvention | None = None,
 ) -> torch.Tensor:
     """Run the Euler loop from `noise` `[B, C, T, Hh, Ww]` (sigma 1) to clean latents (sigma 0), float32.
 
@@ -47,11 +54,18 @@ def denoise(
     `step_cache` (see `new_step_cache`) counts the steps it computed and skipped; the whole batch
     takes one decision per step. A conditioning that pins part of the latents (image-to-video's
     frame 0) gives the start (`initial_latents`) and sets them again after every step (`pin_latents`).
+    `convention` (the family's, `ModelFamily.sampler_convention`) replaces the schedule and the CFG
+    combination where its reference code computes them otherwise.
     """
     use_cfg = sampling.cfg_scale > 1.0
     if use_cfg and negative is None:
         raise ValueError(f"cfg_scale={sampling.cfg_scale} > 1 needs a negative-prompt conditioning")
-    schedule = flow_match_schedule(sampling.num_inference_steps, sampling.flow_shift)
+    if convention is None:
+        schedule = flow_match_schedule(sampling.num_inference_steps, sampling.flow_shift)
+    else:
+        schedule = FlowMatchSchedule(
+            *convention.flow_schedule(sampling.num_inference_steps, sampling.flow_shift)
+        )
     positive = model_cond = cond.for_sampling(sampling)
     if use_cfg and negative is not None:
         model_cond = type(model_cond).cat([negative.for_sampling(sampling), model_cond])
@@ -73,9 +87,11 @@ def denoise(
             model_cond,
             t_next_B=next_timesteps_N[i].expand(batch),
             **cache_arg,
-        ).float()
-        if use_cfg:
-            uncond, conditional = velocity.chunk(2)
+        )
+        if use_cfg and convention is not None:
+            velocity = convention.combine_cfg(velocity, sampling.cfg_scale)
+        elif use_cfg:
+            uncond, conditional = velocity.float().chunk(2)
             velocity = uncond + sampling.cfg_scale * (conditional - uncond)
         latents = pin_latents(positive, euler_step(latents, velocity, sigmas[i], sigmas[i + 1]))
         if on_step is not None:
@@ -110,13 +126,16 @@ def sample(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int], None] | None = None,
     step_cache: StepCache | None = None,
+    convention: SamplingConvention | None = None,
 ) -> torch.Tensor:
     """One video's clean latents `[1, C, T, Hh, Ww]` from its seed; `cond` holds batch 1.
 
-    The latent's shape comes from the family's `geometry` (channels, VAE ratios).
+    The latent's shape comes from the family's `geometry` (channels, VAE ratios); the noise from
+    its `convention` (else `initial_noise`).
     """
     shape = geometry.latent_shape(sampling.height, sampling.width, sampling.num_frames)
-    noise = initial_noise((1, *shape), sampling.seed).to(device)
+    draw = initial_noise if convention is None else convention.initial_noise
+    noise = draw((1, *shape), sampling.seed).to(device)
     return denoise(
         model,
         noise,
@@ -125,4 +144,5 @@ def sample(
         negative=negative and negative.to(device),
         on_step=on_step,
         step_cache=step_cache,
+        convention=convention,
     )

@@ -45,7 +45,7 @@ from hvbatch.batch.files import (
 )
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config, save_config
-from hvbatch.models.family import family_of
+from hvbatch.models.family import family_of, model_folder_problem
 from hvbatch.parallel.planner import ParallelPlan, format_plan
 from hvbatch.sampling.estimates import saving_line
 from hvbatch.text import printable, printable_lines
@@ -272,6 +272,9 @@ def dry_run(config: Config, prompts: str | Path) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    folder_problem = model_folder_problem(config.model)  # before anything is written or submitted
+    if folder_problem is not None:
+        raise ValueError(folder_problem)
     if args.dry_run:
         return dry_run(config, args.prompts)
     prompts = Path(args.prompts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,9 +129,22 @@ class HunyuanVideo15Conditioning:
             cond_latents,
         )
 
+    @classmethod
+    def example(
+        cls, config: Any, batch: int, text_tokens: int, device: torch.device | str
+    ) -> HunyuanVideo15Conditioning:
+        """Zeros of the shapes `config`'s transformer takes, text-to-video (a compile warm-up's input)."""
+        text = torch.zeros(batch, text_tokens, config.text_dim, device=device)
+        glyph = torch.zeros(batch, 0, config.glyph_dim, device=device)
+        return cls(text, (text_tokens,) * batch, glyph, (0,) * batch)
+
     @property
     def batch_size(self) -> int:
         return self.text_states.shape[0]
+
+    def for_sampling(self, sampling: Any) -> HunyuanVideo15Conditioning:
+        """Itself: no 1.5 variant reads anything from a video's sampling settings (no embedded guidance)."""
+        return self
 
     @property
     def is_text_to_video(self) -> bool:

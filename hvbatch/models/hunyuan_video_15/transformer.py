@@ -18,7 +18,6 @@ image tokens and RoPE tables between the stages.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from hvbatch.models.attention import AttentionFn, joint_attention, sdpa_attention, set_token_grid
+from hvbatch.models.attention_backends import AttentionBackend
 from hvbatch.models.hunyuan_video_15.conditioning import HunyuanVideo15Conditioning
 from hvbatch.models.hunyuan_video_15.config import HunyuanVideo15TransformerConfig
 from hvbatch.models.layers import (
@@ -38,24 +38,13 @@ from hvbatch.models.layers import (
     modulate,
     rope_frequencies,
 )
+from hvbatch.models.protocols import StepCacheHook
 from hvbatch.models.refiner import SingleTokenRefiner
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 ROPE_CACHE_SIZE = 4
 LLM_TOKENS, GLYPH_TOKENS, IMAGE_TOKENS = 0, 1, 2
 """`cond_type_embedding` ids of the three condition streams (official order)."""
-
-
-class StepCacheHook(Protocol):
-    """What `forward_tokens` asks of a step cache (`hvbatch.sampling.cache.StepCache`); as 1.0's."""
-
-    probe_after_first_block: bool
-
-    def should_compute(self, probe_BLD: torch.Tensor) -> bool: ...
-
-    def store(self, residual_BLD: torch.Tensor) -> None: ...
-
-    def apply(self, img_BLD: torch.Tensor) -> torch.Tensor: ...
 
 
 class MMDoubleStreamBlock(nn.Module):
@@ -194,6 +183,8 @@ class HunyuanVideo15Transformer(nn.Module):
         self._rope_cache: dict[tuple[tuple[int, int, int], torch.device], RopeTables] = {}
         self.compiled_blocks = False
         """Set by `hvbatch.models.runtime.compile_blocks`."""
+        self.attention_mode = "auto"
+        """`model.attention_mode` (auto, dense, ssta): what `configure_attention` applies."""
         hidden, heads = config.hidden_size, config.num_heads
         self.patch = config.patch
         self.img_in = PatchEmbed(self.patch, config.in_channels, hidden)
@@ -381,6 +372,17 @@ class HunyuanVideo15Transformer(nn.Module):
         out_BLD = self._blocks(img_BLD, txt_BLD, vec_BD, rope, text_lens, first=first)
         cache.store(out_BLD - img_BLD)
         return out_BLD
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The double-stream blocks in order (what regional compilation compiles one by one)."""
+        return list(self.double_blocks)
+
+    def configure_attention(self, backend: AttentionBackend) -> str:
+        """Dense or SSTA attention on `backend`, as `self.attention_mode` asks for this checkpoint
+        (`model.attention_mode`; the runtime calls this once the kernel is chosen); in words."""
+        from hvbatch.models.ssta_attention import configure_attention
+
+        return configure_attention(self, self.attention_mode, backend)
 
     def forward(
         self,

@@ -64,7 +64,7 @@ class CheckpointFacts:
     `i2v` for the 480p text-to-video model: do not rely on it alone)."""
     sparse_attention: bool
     """Official `attn_mode: flex-block-attn` or a `*_sparse` folder: the checkpoint runs SSTA
-    (`hvbatch.models.hunyuan_video_15.ssta_attention.resolve_attention_mode`)."""
+    (`hvbatch.models.ssta_attention.resolve_attention_mode`)."""
     attn_param: dict[str, Any] | None = field(default=None, compare=False)
     """The official config's `attn_param` (SSTA's tile, window, top-k); None: the official defaults."""
     super_resolution: bool = False

@@ -1,4 +1,5 @@
-"""SSTA as the 1.5 model's `attention_fn`, and the rule that picks dense or SSTA per checkpoint.
+"""SSTA as a model's `attention_fn` (the sparse 1.5 checkpoints'), and the rule that picks dense or
+SSTA per checkpoint.
 
 Shape legend: B batch, H heads, D head dim, L image tokens (the grid, (t, h, w) order), T text
 tokens, N tiles, V tokens per tile.
@@ -27,7 +28,7 @@ import torch
 
 from hvbatch.models.attention import LocalAttention
 from hvbatch.models.attention_backends import AttentionBackend
-from hvbatch.models.hunyuan_video_15.ssta import (
+from hvbatch.models.ssta import (
     SstaParams,
     TilePlan,
     add_zero_keys,
@@ -179,8 +180,8 @@ class SstaAttention:
 
 
 def resolve_attention_mode(requested: str, facts: Any | None) -> SstaParams | None:
-    """`model.attention_mode` for a checkpoint with `facts` (`CheckpointFacts` or None for random
-    weights): SSTA parameters, or None for dense attention."""
+    """`model.attention_mode` for a checkpoint with `facts` (its loader's facts: `sparse_attention`,
+    `version`, `attn_param`; None for random weights): SSTA parameters, or None for dense attention."""
     if requested not in ATTENTION_MODES:
         raise ValueError(f"model.attention_mode={requested!r} is not one of {', '.join(ATTENTION_MODES)}")
     sparse = bool(getattr(facts, "sparse_attention", False))
@@ -191,7 +192,8 @@ def resolve_attention_mode(requested: str, facts: Any | None) -> SstaParams | No
 
 
 def configure_attention(model: Any, requested: str, backend: AttentionBackend, kernel: str = "auto") -> str:
-    """Give a 1.5 model the attention `model.attention_mode` asks for; returns it in words."""
+    """Give a model (with `checkpoint_facts` when loaded from files) the attention
+    `model.attention_mode` asks for; returns it in words."""
     params = resolve_attention_mode(requested, getattr(model, "checkpoint_facts", None))
     if params is None:
         model.attention_fn = LocalAttention(backend)
