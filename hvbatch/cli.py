@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from hvbatch import __version__
 from hvbatch.batch.control.commands import add_batch_parsers
-from hvbatch.config import available_presets, load_config
+from hvbatch.config import available_presets, bundled_configs, load_config
 from hvbatch.generate import add_generate_parser
 from hvbatch.plan_cli import add_plan_parser
 from hvbatch.process import run_then_exit
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser(
         "config",
         help="print the resolved config",
-        description=f"Print the resolved config. Model presets: {', '.join(available_presets())}.",
+        description=f"Print the resolved config. Model presets: {', '.join(available_presets())}. "
+        f"Example configs shipped with hvbatch (--config NAME): {', '.join(bundled_configs())}.",
     )
     config.add_argument("--config", help="a YAML file merged over the defaults and the preset")
     config.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=tiny sampling.seed=3")

@@ -368,6 +368,30 @@ def _split_model_override(overrides: list[str]) -> tuple[str | None, list[str]]:
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
 
+def bundled_configs() -> dict[str, Path]:
+    """The example configs shipped in the package (`configs/examples/*.yaml`), by name."""
+    import importlib.resources
+
+    folder = Path(str(importlib.resources.files("hvbatch.configs"))) / "examples"
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def config_file_path(config_file: str | Path) -> Path:
+    """`--config`: a YAML file's path, or, when no such file exists here, the name of an example
+    config shipped in the package (`--config tiny-batch`)."""
+    path = Path(config_file).expanduser()
+    if path.exists():
+        return path
+    bundled = bundled_configs()
+    name = path.name.removesuffix(".yaml") if path.parent == Path(".") else None
+    if name in bundled:
+        return bundled[name]
+    raise ValueError(
+        f"config file {config_file} does not exist; give a YAML file's path or the name of a bundled "
+        f"example config: {', '.join(bundled)}"
+    )
+
+
 def _load_yaml_file(path: str | Path) -> DictConfig:
     """A user's YAML file as plain data: no `!!python/...` objects (omegaconf loads with a safe
     loader) and no aliases (`*name`: a few lines of them expand to billions of nodes)."""
@@ -440,7 +464,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
 
     check_overrides(list(overrides or []))
     preset, dotlist = _split_model_override(list(overrides or []))
-    file_cfg = _load_yaml_file(config_file) if config_file is not None else OmegaConf.create()
+    file_cfg = OmegaConf.create() if config_file is None else _load_yaml_file(config_file_path(config_file))
     if preset is None:
         preset = OmegaConf.select(file_cfg, "model.name") or default_preset()
     preset_cfg = _preset_yaml(preset)

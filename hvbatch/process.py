@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NoReturn
 
 _armed_code: int | None = None
@@ -110,3 +111,13 @@ def task_exits_cleanly() -> Iterator[None]:
         raise
     if in_task:
         exit_after_interpreter_cleanup(0)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (from /proc; None where it cannot be read)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))

@@ -29,3 +29,8 @@ def printable_lines(text: object) -> str:
     if not _UNSAFE_BUT_NEWLINE.search(text):  # one scan of a long text (status --json of 100k shards)
         return text
     return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 video`, `2 videos`: a number and its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

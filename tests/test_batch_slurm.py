@@ -26,7 +26,12 @@ def test_slurm_array_runs_every_prompt_once(
     tmp_path: Path, slurm_env: SlurmCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    assert main([*_submit_argv(run_dir, "--wait")]) == 0
+    argv = _submit_argv(run_dir, "--wait")
+    assert (
+        main([*argv[: argv.index("--executor")], "--executor", "auto", *argv[argv.index("slurm") + 1 :]]) == 0
+    )
+    error = capsys.readouterr().err
+    assert "executor: slurm (--executor=auto: scontrol ping: Slurmctld(primary) at " in error, error
     assert_every_video_done_once(run_dir, capsys)
     run = RunDir(run_dir)
     jobs = run.submissions()[0]["jobs"]
@@ -39,6 +44,12 @@ def test_slurm_array_runs_every_prompt_once(
         assert row["job_id"] in {job["job_id"] for job in jobs}
     for job in jobs:  # the jobs end (and accounting catches up) shortly after the last marker
         assert wait_for_sacct_state(job["job_id"], slurm_env.env, timeout=120) == "COMPLETED"
+        # Rank 0 says what the job is doing from before torch's import on, in the job's log.
+        log = (run_dir / "submitit" / job["job_id"] / f"{job['job_id']}_0_log.err").read_text()
+        phases = ["8 ranks started; importing torch", "imports done", "8 ranks up in", "model loaded in",
+                  "first denoising step done", f"attempt job{job['job_id']}.r0 ended: completed"]  # fmt: skip
+        at = [log.find(phase) for phase in phases]
+        assert -1 not in at and at == sorted(at), (at, log)
 
 
 def test_scancel_mid_shard_then_retry(

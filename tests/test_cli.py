@@ -26,6 +26,22 @@ def test_config_command_reports_bad_input(capsys: pytest.CaptureFixture[str]) ->
     assert "unknown model preset 'nope'" in capsys.readouterr().err
 
 
+def test_the_bundled_example_configs_are_found_by_name_from_anywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the copy shipped in the package is used
+    assert main(["config", "--config", "tiny-batch"]) == 0
+    out = capsys.readouterr().out
+    assert "name: tiny" in out and "min_shards: 2" in out and "num_frames: 9" in out
+    assert main(["config", "--config", "tiny-cpu.yaml"]) == 0 and "name: tiny" in capsys.readouterr().out
+    assert main(["config", "--config", "tiny-batchh"]) == 2
+    error = capsys.readouterr().err
+    assert "config file tiny-batchh does not exist; give a YAML file's path or the name of a bundled" in error
+    assert "tiny-batch, tiny-cpu" in error
+    (tmp_path / "tiny-batch").write_text("sampling: {seed: 5}\n")  # a file of that name wins
+    assert main(["config", "--config", "tiny-batch"]) == 0 and "seed: 5" in capsys.readouterr().out
+
+
 def test_console_script_runs() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "hvbatch", "--version"], capture_output=True, text=True, check=True

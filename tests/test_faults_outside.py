@@ -98,7 +98,7 @@ def test_a_shard_out_of_attempts_for_such_faults_stops_without_failing_its_video
 
 
 def test_the_supervisor_records_its_own_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hvbatch.parallel.launch as launch
+    import hvbatch.parallel.ports as ports
 
     job = local.LocalShardJob(nproc=1, time_min=30, signal_delay_s=120)
     job.key = AttemptKey.local("1", 0)
@@ -107,11 +107,11 @@ def test_the_supervisor_records_its_own_failures(tmp_path: Path, monkeypatch: py
     def no_port() -> int:
         raise OSError(98, "Address already in use")
 
-    monkeypatch.setattr(launch, "free_local_port", no_port)
+    monkeypatch.setattr(ports, "free_local_port", no_port)
     status, cause = job._attempt(run, [0])
     assert status is None and cause is not None and cause[0] == ExitReason.PORT_FAILED
     assert "no free rendezvous port: [Errno 98] Address already in use" in cause[1]
-    monkeypatch.setattr(launch, "free_local_port", lambda: 12345)
+    monkeypatch.setattr(ports, "free_local_port", lambda: 12345)
 
     def broken(run: RunDir, shards: list[int], port: int) -> int:
         raise RuntimeError("cannot fork")
@@ -240,11 +240,13 @@ def test_weights_that_fail_to_load_are_retried_without_charging_the_videos(
     _write_tiny_weights(Pipeline.load(load_config(EXAMPLE_CONFIG)), weights, "diffusers")
     checkpoint = weights / "transformer" / "diffusion_pytorch_model.safetensors"
     good = checkpoint.read_bytes()
-    checkpoint.write_bytes(good[: len(good) // 2])  # cut short: the loader refuses it
     prompts = write_prompts(tmp_path / "prompts.parquet", TWO)
     run_dir = tmp_path / "run"
     overrides = (*ONE_RANK, f"model.path={weights}", "model.random_weights=false", "retry.max_attempts=2")
-    assert main([*submit_argv(prompts, run_dir, "local", *overrides), "--wait"]) == 1
+    assert main(submit_argv(prompts, run_dir, "local", *overrides)) == 0  # submit checked the files
+    # Cut short after the check, before the job's rank has imported torch: the loader refuses it.
+    checkpoint.write_bytes(good[: len(good) // 2])
+    assert wait_for_run(RunDir(run_dir)) is False
     attempts = metrics(run_dir)[0]
     assert [a["exit_reason"] for a in attempts] == ["load-failed", "load-failed"]
     assert "ModelLoadError: loading the model failed" in attempts[0]["exit_detail"]
@@ -268,7 +270,7 @@ def test_rendezvous_port_failures_are_retried_without_charging_the_videos(
     # The supervisor runs in this process. Attempt 1: its search for a free port raises (the
     # supervisor used to crash and leave the shard stopped). Attempt 2: rank 0 finds the port
     # taken (`port-busy`: it listens there first) and its store cannot bind it. Attempt 3 runs.
-    import hvbatch.parallel.launch as launch
+    import hvbatch.parallel.ports as ports
 
     monkeypatch.setenv("HVBATCH_FAULT", "action=port-busy,rank=0,attempt=2")
     prompts = write_prompts(tmp_path / "prompts.parquet", TWO)
@@ -279,7 +281,7 @@ def test_rendezvous_port_failures_are_retried_without_charging_the_videos(
     )
     argv = submit_argv(prompts, run_dir, "local", *ONE_RANK, "slurm.tasks_per_node=2", "parallel.ulysses=1")
     assert main(argv) == 0 and created
-    real_port = launch.free_local_port
+    real_port = ports.free_local_port
     calls: list[int] = []
 
     def first_search_fails() -> int:
@@ -288,7 +290,7 @@ def test_rendezvous_port_failures_are_retried_without_charging_the_videos(
             raise OSError(98, "Address already in use")
         return real_port()
 
-    monkeypatch.setattr(launch, "free_local_port", first_search_fails)
+    monkeypatch.setattr(ports, "free_local_port", first_search_fails)
     monkeypatch.setattr(local, "die_with_parent", lambda: None)
     monkeypatch.setattr(local.signal, "signal", lambda signum, handler: signal.SIG_DFL)
     job = local.LocalShardJob(nproc=2, time_min=30, signal_delay_s=120)

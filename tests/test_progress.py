@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,7 +42,8 @@ def test_progress_line_rate_eta_and_bar() -> None:
     assert stopped.videos_per_hour is None and stopped.eta_s is None
     assert format_progress(stopped) == "120/500 done, 3 failed, no video done yet"
     finished = Progress.measure({"done": 5, "failed": 1, "running": 0, "pending": 0}, 0, 60.0, False)
-    assert finished.eta_s == 0.0 and format_progress(finished, 4).startswith("[####] 5/6 done")
+    assert finished.eta_s is None  # nothing left: no "ETA 0s"
+    assert format_progress(finished, 4) == "[####] 5/6 done, 1 failed, 300.0 videos/h"
     assert [format_duration(s) for s in (0, 45, 725, 7800, 3 * 86400 + 4 * 3600)] == [
         "0s", "45s", "12m 5s", "2h 10m", "3d 4h",
     ]  # fmt: skip
@@ -79,27 +81,63 @@ def test_tty_redraws_one_line_and_logs_get_rare_plain_lines() -> None:
 def test_watch_reports_every_poll_and_returns_how_the_run_ended(monkeypatch: pytest.MonkeyPatch) -> None:
     polls = iter(
         [
-            (False, True, {"done": 0, "failed": 0, "running": 4, "pending": 0}),
-            (False, True, {"done": 2, "failed": 1, "running": 1, "pending": 0}),
-            (True, False, {"done": 3, "failed": 1, "running": 0, "pending": 0}),
+            (False, True, {"done": 0, "failed": 0, "running": 4, "pending": 0}, "job 7: loading [3s]"),
+            (False, True, {"done": 2, "failed": 1, "running": 1, "pending": 0}, None),
+            (True, True, {"done": 3, "failed": 1, "running": 0, "pending": 0}, None),
+            (True, True, {"done": 3, "failed": 1, "running": 0, "pending": 0}, None),  # jobs exiting
+            (True, False, {"done": 3, "failed": 1, "running": 0, "pending": 0}, None),
         ]
     )
-    monkeypatch.setattr(progress, "poll_run", lambda run: next(polls))
+    asked = []
+
+    def poll(reader: object, before_any_video: bool, with_phases: bool = True) -> tuple[object, ...]:
+        asked.append(before_any_video)
+        return next(polls)
+
+    monkeypatch.setattr(progress, "poll_run_phases", poll)
     monkeypatch.setattr(progress.time, "sleep", lambda s: None)
     out = io.StringIO()
     reporter = ProgressReporter(out, tty=True)
     assert watch_run(RunDir("unused"), reporter, poll_s=0.0) is True
     reporter.close()
     shown = out.getvalue().split("\r")[1:]
+    # The start-up phase instead of "no video done yet"; once every video has ended the line is
+    # drawn once more, not again while the jobs exit (the rate stops at the last video).
     assert [s.split("] ")[1].split(",")[0].strip() for s in shown] == ["0/4 done", "2/4 done", "3/4 done"]
+    assert "0 failed, job 7: loading [3s]" in shown[0] and "ETA" not in shown[-1]
+    assert asked == [True, True, False, False, False]  # phases past start-up only before a video ends
     assert reporter.first is not None and reporter.first.done == 0
     # No job alive and shards unfinished: the wait ends, not complete.
     monkeypatch.setattr(
-        progress, "poll_run", lambda run: (False, False, {"done": 1, "failed": 0, "running": 0, "pending": 3})
+        progress,
+        "poll_run_phases",
+        lambda *args, **kwargs: (False, False, {"done": 1, "failed": 0, "running": 0, "pending": 3}, None),
     )
     monkeypatch.setattr(progress.RunDir, "completed_shards", lambda self: set())
     monkeypatch.setattr(progress.RunDir, "num_shards", lambda self: 2)
     assert watch_run(RunDir("unused"), None, poll_s=-1.0) is False
+
+
+def test_the_phase_of_a_job_starting_is_shown_also_after_videos_ended(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    ledger.record_phase(run, AttemptKey.slurm("7_0", 0), "first denoising step done", starting=False)
+    ledger.record_phase(run, AttemptKey.slurm("7_1", 0), "8 ranks up in 3 s; loading the model")
+    ledger.record_phase(run, AttemptKey.slurm("7_2", 0), "imports done; 8 ranks meeting")
+    states = {"7_0": "RUNNING", "7_1": "RUNNING", "7_2": "RUNNING", "7_3": "PENDING"}
+    now = time.time() + 12
+    # The latest start-up phase of a running job, with how long ago it began and who else starts.
+    doing = progress.jobs_doing(run, states, before_any_video=False, now=now)
+    assert doing == "job 7_2: imports done; 8 ranks meeting [12s] (+1 other job starting)"
+    # Past start-up, a job is named only before any video ended; a queued one by its state.
+    assert progress.jobs_doing(run, {"7_0": "RUNNING"}, before_any_video=False, now=now) is None
+    assert (
+        progress.jobs_doing(run, {"7_0": "RUNNING"}, True, now=now)
+        == "job 7_0: first denoising step done [12s]"
+    )
+    assert progress.jobs_doing(run, {"7_3": "PENDING"}, True) == "job 7_3 pending"
+    assert progress.jobs_doing(run, {"7_4": "RUNNING", "7_3": "PENDING"}, True) == (
+        "job 7_4 running, starting (+1 other job)"
+    )
 
 
 def _small_run(tmp_path: Path, num_shards: int = 2) -> RunDir:
@@ -201,7 +239,11 @@ def test_wait_shows_progress_and_a_summary_and_the_log_one_layout_per_shard(
     progress_lines = [
         line for line in captured.err.splitlines() if re.search(r"\d+/3 done, \d+ failed", line)
     ]
-    assert "0/3 done, 0 failed, no video done yet" in progress_lines[0]  # the first poll, at once
+    # From the first poll on, what the job is doing instead of "no video done yet".
+    assert re.search(r"0/3 done, 0 failed, job \d+", progress_lines[0]), progress_lines[0]
+    assert not any("no video done yet" in line for line in progress_lines)
+    assert "executor: local (--executor=local)" in captured.err
+    assert re.search(r"run \S+: 3 videos, 2 shards, local job \d+$", captured.out.splitlines()[0])
     summary = captured.out.splitlines()[-1]
     assert re.fullmatch(
         rf"run {run_dir}: 3/3 videos done, 0 failed, in \S+( \S+)?, [\d.]+ videos/h; "
@@ -216,10 +258,27 @@ def test_wait_shows_progress_and_a_summary_and_the_log_one_layout_per_shard(
     per_video = re.findall(r"video (v\d): done in [\d.]+ s \(([\d.]+) steps/s\), peak memory [\d.]+ GiB", log)
     assert sorted(v for v, _ in per_video) == ["v0", "v1", "v2"] and all(float(r) > 0 for _, r in per_video)
     assert run_status(RunDir(run_dir)).stopped == []
+    # Start-up says what it is doing, in order, on rank 0 (and in the attempt's phase record).
+    phases = ["starting 2 ranks on this machine", "imports done", "2 ranks meeting", "2 ranks up in",
+              "loading the model", "model loaded in", "first denoising step done"]  # fmt: skip
+    at = [log.find(phase) for phase in phases]
+    assert -1 not in at and at == sorted(at), (at, log)
+    # The writer's line only from leaders that wrote (each of the 3 videos has its own dp group).
+    assert log.count("mp4 writes:") == 3, log
+    assert sorted(p.name for p in (run_dir / "submitit").iterdir()) == [
+        p.parent.name for p in [*(run_dir / "submitit").glob("*/*_log.err")]
+    ]
     # Step caching reaches the merged manifest: the middle step reused, first and last computed.
     assert main(["manifest", str(run_dir), "--json"]) == 0
     videos = json.loads(capsys.readouterr().out)
     assert [(v["steps_computed"], v["steps_skipped"]) for v in videos] == [(2, 1)] * 3
+    assert [(v["width"], v["height"], v["num_frames"]) for v in videos] == [(16, 16, 1)] * 3
+    assert main(["manifest", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["status", "tries", "WxHxframes", "video_id", "path", "or", "error"]
+    assert sorted(line.split()[:4] for line in lines[1:]) == [
+        ["done", "1", "16x16x1", f"v{i}"] for i in range(3)
+    ]
 
 
 def test_status_lists_failed_videos_in_the_wait_summary(

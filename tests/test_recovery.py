@@ -136,7 +136,7 @@ def test_a_live_job_missing_from_the_records_is_never_resubmitted_over(
         # cancel finds it too, stops it, and returns once it is gone.
         capsys.readouterr()
         assert main(["cancel", str(run.root)]) == 0
-        assert "cancelled 1 jobs; all have left the queue" in capsys.readouterr().out
+        assert "cancelled 1 job; it has left the queue" in capsys.readouterr().out
         assert controller.wait(timeout=10) == -9
         assert main(["retry", str(run.root), "--executor", "local"]) == 0 and submitted == [[0, 1]]
     finally:
@@ -217,13 +217,13 @@ def test_cancel_says_which_jobs_are_still_ending(
     monkeypatch.setattr(recovery, "CANCEL_WAIT_S", 0.5)
     state.write_text("COMPLETING")  # never leaves
     code, error = _errors(capsys, "cancel", str(run.root))
-    assert code == 1 and "cancelled 1 jobs; still ending after 0 s: 4242_0 (COMPLETING)" in error
+    assert code == 1 and "cancelled 1 job; still ending after 0 s: 4242_0 (COMPLETING)" in error
     state.write_text("RUNNING")
     leaves_after_s.append(1.0)
     monkeypatch.setattr(recovery, "CANCEL_WAIT_S", 10.0)
     capsys.readouterr()
     assert main(["cancel", str(run.root)]) == 0
-    assert "cancelled 1 jobs; all have left the queue" in capsys.readouterr().out
+    assert "cancelled 1 job; it has left the queue" in capsys.readouterr().out
     assert cancelled == [["4242_0"], ["4242_0"]] and state.read_text() == ""
 
 

@@ -85,6 +85,28 @@ def rank_errors(run: RunDir, key: AttemptKey) -> list[dict[str, Any]]:
     ]
 
 
+def record_phase(run: RunDir, key: AttemptKey, phase: str, starting: bool = True) -> None:
+    """What the job's attempt is doing now, in words, for `--wait` while it starts up (`starting
+    8 ranks`, `loading the model`; `starting=False` once it denoises). Best effort: a record that
+    cannot be written is logged, never fatal (the next real write says why)."""
+    payload = {"job_id": key.job_id, "attempt_key": str(key), "phase": phase, "at": time.time()}
+    try:
+        write_json_atomic(run.phase_path(key.job_id), payload | {"starting": starting})
+    except OSError as err:
+        logger.warning("could not record the attempt's phase (%s): %s", phase, err)
+
+
+def job_phases(run: RunDir, job_ids: list[str]) -> list[dict[str, Any]]:
+    """The phase records of these jobs (one file read each), the most recent first."""
+    found = []
+    for job_id in job_ids:
+        with contextlib.suppress(OSError, ValueError):  # none yet, or half-read: the next poll sees it
+            record = json.loads(run.phase_path(job_id).read_text())
+            if isinstance(record, dict) and isinstance(record.get("phase"), str):
+                found.append(record)
+    return sorted(found, key=lambda record: -float(record.get("at") or 0.0))
+
+
 def backoff_seconds(retry: RetryConfig, attempts_so_far: int) -> float:
     return min(retry.max_backoff_s, retry.backoff_s * 2 ** max(0, attempts_so_far - 1))
 
@@ -370,6 +392,8 @@ def finish(
         reason, detail = classify_exit(exit_code, rank_errors(run, key), scheduler_state)
     complete = run.completed_shards()
     unfinished = [shard for shard in shards if shard not in complete]
+    if not unfinished and cause is None and not exit_code:  # nothing to say but that it worked
+        reason, detail = ExitReason.COMPLETED, "every shard complete"
     fates = {shard: ShardFate.COMPLETE for shard in shards if shard not in unfinished}
     started = [shard for shard in unfinished if run.metrics_part(shard, str(key)).is_file()]
     # A crash before any shard started (e.g. while loading) is charged to the first unfinished one.

@@ -11,7 +11,8 @@
       manifest/*.parquet           per job attempt and dp group, segments of up to 64 rows: a row
                                    per video tried
       metrics/*.parquet            one row per shard and job attempt, with its exit reason
-      attempts/*.json              what each rank that failed said (read when an attempt ends)
+      attempts/*.json              what each rank that failed said (read when an attempt ends), and
+                                   what each job is doing while it starts up (`job*.phase.json`)
       done/shard-00003.json        completion marker, written after the shard's last manifest row,
                                    with the shard's counts (status reads it instead of the parts)
       corrupt/                     files `hvbatch retry --repair` moved aside
@@ -223,6 +224,10 @@ class RunDir:
 
     def rank_error_path(self, attempt_key: str, rank: int) -> Path:
         return self.root / "attempts" / f"{attempt_key}.rank{rank:05d}.json"
+
+    def phase_path(self, job_id: str) -> Path:
+        """What the job's current attempt is doing while it starts up (`ledger.record_phase`)."""
+        return self.root / "attempts" / f"job{job_id}.phase.json"
 
     def _files(self, folder_name: str, shards: int | list[int] | None, ext: str) -> list[Path]:
         """Files `shard-NNNNN.*.<ext>` of a folder, for some shards: one directory listing."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hvbatch.config import ParallelConfig
+from hvbatch.parallel import ports
+from hvbatch.parallel.ports import free_local_port as free_local_port
 from hvbatch.parallel.store import exit_unless_done_within
 
 RENDEZVOUS_GRACE, RENDEZVOUS_EXTRA_S = 1.2, 5.0  # torch's own timeout error comes first when it can
@@ -270,12 +271,6 @@ def teardown_rank(setup: RankSetup) -> None:
         dist.destroy_process_group()
 
 
-def free_local_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _spawned_entry(
     local_rank: int, nproc: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]
 ) -> None:
@@ -294,4 +289,4 @@ def spawn_local(nproc: int, fn: Callable[..., None], *args: Any) -> None:
     """Run `fn(*args)` in `nproc` fresh processes with the torchrun environment set; re-raises a failure."""
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    mp.spawn(_spawned_entry, args=(nproc, free_local_port(), fn, args), nprocs=nproc, join=True)
+    mp.spawn(_spawned_entry, args=(nproc, ports.free_local_port(), fn, args), nprocs=nproc, join=True)

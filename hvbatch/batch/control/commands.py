@@ -24,6 +24,7 @@ from hvbatch.batch.control.calibration import (
     job_plan,
 )
 from hvbatch.batch.control.frozen import ShardTables, StreamedShards, write_frozen_inputs
+from hvbatch.batch.control.preflight import RetryOverrides, check_model_files
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
 from hvbatch.batch.control.prompt_images import ImageOptions, ImageStaging, dry_run_lines
 from hvbatch.batch.control.prompt_index import PromptIndex, index_prompts
@@ -31,7 +32,7 @@ from hvbatch.batch.control.shards import ShardLayout, max_shard_cost_for_walltim
 from hvbatch.batch.control.status import format_status, run_status, video_table
 from hvbatch.batch.executors import sbatch as sbatch_jobs
 from hvbatch.batch.executors.base import latest_records
-from hvbatch.batch.executors.registry import executor_for, resolve_executor
+from hvbatch.batch.executors.registry import choose_executor, executor_for
 from hvbatch.batch.files import (
     PRIVATE_DIR_MODE,
     is_disk_full,
@@ -48,7 +49,7 @@ from hvbatch.config import Config, load_config, save_config
 from hvbatch.models.family import family_of, model_folder_problem
 from hvbatch.parallel.planner import ParallelPlan, format_plan
 from hvbatch.sampling.estimates import saving_line
-from hvbatch.text import printable, printable_lines
+from hvbatch.text import count, printable, printable_lines
 
 CLAIM_NAME = ".hvbatch-claim"
 LARGE_BATCH_VIDEOS = 100_000  # a dry run above either size warns
@@ -76,7 +77,10 @@ def plan_layout(config: Config, index: PromptIndex, plan: ParallelPlan) -> Shard
 def _print_dry_run(config: Config, index: PromptIndex, plan: ParallelPlan, layout: ShardLayout) -> None:
     num_videos = index.num_videos
     gpu_hours = index.total_cost * gpu_seconds_per_cost(config) / 3600.0
-    print(f"{num_videos} videos in {layout.num_shards} shards (one {config.slurm.nodes}-node job each)")
+    print(
+        f"{count(num_videos, 'video')} in {count(layout.num_shards, 'shard')} "
+        f"(one {config.slurm.nodes}-node job each)"
+    )
     print(format_plan(plan))
     rate = configured_rate(config)
     branches = " x 2 CFG branches" if config.sampling.cfg_scale > 1.0 else ""
@@ -284,14 +288,25 @@ def run_submit(args: argparse.Namespace) -> int:
         options = ImageOptions.for_model(config.model, images.store)
         geometry = family_of(config.model).geometry
         index = index_prompts(prompts, config.sampling, geometry, options)  # validates all first
-        kind = resolve_executor(args.executor or config.batch.executor)
+        choice = choose_executor(args.executor or config.batch.executor, _executor_source(args))
+        if not args.no_weight_check:
+            check_model_files(config, "submitted")
+        kind = choice.kind
         plan = job_plan(config, index.largest)
         layout = plan_layout(config, index, plan)
         create_run(run, config, prompts, StreamedShards(index, layout), kind, images)
+    print(choice.line(), file=sys.stderr, flush=True)
     records = executor_for(kind, run, config).submit(list(range(layout.num_shards)))
-    jobs = ", ".join(sorted({r.job_id for r in records}))
-    print(f"run {run.root}: {index.num_videos} videos, {layout.num_shards} shards, {kind} jobs {jobs}")
+    job_ids = sorted({r.job_id for r in records})
+    print(
+        f"run {run.root}: {count(index.num_videos, 'video')}, {count(layout.num_shards, 'shard')}, "
+        f"{kind} {'job' if len(job_ids) == 1 else 'jobs'} {', '.join(job_ids)}"
+    )
     return _wait_or_stop(run) if args.wait else 0
+
+
+def _executor_source(args: argparse.Namespace) -> str:
+    return "--executor" if args.executor else "batch.executor"
 
 
 def run_status_command(args: argparse.Namespace) -> int:
@@ -324,10 +339,23 @@ def run_manifest(args: argparse.Namespace) -> int:
     elif args.json:
         print(json.dumps(table.to_pylist(), indent=2))
     else:
-        for row in table.to_pylist():
-            where = printable(row["path"] or row["error"] or "")
-            print(f"{row['status']:<8} {row['attempts']}  {printable(row['video_id'])}  {where}")
+        print(format_manifest(table))
     return 0
+
+
+def format_manifest(table: pa.Table) -> str:
+    """`manifest`'s plain text: a header, then per video its status, attempts, size, id (quoted as
+    a Python string when it holds spaces or quotes, so every line splits alike) and its path or
+    error."""
+    lines = [f"{'status':<8} {'tries':>5}  {'WxHxframes':<14} {'video_id':<24} path or error"]
+    for row in table.to_pylist():
+        size = f"{row['width']}x{row['height']}x{row['num_frames']}"
+        video_id = printable(row["video_id"])
+        if not video_id or any(ch.isspace() or ch in "'\"\\" for ch in video_id):
+            video_id = printable(repr(row["video_id"]))
+        where = printable(row["path"] or row["error"] or "")
+        lines.append(f"{row['status']:<8} {row['attempts']:>5}  {size:<14} {video_id:<24} {where}")
+    return "\n".join(lines)
 
 
 def run_retry(args: argparse.Namespace) -> int:
@@ -335,7 +363,10 @@ def run_retry(args: argparse.Namespace) -> int:
     if args.repair:
         for line in recovery.repair_run(run):
             print(line)
-    outcome = recovery.retry_shards(run, args.executor, wait=args.wait)
+    overrides = RetryOverrides.check(run, args.overrides)  # refused before anything is written
+    outcome = recovery.retry_shards(
+        run, args.executor, wait=args.wait, overrides=overrides, check_weights=not args.no_weight_check
+    )
     if outcome.held:
         return 1  # recovery said which shards and why
     if args.wait and (outcome.submitted or outcome.running):
@@ -392,6 +423,11 @@ def add_batch_parsers(commands: argparse._SubParsersAction) -> None:
         help="wait until every shard is complete (Ctrl-C: local jobs stop, Slurm jobs keep running)",
     )
     submit.add_argument(
+        "--no-weight-check",
+        action="store_true",
+        help="do not check the model's files here first (for weights this machine cannot see)",
+    )
+    submit.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. model=tiny slurm.partition=gpu"
     )
     submit.set_defaults(func=run_submit)
@@ -412,6 +448,17 @@ def add_batch_parsers(commands: argparse._SubParsersAction) -> None:
     retry.add_argument("--wait", action="store_true")
     retry.add_argument(
         "--repair", action="store_true", help="first move corrupt markers, records and parts to corrupt/"
+    )
+    retry.add_argument(
+        "--no-weight-check",
+        action="store_true",
+        help="do not check the model's files here first (for weights this machine cannot see)",
+    )
+    retry.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides that do not change a video (weight paths, slurm.partition, "
+        "slurm.time_min, batch.executor, retry.*), saved in the run's config.yaml",
     )
     retry.set_defaults(func=run_retry)
     cancel = commands.add_parser("cancel", help="cancel a run's queued and running jobs")

@@ -16,8 +16,10 @@ from typing import TextIO
 
 import pyarrow.compute as pc
 
+from hvbatch.batch import ledger
 from hvbatch.batch.control.status import RunReader, format_duration, run_status, video_table
 from hvbatch.batch.rundir import RunDir
+from hvbatch.text import count
 
 POLL_S = 5.0
 PLAIN_INTERVAL_S = 60.0
@@ -33,24 +35,36 @@ class Progress:
     elapsed_s: float
     videos_per_hour: float | None
     eta_s: float | None
+    doing: str | None = None
+    """What the run's jobs are doing while no video has ended in this wait (start-up phases)."""
 
     @classmethod
-    def measure(cls, counts: dict[str, int], done_at_start: int, elapsed_s: float, running: bool) -> Progress:
-        """Rate from the videos done since the wait began; no ETA while no job runs."""
+    def measure(
+        cls,
+        counts: dict[str, int],
+        done_at_start: int,
+        elapsed_s: float,
+        running: bool,
+        doing: str | None = None,
+    ) -> Progress:
+        """Rate from the videos done since the wait began; no ETA while no job runs, nor once
+        nothing is left."""
         total = sum(counts.values())
         new = counts["done"] - done_at_start
         rate = new / elapsed_s * 3600.0 if new > 0 and elapsed_s > 0 else None
         left = total - counts["done"] - counts["failed"]
-        eta = 0.0 if not left else (left / rate * 3600.0 if rate and running else None)
-        return cls(counts["done"], counts["failed"], total, elapsed_s, rate, eta)
+        eta = left / rate * 3600.0 if left and rate and running else None
+        return cls(counts["done"], counts["failed"], total, elapsed_s, rate, eta, doing)
 
 
 def format_progress(progress: Progress, bar_width: int = 0) -> str:
     """`[#####.....] 120/500 done, 3 failed, 41.2 videos/h, ETA 2h 10m` (bar only if bar_width)."""
     p = progress
-    rate = f"{p.videos_per_hour:.1f} videos/h" if p.videos_per_hour else "no video done yet"
+    idle = p.doing or ("no video done yet" if p.done + p.failed < p.total else "")
+    rate = f"{p.videos_per_hour:.1f} videos/h" if p.videos_per_hour else idle
+    rate = f", {rate}" if rate else ""
     eta = f", ETA {format_duration(p.eta_s)}" if p.eta_s is not None else ""
-    text = f"{p.done}/{p.total} done, {p.failed} failed, {rate}{eta}"
+    text = f"{p.done}/{p.total} done, {p.failed} failed{rate}{eta}"
     if not bar_width:
         return text
     filled = bar_width * (p.done + p.failed) // max(1, p.total)
@@ -74,6 +88,7 @@ class ProgressReporter:
         self._last_line_at: float | None = None
         self._last_counts: tuple[int, int] | None = None
         self._drawn = 0  # characters of the bar on screen
+        self._last_text = ""
         self.first: Progress | None = None
 
     def update(self, progress: Progress) -> None:
@@ -81,6 +96,9 @@ class ProgressReporter:
         counts = (progress.done, progress.failed)
         if self.tty:
             text = format_progress(progress, BAR_WIDTH)
+            if text == self._last_text:
+                return
+            self._last_text = text
             self.stream.write("\r" + text + " " * max(0, self._drawn - len(text)))
             self._drawn = len(text)
         else:
@@ -106,10 +124,42 @@ class ProgressReporter:
 def poll_run(reader: RunReader) -> tuple[bool, bool, dict[str, int]]:
     """One look (only new markers and manifest parts are read): (every shard complete, some job
     alive, counts). A scheduler that cannot answer counts as "alive"."""
+    complete, alive, counts, _ = poll_run_phases(reader, False, with_phases=False)
+    return complete, alive, counts
+
+
+def poll_run_phases(
+    reader: RunReader, before_any_video: bool, with_phases: bool = True
+) -> tuple[bool, bool, dict[str, int], str | None]:
+    """`poll_run`, and what the running jobs are doing while they start up (`jobs_doing`)."""
     snapshot = reader.snapshot(every_job=True)
     counts, _ = reader.counts(snapshot)
     alive = snapshot.states is None or bool(snapshot.states)
-    return len(snapshot.markers) == reader.num_shards(), alive, counts
+    doing = jobs_doing(reader.run, snapshot.states or {}, before_any_video) if with_phases else None
+    return len(snapshot.markers) == reader.num_shards(), alive, counts, doing
+
+
+def jobs_doing(
+    run: RunDir, states: dict[str, str], before_any_video: bool, now: float | None = None
+) -> str | None:
+    """The start-up phase of the running jobs in words (`ledger.record_phase`): the latest, and
+    for how long; before any video has ended in this wait also a phase past start-up, or the
+    queue state (`job 12 pending`). None when there is nothing to say."""
+    running = sorted(job for job, state in states.items() if state == "RUNNING")
+    phases = ledger.job_phases(run, running)
+    starting = [record for record in phases if record.get("starting")]
+    shown = starting[:1] or (phases[:1] if before_any_video else [])
+    if shown:
+        record, now = shown[0], time.time() if now is None else now
+        since = format_duration(max(0.0, now - float(record.get("at") or now)))
+        others = len(starting) - 1 if starting else len(running) - 1
+        more = f" (+{count(others, 'other job')} starting)" if starting and others > 0 else ""
+        return f"job {record['job_id']}: {record['phase']} [{since}]{more}"
+    if not before_any_video or not states:
+        return None
+    job_id, state = (running[0], "RUNNING") if running else sorted(states.items())[0]
+    more = f" (+{count(len(states) - 1, 'other job')})" if len(states) > 1 else ""
+    return f"job {job_id} {state.lower()}{', starting' if state == 'RUNNING' else ''}{more}"
 
 
 def watch_run(
@@ -127,16 +177,21 @@ def watch_run(
     start = time.time()
     complete_since: float | None = None
     done_at_start: int | None = None
+    ended_at_start: int | None = None
     reader = RunReader(run)
+    before_any_video = True  # in this wait
     while True:
-        complete, alive, counts = poll_run(reader)
+        complete, alive, counts, doing = poll_run_phases(reader, before_any_video, reporter is not None)
         now = time.time()
         if done_at_start is None:
-            done_at_start = counts["done"]
-        if reporter is not None:
-            reporter.update(Progress.measure(counts, done_at_start, now - start, alive))
+            done_at_start, ended_at_start = counts["done"], counts["done"] + counts["failed"]
+        before_any_video = before_any_video and counts["done"] + counts["failed"] == ended_at_start
         if complete:
             complete_since = complete_since or now
+        if reporter is not None:  # the rate stops at the last video: jobs exiting do not lower it
+            elapsed = (complete_since or now) - start
+            reporter.update(Progress.measure(counts, done_at_start, elapsed, alive, doing))
+        if complete:
             if not alive or now - complete_since > exit_grace_s:
                 return True
         elif not alive and now - start > poll_s:

@@ -29,6 +29,7 @@ import pyarrow as pa
 from hvbatch.batch import ledger
 from hvbatch.batch.control.calibration import resubmission_config
 from hvbatch.batch.control.frozen import IMAGE_COLUMNS, INDEX_SCHEMA
+from hvbatch.batch.control.preflight import RetryOverrides, check_model_files
 from hvbatch.batch.executors.base import (
     FoundJob,
     JobPhase,
@@ -37,7 +38,7 @@ from hvbatch.batch.executors.base import (
     record_submission,
     submission_lock,
 )
-from hvbatch.batch.executors.registry import EXECUTORS, executor_for, live_states, resolve_executor
+from hvbatch.batch.executors.registry import EXECUTORS, choose_executor, executor_for, live_states
 from hvbatch.batch.files import (
     CorruptRunFile,
     read_json,
@@ -47,6 +48,7 @@ from hvbatch.batch.files import (
 )
 from hvbatch.batch.rundir import RunDir, json_object, read_marker, read_submission
 from hvbatch.config import Config, load_config
+from hvbatch.text import count
 
 ENDING_WAIT_S = 300.0  # retry --wait: how long jobs may take to leave the queue (KillWait, epilog)
 CANCEL_WAIT_S = 120.0  # cancel: the same, before it says which jobs are still ending
@@ -188,9 +190,21 @@ class RetryOutcome:
     that no record names."""
 
 
-def retry_shards(run: RunDir, executor: str | None, wait: bool) -> RetryOutcome:
-    """Resubmit the unfinished shards whose jobs are gone (see the module docstring)."""
-    config = load_config(run.root / "config.yaml")
+def retry_shards(
+    run: RunDir,
+    executor: str | None,
+    wait: bool,
+    overrides: RetryOverrides | None = None,
+    check_weights: bool = True,
+) -> RetryOutcome:
+    """Resubmit the unfinished shards whose jobs are gone (see the module docstring). `overrides`
+    (already checked) are saved in the run's config once there is a shard to submit."""
+    config = overrides.config if overrides is not None else load_config(run.root / "config.yaml")
+    if check_weights:
+        check_model_files(config, "resubmitted")
+    asked_by = "--executor" if executor else "the run's executor"
+    if executor is None and overrides is not None and "batch.executor" in overrides.changes:
+        executor, asked_by = config.batch.executor, "batch.executor"
     if wait:  # without the lock: a job's own last step may need it meanwhile
         unfinished = unfinished_shards(run)
         census = _census(run, config, unfinished)
@@ -211,7 +225,12 @@ def retry_shards(run: RunDir, executor: str | None, wait: bool) -> RetryOutcome:
         held = [s for s in unfinished if s not in todo and s not in running]
         _report(run, census, running, ending, held)
         if todo:
-            kind = resolve_executor(executor or run.read_run()["executor"])  # refuse before writing
+            choice = choose_executor(executor or run.read_run()["executor"], asked_by)  # before writing
+            print(choice.line(), file=sys.stderr, flush=True)
+            kind = choice.kind
+            if overrides is not None:
+                overrides.apply(run)
+                print(f"run {run.root}: config.yaml now has {overrides.words()}")
             # Attempts whose job ended unseen (scancel, a lost node) are closed by the next attempt of
             # their shard when it starts (`ledger.reconcile`), not here: retry stays O(shards).
             ledger.reopen_failed_shards(run, todo)
@@ -221,6 +240,8 @@ def retry_shards(run: RunDir, executor: str | None, wait: bool) -> RetryOutcome:
             print(f"run {run.root}: resubmitted shards {todo} as {jobs}{note}")
         elif not unfinished:
             print(f"run {run.root}: nothing to retry (every shard is complete)")
+        if not todo and overrides is not None:
+            print(f"run {run.root}: no shard resubmitted, so the overrides were not applied", file=sys.stderr)
     return RetryOutcome(todo, running, held)
 
 
@@ -274,17 +295,18 @@ def cancel_run(run: RunDir) -> int:
         executor_for(kind, run, config).cancel(group)
     ledger.cancel_unstarted(run, [(r.shard, r.job_id, r.executor) for r in records])
     if census is None or not ids:
-        print(f"run {run.root}: cancelled {len(ids)} jobs")
+        print(f"run {run.root}: cancelled {count(len(ids), 'job')}")
         return 0
     left = _wait_until_gone(run, config, shards, ids)
     if left:
         print(
-            f"run {run.root}: cancelled {len(ids)} jobs; still ending after {CANCEL_WAIT_S:.0f} s: "
+            f"run {run.root}: cancelled {count(len(ids), 'job')}; still ending after {CANCEL_WAIT_S:.0f} s: "
             f"{_describe(left)} (`hvbatch status {run.root}` shows them until they have left the queue)",
             file=sys.stderr,
         )
         return 1
-    print(f"run {run.root}: cancelled {len(ids)} jobs; all have left the queue")
+    gone = "it has" if len(ids) == 1 else "all have"
+    print(f"run {run.root}: cancelled {count(len(ids), 'job')}; {gone} left the queue")
     return 0
 
 

@@ -23,7 +23,7 @@ from hvbatch.batch.executors.base import (
     latest_records,
 )
 from hvbatch.batch.executors.registry import live_states
-from hvbatch.batch.files import read_parquet_parts
+from hvbatch.batch.files import read_parquet, read_parquet_parts
 from hvbatch.batch.ledger import manual_reset_times
 from hvbatch.batch.rundir import (
     MANIFEST_SCHEMA,
@@ -102,10 +102,15 @@ def video_table(run: RunDir, snapshot: RunSnapshot | None = None) -> pa.Table:
         if row["status"] == "failed" and row["final"] and (row["finished_at"] or 0.0) >= reset:
             final.add(vid)
     live_shards = snapshot.live_shards()
+    videos = run.all_videos().to_pylist()
+    sizes = _untried_sizes(
+        run, [v for v in videos if v["video_id"] not in done and v["video_id"] not in last]
+    )
     out = []
-    for video in run.all_videos().to_pylist():
+    for video in videos:
         vid = video["video_id"]
         row = done.get(vid) or last.get(vid) or {}
+        size = {key: row.get(key) for key in SIZE_COLUMNS} if row else sizes.get(vid, {})
         if vid in done:
             status = "done"
         elif vid in final:
@@ -117,6 +122,7 @@ def video_table(run: RunDir, snapshot: RunSnapshot | None = None) -> pa.Table:
             error = "interrupted: the job attempt ended during this video"
         out.append(
             video
+            | size
             | {
                 "status": status,
                 "attempts": attempts.get(vid, 0),
@@ -130,11 +136,26 @@ def video_table(run: RunDir, snapshot: RunSnapshot | None = None) -> pa.Table:
     return pa.Table.from_pylist(out, schema=VIDEO_TABLE_SCHEMA)
 
 
+SIZE_COLUMNS = ("height", "width", "num_frames")
+
+
+def _untried_sizes(run: RunDir, videos: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Sizes of videos no manifest row names yet, from their frozen shard files (only theirs)."""
+    sizes: dict[str, dict[str, Any]] = {}
+    for shard in sorted({int(video["shard"]) for video in videos}):
+        table = read_parquet(run.shard_path(shard), columns=["video_id", *SIZE_COLUMNS])
+        sizes |= {row.pop("video_id"): row for row in table.to_pylist()}
+    return sizes
+
+
 VIDEO_TABLE_SCHEMA = pa.schema(
     [
         ("video_id", pa.string()),
         ("prompt", pa.string()),
         ("seed", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_frames", pa.int32()),
         ("status", pa.string()),
         ("attempts", pa.int32()),
         ("path", pa.string()),
@@ -481,7 +502,8 @@ def format_status(run: RunDir, status: RunStatus) -> str:
     c = status.counts
     total = sum(c.values())
     rate = f"{status.videos_per_hour:.1f} videos/hour" if status.videos_per_hour else "no video done yet"
-    eta = "" if status.eta_seconds is None else f", ETA {format_duration(status.eta_seconds)}"
+    left = c["pending"] + c["running"]
+    eta = "" if status.eta_seconds is None or not left else f", ETA {format_duration(status.eta_seconds)}"
     warning = [f"warning: job states unknown ({status.scheduler_error})"] if status.scheduler_error else []
     lines = [
         *warning,

@@ -21,6 +21,7 @@ import abc
 import contextlib
 import enum
 import fcntl
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -29,6 +30,15 @@ from typing import Any, ClassVar
 
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, load_config
+
+JOB_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+
+
+def log_to_stderr() -> None:
+    """hvbatch's INFO lines on stderr, the job's log (a no-op where logging is already set up)."""
+    logging.basicConfig(level=logging.INFO, format=JOB_LOG_FORMAT)
+    logging.getLogger("hvbatch").setLevel(logging.INFO)
+
 
 LIVE_STATES = frozenset(
     {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}

@@ -33,10 +33,18 @@ import submitit
 
 from hvbatch.batch import ledger
 from hvbatch.batch.attempt import EXIT_DISK_FULL, AttemptKey, ExitReason, ShardFate
-from hvbatch.batch.executors.base import Executor, FoundJob, JobRecord, RunProbe, record_submission
+from hvbatch.batch.executors.base import (
+    Executor,
+    FoundJob,
+    JobRecord,
+    RunProbe,
+    log_to_stderr,
+    record_submission,
+)
 from hvbatch.batch.files import is_disk_full, read_parquet, write_json_exclusive
 from hvbatch.batch.rundir import RunDir
 from hvbatch.config import Config, RetryConfig, load_config
+from hvbatch.parallel import ports
 from hvbatch.process import task_exits_cleanly
 
 logger = logging.getLogger(__name__)
@@ -226,10 +234,13 @@ class LocalShardJob:
 
     def _supervise(self, run_dir: str, shards: list[int]) -> dict[str, Any]:
         die_with_parent()
+        log_to_stderr()
         self.run_dir, self.shards = run_dir, shards
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_stop_signal)
         run = RunDir(run_dir)
+        with contextlib.suppress(OSError):  # submitit's controller makes its folder pattern, unreplaced
+            (run.root / "submitit" / "%j").rmdir()
         retry = load_config(run.root / "config.yaml").retry
         job_id = os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
         time.sleep(self.delay_s)
@@ -256,10 +267,8 @@ class LocalShardJob:
     def _attempt(self, run: RunDir, shards: list[int]) -> tuple[int | None, tuple[ExitReason, str] | None]:
         """Run one attempt: (the first failing rank's status, None), or (None, the supervisor's own
         reason) when it could not find a rendezvous port or failed itself (the ranks are stopped)."""
-        from hvbatch.parallel.launch import free_local_port  # imports torch: only the supervisor needs it
-
         try:
-            port = free_local_port()
+            port = ports.free_local_port()
         except OSError as err:
             logger.error("attempt %s: no free port for the ranks' rendezvous: %s", self.key, err)
             return None, (ExitReason.PORT_FAILED, f"the supervisor found no free rendezvous port: {err}")
@@ -289,6 +298,10 @@ class LocalShardJob:
 
     def _run_attempt(self, run: RunDir, shards: list[int], port: int) -> int:
         """Start the ranks; return the first failing rank's status (0 when all succeed)."""
+        assert self.key is not None
+        what = f"starting {self.nproc} ranks on this machine (each imports torch and loads the model)"
+        logger.info("%s: %s", self.key, what)
+        ledger.record_phase(run, self.key, what)
         self._start_ranks(run, shards, port)
         deadline = ShardDeadline(run, shards, self.key, self.time_min * 60.0 - self.signal_delay_s)
         while all(p.poll() in (None, 0) for p in self.ranks) and any(p.poll() is None for p in self.ranks):
@@ -390,7 +403,7 @@ def _claim_attempt_key(run: RunDir, job_id: str) -> AttemptKey:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    log_to_stderr()
     if len(args) == 3 and args[0] == "rank":
         from hvbatch.batch.runtime.job import run_shards_job
 

@@ -40,6 +40,7 @@ from hvbatch.batch.executors.base import (
     JobRecord,
     RunProbe,
     SchedulerUnavailable,
+    log_to_stderr,
     record_submission,
     submission_lock,
 )
@@ -54,15 +55,37 @@ DEFAULT_MAX_ARRAY_SIZE = 1001
 LOG_OFFSET_LINE = "HVBATCH_LOG_OFFSET=$(stat -L -c %s /proc/$$/fd/2 2>/dev/null || echo 0)"
 
 
-def slurm_controller_up() -> bool:
-    """`sbatch` is installed and a Slurm controller answers `scontrol ping`."""
-    if not (shutil.which("sbatch") and shutil.which("scontrol")):
-        return False
+@dataclass(frozen=True)
+class ControllerProbe:
+    """What `scontrol ping` said: whether a controller answers, and why not in words."""
+
+    up: bool
+    why: str
+    command_failed: bool = False
+    """Slurm's commands are installed but `scontrol ping` failed or found no controller up (on a
+    login node: a misconfigured SLURM_CONF, a controller down), not merely absent."""
+
+
+def probe_slurm_controller() -> ControllerProbe:
+    """`sbatch` is installed and a Slurm controller answers `scontrol ping`, and in words why not."""
+    missing = [name for name in ("sbatch", "scontrol") if not shutil.which(name)]
+    if missing:
+        return ControllerProbe(False, f"{' and '.join(missing)} not on PATH")
     try:
         result = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return result.returncode == 0 and " is UP" in result.stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return ControllerProbe(False, f"scontrol ping failed: {err}", command_failed=True)
+    said = " ".join((result.stdout.strip() or result.stderr.strip() or "no output").split())[:300]
+    if result.returncode == 0 and " is UP" in result.stdout:
+        return ControllerProbe(True, f"scontrol ping: {said}")
+    return ControllerProbe(
+        False, f"scontrol ping failed (exit status {result.returncode}): {said}", command_failed=True
+    )
+
+
+def slurm_controller_up() -> bool:
+    """`sbatch` is installed and a Slurm controller answers `scontrol ping`."""
+    return probe_slurm_controller().up
 
 
 def cluster_max_array_size() -> int:
@@ -245,6 +268,12 @@ class SlurmShardJob:
         from hvbatch.batch.runtime.job import run_shards_job
         from hvbatch.parallel.launch import export_submitit_environment
 
+        log_to_stderr()  # hvbatch's own lines (phases, layout, videos) in the job's log
+        if os.environ.get("SLURM_PROCID", "0") == "0":  # said before the seconds of torch's import
+            key = AttemptKey.slurm(job_id_from_environment(), int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+            what = f"{os.environ.get('SLURM_NTASKS', '?')} ranks started; importing torch and the model code"
+            logger.info("%s: %s", key, what)
+            ledger.record_phase(RunDir(run_dir), key, what)
         export_submitit_environment()  # RANK and MASTER_*; CUDA_VISIBLE_DEVICES left as Slurm set it
         with task_exits_cleanly():
             return run_shards_job(run_dir, shards, RunProbe(RunDir(run_dir)), on_shard=self._set_active)
@@ -340,7 +369,7 @@ def shards_of_job(run: RunDir, job_id: str, wait_s: float = 60.0) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    log_to_stderr()
     if len(args) == 4 and args[0] == "finish":
         fates = finish_after_srun(args[1], int(args[2]), int(args[3] or 0))
         print(f"hvbatch: attempt finished: {ledger.dumps_fates(fates)}", flush=True)

@@ -69,6 +69,7 @@ from hvbatch.parallel.launch import DistEnv, RankSetup, dist_env_from, setup_ran
 from hvbatch.parallel.liveness import Liveness, PeerLostError, StoreLostError
 from hvbatch.parallel.runner import warm_up
 from hvbatch.pipeline import Pipeline, Timings
+from hvbatch.process import process_age_s
 from hvbatch.text import printable
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,12 @@ class JobContext:
     """The job's process groups, shared by every shard (one communicator per member set)."""
     prompts: PromptStore = dataclasses.field(default_factory=PromptStore)
     """Encoded prompts, kept for the job's lifetime (`Pipeline.encode_prompts`)."""
+    stepped: bool = False
+    """This rank has made a denoising step (its first one is said once, as a start-up phase)."""
+
+    def phase(self, what: str, starting: bool = True) -> None:
+        """Rank 0 says what the job is doing while it starts up (log line and `--wait`)."""
+        say_phase(self.run, self.identity, self.rank, what, starting)
 
     @property
     def rank(self) -> int:
@@ -181,6 +188,11 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
         job.doing(f"video {video['video_id']} step {step}/{total}")
         if not first_step:
             first_step.append(time.time())
+            if not job.stepped:
+                job.stepped = True
+                age = process_age_s()
+                after = f", {age:.0f} s after rank 0 started" if age else ""
+                job.phase(f"first denoising step done{after}", starting=False)
         if faults is not None:
             faults.at_step(step)
 
@@ -371,11 +383,13 @@ def _writer(job: JobContext) -> VideoWriter:
 
 def _log_writes(writer: VideoWriter) -> None:
     hidden = writer.hidden_share
+    if hidden is None:  # this leader's dp group had no video to write in the shard
+        return
     logger.info(
         "mp4 writes: %.2f s writing, %.2f s waited for, %s hidden (batch.overlap_writes=%s)",
         writer.write_seconds,
         writer.waited_seconds,
-        "n/a" if hidden is None else f"{hidden:.0%}",
+        f"{hidden:.0%}",
         writer.background,
     )
 
@@ -531,18 +545,31 @@ def run_shards_job(
     try:
         faults = FaultInjector.from_spec(config.fault)
         held_port = _port_fault(faults, run, shards, identity, env)
+        world = env.world_size if env else 1
+        started = time.time()
+        age = process_age_s()
+        imported = f"imports done {age:.0f} s after rank 0 started" if age is not None else "imports done"
+        say_phase(run, identity, rank, f"{imported}; {world} ranks meeting")
         try:
             setup = setup_rank(config.parallel, config.device)
         finally:
             if held_port is not None:
                 held_port.close()
         liveness = _liveness(setup, config, watchdog)
+        say_phase(
+            run, identity, rank, f"{world} ranks up in {time.time() - started:.0f} s; loading the model"
+        )
         timings = Timings()
         try:
             pipeline = Pipeline.load(config, timings, device=setup.device)
         except Exception as err:
             raise ModelLoadError(f"loading the model failed: {type(err).__name__}: {err}") from err
-        world = setup.env.world_size if setup.env else 1
+        say_phase(
+            run,
+            identity,
+            rank,
+            f"model loaded in {timings.seconds.get('load', 0.0):.0f} s; starting the first shard",
+        )
         groups = ProcessGroups(world, setup.rank, timedelta(seconds=config.parallel.timeout_s))
         job = JobContext(
             run, config, pipeline, setup, identity, faults, watchdog, liveness,
@@ -569,6 +596,14 @@ def run_shards_job(
         if setup is not None and not failed:  # after a failed collective, tearing down can block
             teardown_rank(setup)
         logger.debug("rank %d left after %.0f s", rank, time.time() - PROCESS_START)
+
+
+def say_phase(run: RunDir, identity: JobIdentity, rank: int, what: str, starting: bool = True) -> None:
+    """Rank 0's start-up phases: a log line and the attempt's phase record (`ledger.record_phase`)."""
+    if rank != 0:
+        return
+    logger.info("%s: %s", identity.key, what)
+    ledger.record_phase(run, identity.key, what, starting)
 
 
 def _report_failure(
