@@ -11,6 +11,12 @@ Phases, each over the same files (the page cache warm after the first):
   name and rename), then one syncfs(2) of the folder's filesystem, timed with it, as a folder
   written at once is made durable;
 - `again`: the same call into the now full store (every content already there: nothing written).
+
+With `--submit`, also the control plane's own path over a prompts file of those N images (a string
+`image` column of relative paths; the tiny preset given HunyuanVideo-1.5's image rule at 480p, as a
+family that takes images): `submit --dry-run`'s read (check, no freeze), and submit's read with
+freezing into a staging folder, the shard files and `videos.parquet` written, the staging folder
+synced and moved into the run (everything `hvbatch submit` does but start the jobs).
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def main() -> None:
     parser.add_argument("--format", default="PNG", choices=["PNG", "JPEG", "WEBP"])
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--skip-fsync-each", action="store_true", help="skip the slow fsync-per-file phase")
+    parser.add_argument("--submit", action="store_true", help="also time submit's read, freeze and write")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="hvbatch-images-", dir=args.dir))
     try:
@@ -101,8 +108,51 @@ def main() -> None:
         again = ImageStore(scratch / "once" / "images", sync_each=False)
         _timed("again", args.count, lambda: check_images(names, base_dir=source, store=again))
         assert again.written == 0 and again.reused == args.count
+        if args.submit:
+            _submit_phases(scratch, source, names)
     finally:
         shutil.rmtree(scratch)
+
+
+def _submit_phases(scratch: Path, source: Path, names: list[str]) -> None:
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hvbatch.batch.control.calibration import job_plan
+    from hvbatch.batch.control.commands import create_run, plan_layout
+    from hvbatch.batch.control.frozen import StreamedShards
+    from hvbatch.batch.control.prompt_images import ImageOptions, ImageStaging
+    from hvbatch.batch.control.prompt_index import index_prompts
+    from hvbatch.batch.rundir import RunDir
+    from hvbatch.config import load_config
+    from hvbatch.models.family import ImageInput, family_of, replace_family
+    from hvbatch.models.hunyuan_video_15.variants import IMAGE_SIZING
+
+    config = load_config(None, ["model=tiny", "device=cpu", "sampling.num_inference_steps=4"])
+    family = family_of(config.model)
+    replace_family(dataclasses.replace(family, image_input=ImageInput(IMAGE_SIZING, lambda m: "480p")))
+    prompts = source / "prompts.parquet"
+    rows = {"prompt": [f"prompt {i}" for i in range(len(names))], "image": names}
+    pq.write_table(pa.table(rows), prompts)
+    count = len(names)
+    start = time.perf_counter()
+    index = index_prompts(prompts, config.sampling, family.geometry, ImageOptions.for_model(config.model))
+    seconds = time.perf_counter() - start
+    print(f"{'submit --dry-run read':20s} {seconds:7.2f} s  {1000 * seconds / count:6.3f} ms/image")
+    run = RunDir(scratch / "run")
+    start = time.perf_counter()
+    with ImageStaging(run.root) as images:
+        index = index_prompts(
+            prompts, config.sampling, family.geometry, ImageOptions.for_model(config.model, images.store)
+        )
+        plan = job_plan(config, index.largest)
+        layout = plan_layout(config, index, plan)
+        create_run(run, config, prompts, StreamedShards(index, layout), "local", images)
+    seconds = time.perf_counter() - start
+    print(f"{'submit (no jobs)':20s} {seconds:7.2f} s  {1000 * seconds / count:6.3f} ms/image "
+          f"({layout.num_shards} shards, {images.store.written} images frozen)")  # fmt: skip
 
 
 if __name__ == "__main__":

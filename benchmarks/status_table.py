@@ -60,7 +60,11 @@ def _videos(shard: int, count: int) -> pa.Table:
         "num_inference_steps": np.full(n, 4), "guidance_scale": np.full(n, 6.0),
         "flow_shift": np.full(n, 7.0), "cache_threshold": [None] * n, "cost": np.full(n, 1.0),
     }  # fmt: skip
-    return pa.table({f.name: pa.array(columns[f.name], f.type) for f in VIDEO_SCHEMA}, schema=VIDEO_SCHEMA)
+    arrays = {
+        f.name: pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type)
+        for f in VIDEO_SCHEMA
+    }
+    return pa.table(arrays, schema=VIDEO_SCHEMA)
 
 
 def _part(shard: int, ids: list[str], complete: bool, now: float) -> pa.Table:

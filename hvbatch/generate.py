@@ -9,6 +9,7 @@ sequence- and CFG-parallel runner with `parallel.comm_dtype`, and the parallel V
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import re
@@ -91,6 +92,8 @@ class GenerateRequest:
     out: Path
     latents_out: Path | None
     config: Config
+    image: bytes | None = None
+    """`--image`: the input image file's bytes (image-to-video), read and checked before loading."""
 
 
 def generate_layout(config: Config, world_size: int, local_world_size: int) -> ParallelDims:
@@ -135,6 +138,45 @@ def _write_outputs(
     print(f"timing: {timings.summary()}")
 
 
+def _input_image(image_path: str, config: Config, overrides: list[str]) -> tuple[bytes, Config]:
+    """`--image`: the file read and checked, and the config with the video's size: the bucket of the
+    image's aspect ratio at the preset's resolution, unless `sampling.height=` / `sampling.width=`
+    are given on the command line (then the image is resized and centre-cropped to them)."""
+    from hvbatch.images import ImageError, ImageRef, read_bytes, resolve_path
+    from hvbatch.images import load_bytes as load_image_bytes
+
+    family = family_of(config.model)
+    refusal = family.no_images_reason(config.model)
+    if refusal is not None or family.image_input is None:
+        raise ValueError(f"--image {image_path}: {refusal}")
+    spec = family.image_input
+    try:
+        data = read_bytes(ImageRef(image_path, None), ".")
+        loaded = load_image_bytes(data, source=image_path, min_side=spec.min_side, label=image_path)
+    except ImageError as err:
+        raise ValueError(f"--image {resolve_path(image_path, '.')}: {err.kind.value}: {err.reason}") from None
+    sized = [o for o in overrides if o.split("=", 1)[0] in ("sampling.height", "sampling.width")]
+    if len(sized) == 2:
+        return data, config
+    if sized:
+        raise ValueError("--image: give both sampling.height= and sampling.width=, or neither (the bucket)")
+    height, width = spec.sizing.bucket(loaded.info.width, loaded.info.height, spec.resolution(config.model))
+    sampling = dataclasses.replace(config.sampling, height=height, width=width)
+    return data, dataclasses.replace(config, sampling=sampling)
+
+
+def _fitted_image(request: GenerateRequest) -> object:
+    """The request's input image fitted to its video (an `images.InputImage`), or None."""
+    if request.image is None:
+        return None
+    from hvbatch.images import InputImage, content_hash, decode
+
+    spec = family_of(request.config.model).image_input
+    assert spec is not None  # checked by `_input_image`
+    s = request.config.sampling
+    return InputImage(content_hash(request.image), spec.sizing.fit(decode(request.image), s.height, s.width))
+
+
 def generate_on_this_rank(request: GenerateRequest) -> None:
     """Run one generation as this process's rank (a single process when no distributed env is set)."""
     from hvbatch.parallel.dims import build_groups, destroy_groups
@@ -157,7 +199,10 @@ def generate_on_this_rank(request: GenerateRequest) -> None:
             print(_layout_line(dims, len(groups.video_ranks) > 1))
         if groups.dp_index == 0:  # the other dp replicas have no video to make
             generated = pipeline.generate(
-                request.prompt, on_step=_progress if leader else None, timings=timings
+                request.prompt,
+                on_step=_progress if leader else None,
+                timings=timings,
+                image=_fitted_image(request),  # type: ignore[arg-type]
             )
             if generated.truncated and leader:
                 print("warning: the prompt was truncated at the text encoders' token limit", file=sys.stderr)
@@ -173,10 +218,13 @@ def run_generate(args: argparse.Namespace) -> int:
     from hvbatch.parallel.launch import dist_env_from, spawn_local
 
     config = load_config(args.config, args.overrides)
+    image = None
+    if args.image:
+        image, config = _input_image(args.image, config, list(args.overrides))
     out = Path(args.out) if args.out else default_output(args.prompt, config.sampling.seed)
     latents_out = Path(args.save_latents) if args.save_latents else None
     _check_request(args.prompt, out, latents_out, config)
-    request = GenerateRequest(args.prompt, out, latents_out, config)
+    request = GenerateRequest(args.prompt, out, latents_out, config, image)
     if args.nproc > 1:
         env = dist_env_from(os.environ)
         if env is not None and env.world_size > 1:
@@ -198,6 +246,11 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, help="the text of the video")
     parser.add_argument("--out", help="output .mp4 (default: outputs/<prompt>-seed<seed>.mp4)")
     parser.add_argument("--save-latents", help="also write the final latents to this .safetensors file")
+    parser.add_argument(
+        "--image",
+        help="input image (PNG, JPEG, WebP) for an image-to-video model: the video's size is the bucket "
+        "of its aspect ratio, unless sampling.height= and sampling.width= are given",
+    )
     parser.add_argument(
         "--nproc",
         type=int,

@@ -291,6 +291,24 @@ class LoadedImage:
     image: Image.Image
 
 
+@dataclass(frozen=True)
+class InputImage:
+    """A video's input image as a model gets it: fitted to the video's size (RGB), and its identity
+    (the sha256 of the frozen file: what the prompt-encoding cache keys on)."""
+
+    sha256: str
+    image: Image.Image
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """`(height, width)`."""
+        return self.image.height, self.image.width
+
+    def pixels(self) -> np.ndarray:
+        """`[3, H, W]` float32 in [-1, 1] (`model_pixels`)."""
+        return model_pixels(self.image)
+
+
 def load_bytes(data: bytes, *, source: str, min_side: int = 1, label: str | None = None) -> LoadedImage:
     rgb, fmt = _decode(data, min_side, label)
     info = ImageInfo(content_hash(data), fmt, rgb.width, rgb.height, len(data), source)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from hvbatch.parallel.runner import Runner, parallelize, unparallelize
 from hvbatch.parallel.vae_decode import video_decoder
 from hvbatch.sampling import new_step_cache, sample
 from hvbatch.video import frames_to_uint8
+
+if TYPE_CHECKING:
+    from hvbatch.images import InputImage
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,33 +161,51 @@ class Pipeline:
         self.transformer = unparallelize(self.transformer)
         self.decoder = decode_here
 
-    def encode(self, prompts: list[str], num_frames: int, *, allow_blank: bool = False) -> EncodedPrompts:
+    def encode(
+        self, prompts: list[str], num_frames: int, *, allow_blank: bool = False,
+        images: list[InputImage | None] | None = None,
+    ) -> EncodedPrompts:  # fmt: skip
+        """The prompts' encoding; `images` reach a text encoder that reads them with the prompt
+        (one with `takes_images = True`, as a multimodal text encoder), else only key the cache."""
+        if images and any(images) and getattr(self.text_encoder, "takes_images", False):
+            return self.text_encoder.encode(prompts, num_frames, allow_blank=allow_blank, images=images)  # type: ignore[call-arg]
         return self.text_encoder.encode(prompts, num_frames, allow_blank=allow_blank)
 
-    def encode_prompts(self, requests: list[tuple[str, SamplingConfig]], store: PromptStore) -> int:
+    def prompt_key(self, prompt: str, num_frames: int, image: InputImage | None = None) -> object:
+        """The prompt-encoding cache key: the text encoder's, with the image's sha256 when there is one."""
+        key = self.text_encoder.key(prompt, num_frames)
+        return key if image is None else (key, "image", image.sha256)
+
+    def encode_prompts(
+        self, requests: list[tuple[str, SamplingConfig]], store: PromptStore,
+        images: list[InputImage | None] | None = None,
+    ) -> int:  # fmt: skip
         """Encode what `store` lacks for these videos (prompt, and the negative prompt with true CFG),
-        each distinct one once; returns how many were encoded. The text encoders come to the device
+        each distinct (prompt, image) once; returns how many were encoded. `images`: each request's
+        input image (None for text-to-video). The text encoders come to the device
         for it and, with `model.text_encoder_offload=cpu`, go back to host memory afterwards. An
         encoding that raises is kept in `store.errors` (raised again by `conditioning`)."""
-        key, frames_of = self.text_encoder.key, self.text_encoder.encoding_frames
-        wanted: dict[object, tuple[str, int]] = {}
+        key, frames_of = self.prompt_key, self.text_encoder.encoding_frames
+        wanted: dict[object, tuple[str, int, InputImage | None]] = {}
         negatives = set()
-        for prompt, sampling in requests:
+        for i, (prompt, sampling) in enumerate(requests):
+            image = images[i] if images else None
             frames = frames_of(sampling.num_frames)
-            wanted.setdefault(key(prompt, sampling.num_frames), (prompt, frames))
-            if sampling.cfg_scale > 1.0:
+            wanted.setdefault(key(prompt, sampling.num_frames, image), (prompt, frames, image))
+            if sampling.cfg_scale > 1.0:  # the negative prompt: without the image (the family's choice)
                 negative = negative_text(sampling)
                 negatives.add(negative_key(key(negative, sampling.num_frames)))
-                wanted.setdefault(negative_key(key(negative, sampling.num_frames)), (negative, frames))
+                wanted.setdefault(negative_key(key(negative, sampling.num_frames)), (negative, frames, None))
         todo = store.missing(list(wanted))
         if not todo:
             return 0
         self.text_encoder.to(self.device)
         try:
             for k in todo:
-                prompt, num_frames = wanted[k]
+                prompt, num_frames, image = wanted[k]
                 try:
-                    store.put(k, self.encode([prompt], num_frames, allow_blank=k in negatives))
+                    allow = k in negatives
+                    store.put(k, self.encode([prompt], num_frames, allow_blank=allow, images=[image]))
                 except Exception as err:  # the video that needs it fails, not the whole window
                     store.errors[k] = err
         finally:
@@ -198,16 +220,16 @@ class Pipeline:
                 torch.cuda.empty_cache()
 
     def conditioning(
-        self, prompt: str, sampling: SamplingConfig, store: PromptStore | None = None
-    ) -> VideoConditioning:
+        self, prompt: str, sampling: SamplingConfig, store: PromptStore | None = None,
+        image: InputImage | None = None,
+    ) -> VideoConditioning:  # fmt: skip
         """The video's conditioning from `store` (encoded now if missing), on the CPU."""
         store = PromptStore() if store is None else store
-        key = self.text_encoder.key
-        keys = [key(prompt, sampling.num_frames)]
+        keys = [self.prompt_key(prompt, sampling.num_frames, image)]
         if sampling.cfg_scale > 1.0:
-            keys.append(negative_key(key(negative_text(sampling), sampling.num_frames)))
+            keys.append(negative_key(self.prompt_key(negative_text(sampling), sampling.num_frames)))
         if any(k not in store.entries and k not in store.errors for k in keys):
-            self.encode_prompts([(prompt, sampling)], store)  # a failed encoding is not retried here
+            self.encode_prompts([(prompt, sampling)], store, [image])  # a failed encoding is not retried here
         positive = store.get(keys[0])
         negative = store.get(keys[1]) if sampling.cfg_scale > 1.0 else None
         assert positive is not None and (negative is not None or sampling.cfg_scale <= 1.0)
@@ -226,6 +248,37 @@ class Pipeline:
             **self.family.vae_tiling,
         )
 
+    # -- image-to-video: the input image threaded through (the family conditions on it) -----------
+
+    def check_image(self, image: InputImage | None, sampling: SamplingConfig) -> None:
+        """An input image this family can take, fitted to the video's size; ValueError otherwise."""
+        if image is None:
+            return
+        spec = self.family.image_input
+        refusal = self.family.no_images_reason(self.config.model)
+        if refusal is not None:
+            raise ValueError(f"this video has an input image, but {refusal}")
+        if spec is None or spec.condition is None:
+            raise ValueError(
+                f"model family {self.family.name} ({self.family.description}) has no image-to-video "
+                "sampling wired yet: this video has an input image; drop it for text-to-video"
+            )
+        if image.size != (sampling.height, sampling.width):
+            raise ValueError(
+                f"the input image is {image.size[0]}x{image.size[1]} (h x w), the video "
+                f"{sampling.height}x{sampling.width}: fit it first (`ImageSizing.fit`)"
+            )
+
+    def image_conditioning(
+        self, conditioning: VideoConditioning, image: InputImage | None, sampling: SamplingConfig
+    ) -> VideoConditioning:
+        """The video's conditioning with its input image in it (the family's `ImageInput.condition`)."""
+        if image is None:
+            return conditioning
+        spec = self.family.image_input
+        assert spec is not None and spec.condition is not None  # check_image ran first
+        return spec.condition(self, conditioning, image, sampling)  # type: ignore[no-any-return]
+
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """A video's size and settings as the family takes them; ValueError naming every problem."""
         self.family.geometry.latent_shape(sampling.height, sampling.width, sampling.num_frames)
@@ -243,14 +296,20 @@ class Pipeline:
         timings: Timings | None = None,
         decode: bool = True,
         conditioning: VideoConditioning | None = None,
+        image: InputImage | None = None,
     ) -> GeneratedVideo:
-        """`conditioning` precomputed (the batch job's encoding window), else encoded here."""
+        """`conditioning` precomputed (the batch job's encoding window), else encoded here; `image`:
+        the video's input image (image-to-video), fitted to its size."""
         sampling = sampling or self.config.sampling
         timings = timings or Timings()
         self.check_sampling(sampling)  # fail before any work
+        self.check_image(image, sampling)
         if conditioning is None:
             with timings.measure("encode", self.device):
-                conditioning = self.conditioning(prompt, sampling)
+                conditioning = self.conditioning(prompt, sampling, image=image)
+        if image is not None:
+            with timings.measure("encode", self.device):
+                conditioning = self.image_conditioning(conditioning, image, sampling)
         step_cache = new_step_cache(sampling, self.family.step_cache.teacache_coefficients)
         with timings.measure("denoise", self.device):
             latents = sample(

@@ -261,6 +261,19 @@ def write_folder_atomic(folder: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def adopt_folder(tmp: Path, folder: Path) -> None:
+    """A folder filled without fsyncs (`tmp`, beside `folder`'s parent's other entries) made durable
+    by one filesystem sync and renamed to `folder`, which must not exist (as `write_folder_atomic`
+    does for a folder filled in one call)."""
+    if os.path.lexists(folder):
+        raise FileExistsError(folder)
+    _sync_filesystem(tmp)
+    fsync_dir(tmp)
+    os.rename(tmp, folder)
+    fsync_dir(folder.parent)
+    fsync_dir(tmp.parent)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     data = json.dumps(payload, indent=2, sort_keys=True).encode()
     write_atomic(path, lambda handle: handle.write(data))

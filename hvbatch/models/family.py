@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import os
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from hvbatch.models.geometry import LatentGeometry
 if TYPE_CHECKING:
     import torch
 
+    from hvbatch.images import ImageSizing
     from hvbatch.models.protocols import PromptEncoder, StagedTransformer, VideoVae
 
 # `hvbatch.config.ModelConfig` / `SamplingConfig`: not imported, the config tree imports this module.
@@ -36,6 +38,7 @@ SamplingConfig = Any
 
 __all__ = [
     "Components",
+    "ImageInput",
     "LatentGeometry",
     "MemoryFigures",
     "ModelFamily",
@@ -52,6 +55,7 @@ __all__ = [
     "model_folder_problem",
     "preset_path",
     "register_family",
+    "replace_family",
 ]
 
 
@@ -80,7 +84,8 @@ class MemoryFigures:
     text_tokens: int = 256
     """Conditioning tokens every rank holds besides its image tokens (replicated)."""
     encoder_params: int = 0
-    """All text (and image) encoder parameters of the released weights."""
+    """All text encoder parameters of the released weights (an image encoder declared in the
+    family's `ImageInput` is added by the memory plan)."""
     encoder_words: str = ""
     """The encoders, in words (e.g. the model names)."""
     vae_params: int = 0
@@ -99,6 +104,56 @@ class StepCacheFigures:
     """Per cache mode, (threshold, end-to-end speedup) points from published figures."""
     source: str
     """Where the speedups come from, in words (said beside every estimate)."""
+
+
+def _preset_resolution(model: ModelConfig) -> str:
+    return str(getattr(model, "resolution", None) or "")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What a family that takes an input image (image-to-video) declares (`ModelFamily.image_input`).
+
+    The control plane sizes, checks and costs a prompts file's `image` column by it; the pipeline
+    hands each video's fitted image to `condition`.
+    """
+
+    sizing: ImageSizing
+    """The bucket list, bucket rule and resize + centre crop (`hvbatch.images.ImageSizing`)."""
+    resolution: Callable[[ModelConfig], str] = _preset_resolution
+    """The bucket resolution a config samples at (a key of `sizing.base_sizes`, e.g. `480p`)."""
+    min_side: int = 16
+    """The least shorter side (pixels) of an input image; smaller ones are refused at submit."""
+    encoder_params: int = 0
+    """Parameters of the image encoder (SigLIP, or the vision tower of a multimodal text encoder).
+    The memory plan adds them, and `image_tokens`, to the family's `MemoryFigures` (which should
+    then not count them too)."""
+    encoder_words: str = ""
+    """The image encoder, in words."""
+    image_tokens: int = 0
+    """Conditioning tokens the image adds beside the text at every step (e.g. 729 for a SigLIP encoder)."""
+    condition_channels: int = 0
+    """Channels of the condition latents beside the noisy latents (1.5: 32 + a mask channel)."""
+    encode_cost: float = 0.0
+    """Cost units (image token x step) of encoding one image: image encoder and the first frame's
+    VAE encode."""
+    refusal: Callable[[ModelConfig], str | None] | None = None
+    """Why a config of the family takes no image (e.g. a text-to-video preset of a family that has
+    both), None when it does; None (the default): every config takes images."""
+    condition: Callable[[Any, Any, Any, SamplingConfig], Any] | None = None
+    """`(pipeline, video conditioning, images.InputImage, sampling)` -> the video conditioning with
+    the image in it; None while the family's image-to-video sampling is not wired (such a video
+    fails with a message saying so)."""
+
+    def extra_cost(self, steps: Any) -> Any:
+        """Cost a video with an image adds to its `tokens x steps`: its conditioning tokens at every
+        step and the image's encoding (numbers or numpy arrays)."""
+        return self.image_tokens * steps + self.encode_cost
+
+    def condition_latent_bytes(self, geometry: LatentGeometry, height: int, width: int, frames: int) -> int:
+        """float32 bytes of one video's condition latents (what the pipeline holds beside the noise)."""
+        t, h, w = geometry.latent_shape(height, width, frames)[-3:]
+        return int(self.condition_channels * t * h * w * 4)
 
 
 @dataclass
@@ -183,6 +238,9 @@ class ModelFamily:
     """`vae.*` defaults of the family (tile sizes in its latent cells): merged over the built-in ones."""
     default_preset: str | None = None
     """Set by the one family whose preset is hvbatch's default."""
+    image_input: ImageInput | None = None
+    """How the family takes an input image (image-to-video); None: it takes none, and a prompts
+    file with images is refused at submit."""
     markers: tuple[str, ...] = field(default=())
     """Words only this family's folder may write: checkpoint folder and file names, encoder names.
     `tests/test_layering.py` refuses them (and the family's class names) anywhere else in hvbatch."""
@@ -201,9 +259,21 @@ class ModelFamily:
     def attention_heads(self, model: ModelConfig) -> int:
         return self.memory(model).num_heads
 
+    def no_images_reason(self, model: ModelConfig) -> str | None:
+        """Why this config cannot take input images, or None when it can."""
+        if self.image_input is None:
+            return (
+                f"model={model.name} is a {self.description} preset, which takes no input image; use an "
+                "image-to-video preset, or drop the image column for text-to-video"
+            )
+        return None if self.image_input.refusal is None else self.image_input.refusal(model)
+
 
 _REGISTRY: dict[str, ModelFamily] = {}
 _discovered = False
+FAMILY_MODULES_VAR = "HVBATCH_FAMILY_MODULES"
+"""Comma-separated modules imported after hvbatch's own families: each may register (or, with
+`replace_family`, extend) a family from outside the package. Jobs inherit it from `submit`."""
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -222,6 +292,16 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
+def replace_family(family: ModelFamily) -> ModelFamily:
+    """Put `family` in place of the registered family of its name (an out-of-tree module's way to
+    extend one, e.g. a test double that takes images)."""
+    _discover()
+    if family.name not in _REGISTRY:
+        raise ValueError(f"no registered model family {family.name!r} to replace")
+    _REGISTRY[family.name] = family
+    return family
+
+
 def _discover() -> None:
     """Import every `hvbatch/models/<folder>/family.py` (once); each registers its family."""
     global _discovered
@@ -234,6 +314,8 @@ def _discover() -> None:
         folder = Path(str(getattr(info.module_finder, "path", ""))) / info.name
         if info.ispkg and (folder / "family.py").is_file():
             importlib.import_module(f"hvbatch.models.{info.name}.family")
+    for module in filter(None, os.environ.get(FAMILY_MODULES_VAR, "").split(",")):
+        importlib.import_module(module.strip())  # out-of-tree families (and test doubles)
 
 
 def families() -> list[ModelFamily]:

@@ -41,8 +41,20 @@ def plan_mode(config: Config, auto: str = "throughput") -> str:
 
 
 def memory_figures(config: Config) -> MemoryFigures:
-    """The model family's figures for this config (transformer, encoders, VAE, fp8 weights)."""
-    return family_of(config.model).memory(config.model)
+    """The model family's figures for this config (transformer, encoders, VAE, fp8 weights), with
+    the image encoder and the image's conditioning tokens of a family that takes images."""
+    family = family_of(config.model)
+    figures = family.memory(config.model)
+    image = family.image_input
+    if image is None or not (image.encoder_params or image.image_tokens):
+        return figures
+    words = " + ".join(w for w in (figures.encoder_words, image.encoder_words) if w)
+    return dataclasses.replace(
+        figures,
+        encoder_params=figures.encoder_params + image.encoder_params,
+        encoder_words=words,
+        text_tokens=figures.text_tokens + image.image_tokens,
+    )
 
 
 def components_for(config: Config) -> ComponentMemory:

@@ -118,6 +118,9 @@ def collect(run: RunDir, page: Path) -> ReportData:
                 "path": row["path"],
                 "href": href,
                 "thumb": None,
+                "image_source": row.get("image_source"),
+                "image_path": row.get("image_path"),
+                "input_thumb": None,
             }
         )
     return ReportData(

@@ -15,7 +15,7 @@ from hvbatch.batch.files import named_by_user, write_text_atomic
 from hvbatch.batch.rundir import RunDir
 from hvbatch.report.data import ReportData, collect
 from hvbatch.report.svg import legend_html, throughput_svg, timeline_svg
-from hvbatch.report.thumbnails import add_thumbnails
+from hvbatch.report.thumbnails import add_input_thumbnails, add_thumbnails
 
 MAX_FAILURE_ROWS = 500  # more are in the contact sheet's "failed" filter
 SLOT = re.compile(r"<!--slot:([a-z]+)-->")
@@ -123,11 +123,16 @@ def _end_time(data: ReportData) -> float:
     return max(ends, default=data.generated_at)
 
 
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode("ascii") if data else None
+
+
 def render_html(data: ReportData) -> str:
     end = _end_time(data)
     videos = [
         {key: v[key] for key in VIDEO_KEYS}
         | {"thumb": base64.b64encode(v["thumb"]).decode("ascii") if v["thumb"] else None}
+        | {"image_source": v.get("image_source"), "input_thumb": _b64(v.get("input_thumb"))}
         for v in data.videos
     ]
     reasons = sorted({a["exit_reason"] for a in data.attempts})
@@ -152,5 +157,6 @@ def write_report(run: RunDir, out: Path, thumbnails: bool = True) -> ReportData:
     data = collect(run, out)
     if thumbnails:
         add_thumbnails(run, data.videos)
+        add_input_thumbnails(run, data.videos)
     write_text_atomic(out, render_html(data))
     return data

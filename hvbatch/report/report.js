@@ -66,6 +66,13 @@
     } else {
       box.appendChild(picture);
     }
+    if (v.input_thumb) {  // image-to-video: the input image beside the video's first frame
+      const input = el("img", "input");
+      input.alt = "input image";
+      input.title = "input image: " + (v.image_source || "");
+      input.src = "data:image/jpeg;base64," + v.input_thumb;
+      box.appendChild(input);
+    }
     box.appendChild(el("div", "id", v.id));
     box.appendChild(el("div", "status-" + v.status,
       v.status + (v.attempts > 1 ? " (" + v.attempts + " tries)" : "")));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,32 @@ def thumbnails(run: RunDir, paths: list[str], workers: int | None = None) -> dic
         with contextlib.suppress(OSError):  # a read-only run directory: the cache is optional
             write_parquet_atomic(run.root / CACHE_NAME, pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
     return found
+
+
+def input_image_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
+    """A frozen input image scaled to `width` pixels wide, as JPEG bytes; None if unreadable."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+        height = max(1, round(rgb.height * width / rgb.width))
+        out = io.BytesIO()
+        rgb.resize((width, height), Image.Resampling.BILINEAR).save(out, "JPEG", quality=80)
+    except (OSError, ValueError):
+        return None
+    return out.getvalue()
+
+
+def add_input_thumbnails(run: RunDir, videos: list[dict[str, Any]]) -> None:
+    """Set each image-to-video video's `input_thumb` to its input image's JPEG bytes (the run's
+    frozen copy, made once per distinct image)."""
+    made: dict[str, bytes | None] = {}
+    for video in videos:
+        path = video.get("image_path")
+        if path and path not in made:
+            made[path] = input_image_jpeg(run.root / path)
+        video["input_thumb"] = made.get(path) if path else None
 
 
 def add_thumbnails(run: RunDir, videos: list[dict[str, Any]]) -> None:

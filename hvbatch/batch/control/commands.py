@@ -26,6 +26,7 @@ from hvbatch.batch.control.calibration import (
 from hvbatch.batch.control.frozen import ShardTables, StreamedShards, write_frozen_inputs
 from hvbatch.batch.control.preflight import RetryOverrides, check_model_files
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
+from hvbatch.batch.control.prompt_images import ImageOptions, ImageStaging, dry_run_lines
 from hvbatch.batch.control.prompt_index import PromptIndex, index_prompts
 from hvbatch.batch.control.shards import ShardLayout, max_shard_cost_for_walltime, shard_videos
 from hvbatch.batch.control.status import format_status, run_status, video_table
@@ -207,11 +208,15 @@ def claim_run_dir(run: RunDir) -> None:
 
 
 def create_run(
-    run: RunDir, config: Config, prompts: Path, shards: list[pa.Table] | StreamedShards, executor: str
-) -> None:
-    """Claim the run directory and write the run's frozen inputs, config and (last) `run.json`."""
+    run: RunDir, config: Config, prompts: Path, shards: list[pa.Table] | StreamedShards, executor: str,
+    images: ImageStaging | None = None,
+) -> None:  # fmt: skip
+    """Claim the run directory and write the run's frozen inputs (the input images first: `images`
+    moved in), config and (last) `run.json`."""
     frozen = shards if isinstance(shards, StreamedShards) else ShardTables(shards)
     claim_run_dir(run)
+    if images is not None:
+        images.adopt()
     write_frozen_inputs(run, frozen)
     save_config(config, run.root / "config.yaml")
     write_json_atomic(
@@ -258,9 +263,14 @@ def _wait_or_stop(run: RunDir) -> int:
 
 def dry_run(config: Config, prompts: str | Path) -> int:
     """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
-    index = index_prompts(Path(prompts), config.sampling, family_of(config.model).geometry)
+    options = ImageOptions.for_model(config.model)
+    index = index_prompts(Path(prompts), config.sampling, family_of(config.model).geometry, options)
     plan = job_plan(config, index.largest)
     _print_dry_run(config, index, plan, plan_layout(config, index, plan))
+    if index.scan.images is not None:
+        te_bytes = 4 if config.model.text_encoder_dtype == "float32" else 2
+        geometry = family_of(config.model).geometry
+        print("\n".join(dry_run_lines(index.scan.images, geometry, index.largest, te_bytes)))
     return 0
 
 
@@ -272,16 +282,19 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(config, args.prompts)
     prompts = Path(args.prompts)
-    index = index_prompts(prompts, config.sampling, family_of(config.model).geometry)  # validates all first
     run = RunDir(args.run_dir or _default_run_dir(prompts))
     check_run_dir_name(run.root)
-    choice = choose_executor(args.executor or config.batch.executor, _executor_source(args))
-    if not args.no_weight_check:
-        check_model_files(config, "submitted")
-    kind = choice.kind
-    plan = job_plan(config, index.largest)
-    layout = plan_layout(config, index, plan)
-    create_run(run, config, prompts, StreamedShards(index, layout), kind)
+    with ImageStaging(run.root) as images:  # input images frozen as they are checked; gone on error
+        options = ImageOptions.for_model(config.model, images.store)
+        geometry = family_of(config.model).geometry
+        index = index_prompts(prompts, config.sampling, geometry, options)  # validates all first
+        choice = choose_executor(args.executor or config.batch.executor, _executor_source(args))
+        if not args.no_weight_check:
+            check_model_files(config, "submitted")
+        kind = choice.kind
+        plan = job_plan(config, index.largest)
+        layout = plan_layout(config, index, plan)
+        create_run(run, config, prompts, StreamedShards(index, layout), kind, images)
     print(choice.line(), file=sys.stderr, flush=True)
     records = executor_for(kind, run, config).submit(list(range(layout.num_shards)))
     job_ids = sorted({r.job_id for r in records})

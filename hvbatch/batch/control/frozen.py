@@ -28,10 +28,13 @@ from hvbatch.batch.control.shards import WARNING_KEY, ShardLayout
 from hvbatch.batch.files import write_atomic, write_folder_atomic
 from hvbatch.batch.rundir import RunDir
 
+IMAGE_COLUMNS = ("image_source", "image_sha256", "image_path")
 INDEX_SCHEMA = pa.schema(
     [("video_id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("shard", pa.int32())]
+    + [(name, pa.string()) for name in IMAGE_COLUMNS]
 )
-"""`videos.parquet`: every video of the run with its shard, in shard order."""
+"""`videos.parquet`: every video of the run with its shard, in shard order, and its input image
+(as the prompts file names it, its sha256, its frozen file; null for text-to-video)."""
 INDEX_ROW_GROUP = 262_144
 INDEX_OPTIONS: dict[str, Any] = {
     "use_dictionary": ["shard"],
@@ -213,4 +216,8 @@ def _write_shard(path: Path, table: pa.Table) -> None:
 def _index_rows(group: ShardGroup) -> pa.Table:
     columns = [group.videos[name] for name in ("video_id", "prompt", "seed")]
     shards = np.repeat(np.arange(group.first, group.first + len(group.sizes), dtype=np.int32), group.sizes)
-    return pa.Table.from_arrays([*columns, pa.array(shards)], schema=INDEX_SCHEMA)
+    names = group.videos.column_names  # (tables made before the image columns have none)
+    images = [
+        group.videos[n] if n in names else pa.nulls(group.videos.num_rows, pa.string()) for n in IMAGE_COLUMNS
+    ]
+    return pa.Table.from_arrays([*columns, pa.array(shards), *images], schema=INDEX_SCHEMA)

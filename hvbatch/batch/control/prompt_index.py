@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hvbatch.batch.control.prompt_images import ImageOptions
 from hvbatch.batch.control.prompts import (
     FLOAT_COLUMNS,
     INT_COLUMNS,
@@ -162,6 +163,8 @@ class _Collector:
         count = nums["num_videos"]
         steps = nums["num_inference_steps"]
         row_cost = video_cost(nums["height"], nums["width"], nums["num_frames"], steps, self.geometry)
+        if b.images is not None and b.images.extra_cost is not None:
+            row_cost = row_cost + b.images.extra_cost
         rows = slice(b.offset, b.offset + len(count))
         self.counts[rows] = count
         self.row_cost[rows] = row_cost
@@ -189,22 +192,30 @@ def _first_video(b: _Batch, i: int, cost: float) -> dict[str, Any]:
     video["seed"] = int(b.row_seeds()[i])
     video |= {k: float(b.numbers[k][i]) for k in FLOAT_COLUMNS}
     video["cost"] = cost
+    images = b.images
+    has = images is not None and bool(images.has[i])
+    for name, column in (("image_sha256", "sha256"), ("image_path", "frozen"), ("image_source", "source")):
+        video[name] = getattr(images, column)[i].as_py() if has else None
     assert set(video) == set(VIDEO_SCHEMA.names)
     return video
 
 
 def index_prompts(
-    path: str | Path, defaults: SamplingConfig, geometry: LatentGeometry | None = None
+    path: str | Path,
+    defaults: SamplingConfig,
+    geometry: LatentGeometry | None = None,
+    image_options: ImageOptions | None = None,
 ) -> PromptIndex:
     """Read and validate a prompt file as `read_prompts` does (the same problems, the same ids, the
-    same sizes and costs by the family's `geometry`), keeping only the compact `PromptIndex`."""
+    same sizes and costs by the family's `geometry`), keeping only the compact `PromptIndex` (and,
+    with an image column, `PromptImages`: 42 bytes a row)."""
     geometry = geometry or default_geometry()
     try:
         num_rows = pq.ParquetFile(path).metadata.num_rows
     except (OSError, pa.ArrowException):
         num_rows = 0  # scan_prompts names the problem
     collect = _Collector(num_rows, geometry)
-    scan = scan_prompts(path, defaults, collect, geometry)
+    scan = scan_prompts(path, defaults, collect, geometry, image_options)
     assert collect.largest is not None  # a file without rows is a problem
     counts, costs, largest = collect.counts, collect.row_cost, collect.largest
     distinct = None if collect.distinct is None else np.array(sorted(collect.distinct))

@@ -15,6 +15,9 @@ default from the `SamplingConfig` passed in):
     flow_shift           number   > 0
     cache_threshold      number   >= 0: the row's `sampling.cache_threshold` (step caching)
     num_videos           integer  1..100,000 (default 1): videos made from the row
+    image                path (string), image bytes (binary) or the Hugging Face image struct
+                         {bytes, path}: the input image of an image-to-video model
+                         (`prompt_images`: checked, sized, hashed into the id, frozen at submit)
 
 Integer columns may be any intN/uintN type, or floats holding whole numbers (pandas writes an
 integer column with missing values as floats). Columns with other names are allowed and ignored,
@@ -52,6 +55,14 @@ import pyarrow.parquet as pq
 
 from hvbatch.batch.control.prompt_ids import Problems as _Problems
 from hvbatch.batch.control.prompt_ids import PromptFileError, PromptIds, hex_ids
+from hvbatch.batch.control.prompt_images import (
+    IMAGE_BATCH_ROWS,
+    IMAGE_COLUMN,
+    BatchImages,
+    ImageOptions,
+    PromptImages,
+    image_type_problem,
+)
 from hvbatch.batch.control.seeds import derived_base_seeds
 from hvbatch.config import SamplingConfig
 from hvbatch.models.family import LatentGeometry, default_preset, family_for_preset
@@ -59,7 +70,7 @@ from hvbatch.models.family import LatentGeometry, default_preset, family_for_pre
 INT_COLUMNS = ("seed", "height", "width", "num_frames", "num_inference_steps", "num_videos")
 FLOAT_COLUMNS = ("guidance_scale", "flow_shift", "cache_threshold")
 TEXT_COLUMNS = ("prompt", "negative_prompt")
-KNOWN_COLUMNS = ("id", *TEXT_COLUMNS, *INT_COLUMNS, *FLOAT_COLUMNS)
+KNOWN_COLUMNS = ("id", *TEXT_COLUMNS, *INT_COLUMNS, *FLOAT_COLUMNS, IMAGE_COLUMN)
 HASHED_COLUMNS = ("prompt", "negative_prompt", "seed", "height", "width", "num_frames")
 HASHED_COLUMNS += ("num_inference_steps", "guidance_scale", "flow_shift")
 VIDEO_SCHEMA = pa.schema(
@@ -68,13 +79,16 @@ VIDEO_SCHEMA = pa.schema(
     + [(name, pa.int32()) for name in ("height", "width", "num_frames", "num_inference_steps")]
     + [("guidance_scale", pa.float64()), ("flow_shift", pa.float64()), ("cache_threshold", pa.float64())]
     + [("cost", pa.float64())]
+    + [("image_sha256", pa.string()), ("image_path", pa.string()), ("image_source", pa.string())]
 )
 """`read_prompts`' output: one row per video, in file order (row, then video_index).
 
 video_id is the prompt id when the row makes one video, else `{prompt_id}#{video_index}`; seed is
 the row's seed + video_index; cost = image tokens x steps, image tokens by the model family's latent
 geometry (`LatentGeometry.image_tokens`; for the released models ((num_frames-1)//4+1) latent frames
-x height/16 x width/16)."""
+x height/16 x width/16), plus `ImageInput.extra_cost` for a video with an image. image_sha256,
+image_path (the frozen file, relative to the run directory) and image_source (as the prompts file
+names it) are null for text-to-video."""
 
 BATCH_ROWS = 65_536
 MAX_ID_BYTES = 200
@@ -113,6 +127,8 @@ def _type_problem(name: str, t: pa.DataType) -> str | None:
         return f"type {t}, expected strings"
     if name == "id" and not (_is_text(t) or pa.types.is_integer(t)):
         return f"type {t}, expected strings or integers"
+    if name == IMAGE_COLUMN:
+        return image_type_problem(t)
     return None
 
 
@@ -260,6 +276,8 @@ class _Batch:
     seed_given: np.ndarray | None = None
     """True where the row gives a seed; elsewhere `numbers["seed"]` is `sampling.seed`, and the
     row's seed is derived from its id (`row_seeds`)."""
+    images: BatchImages | None = None
+    """The rows' input images (a file with an image column)."""
 
     def row_seeds(self) -> np.ndarray:
         """Each row's first video's seed: the file's, or derived from the prompt id (`seeds.py`)."""
@@ -315,10 +333,15 @@ def _canonical(columns: dict[str, pa.Array | None]) -> pa.Array:
         parts.append(pc.fill_null(pc.cast(arr, pa.string()), "~"))
     joined = pc.binary_join_element_wise(*parts, "|")
     threshold = columns.get("cache_threshold")
-    if threshold is None or threshold.null_count == len(threshold):
-        return joined
-    with_threshold = pc.binary_join_element_wise(joined, pc.cast(threshold, pa.string()), "|cache_threshold=")
-    return pc.if_else(threshold.is_valid(), with_threshold, joined)
+    if threshold is not None and threshold.null_count < len(threshold):
+        as_text = pc.cast(threshold, pa.string())
+        with_threshold = pc.binary_join_element_wise(joined, as_text, "|cache_threshold=")
+        joined = pc.if_else(threshold.is_valid(), with_threshold, joined)
+    image = columns.get(IMAGE_COLUMN)  # the image's sha256, only where the row has one
+    if image is not None and image.null_count < len(image):
+        with_image = pc.binary_join_element_wise(joined, image, "|image=")
+        joined = pc.if_else(image.is_valid(), with_image, joined)
+    return joined
 
 
 def _hash_ids(canonical: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -345,11 +368,13 @@ def _read_batch(
     problems: _Problems,
     geometry: LatentGeometry,
     ids: pa.Array | None = None,
+    images: PromptImages | None = None,
 ) -> _Batch:
     """Validate one batch, fill defaults (counting their use in `used`), and make every row's id.
 
     `ids`: the rows' ids when they are known already (a second read of a validated file), which
-    skips making them and the checks of the values; their `hashes` are then not set (zeros)."""
+    skips making them and the checks of the values; their `hashes` are then not set (zeros).
+    `images`: the file's image column (checked here on the first read, recalled on the second)."""
     n = batch.num_rows
     names = batch.schema.names
     check = ids is None
@@ -361,6 +386,7 @@ def _read_batch(
     unset = n if negative is None else negative.null_count
     used["negative_prompt"] = used.get("negative_prompt", 0) + unset
     numbers: dict[str, np.ndarray] = {}
+    given: dict[str, np.ndarray] = {}
     seed_given = np.zeros(n, bool)
     for name in (*INT_COLUMNS, *FLOAT_COLUMNS):
         default = 1 if name == "num_videos" else getattr(defaults, name)
@@ -369,7 +395,9 @@ def _read_batch(
             used[name] = used.get(name, 0) + n
             numbers[name] = np.full(n, default, np.float64 if name in FLOAT_COLUMNS else np.int64)
             hashed[name] = None
+            given[name] = np.zeros(n, bool)
             continue
+        given[name] = ~arr.is_null().to_numpy(zero_copy_only=False)
         values, ok = _numbers(arr, name, offset, problems)
         numbers[name] = np.where(ok, values, default)
         seed_given = ok if name == "seed" else seed_given
@@ -385,6 +413,12 @@ def _read_batch(
     problems.add_mask(
         "columns seed, num_videos", "with seed + num_videos - 1 over 2**63-1", seeds_over, offset
     )
+    batch_images = None
+    if images is not None:
+        named = _text(col("id")).to_pylist() if "id" in names and check else None
+        batch_images = images.read(batch, offset, named, check, problems, numbers, given)
+        bad |= batch_images.bad
+        hashed[IMAGE_COLUMN] = batch_images.sha256
     filled_negative = (
         pa.repeat(pa.scalar(defaults.negative_prompt, pa.string()), n)
         if negative is None
@@ -392,7 +426,9 @@ def _read_batch(
     )
     if ids is not None:
         explicit, no_hashes = np.zeros(n, bool), np.zeros(n, np.uint64)
-        return _Batch(offset, prompt, filled_negative, numbers, ids, explicit, no_hashes, seed_given)
+        recalled = _Batch(offset, prompt, filled_negative, numbers, ids, explicit, no_hashes, seed_given)
+        recalled.images = batch_images
+        return recalled
     ids = _text(col("id")) if "id" in names else pa.nulls(n, pa.string())
     if "id" in names:
         _check_ids(ids, offset, problems)
@@ -409,7 +445,9 @@ def _read_batch(
         hashed_ids, keys = _hash_ids(canonical)
         hashes[~explicit] = keys
         ids = hashed_ids if not explicit.any() else pc.replace_with_mask(ids, missing, hashed_ids)
-    return _Batch(offset, prompt, filled_negative, numbers, ids, explicit, hashes, seed_given)
+    made = _Batch(offset, prompt, filled_negative, numbers, ids, explicit, hashes, seed_given)
+    made.images = batch_images
+    return made
 
 
 def video_cost(
@@ -440,7 +478,15 @@ def _expand(b: _Batch, geometry: LatentGeometry) -> pa.RecordBatch:
     arrays += [prompt, negative, pa.array(b.row_seeds()[take] + index, pa.int64())]
     arrays += [pa.array(v, pa.int32()) for v in (h, w, f, steps)]
     arrays += [pa.array(nums[k][take], pa.float64()) for k in FLOAT_COLUMNS]
-    arrays.append(pa.array(video_cost(h, w, f, steps, geometry)))
+    cost = video_cost(h, w, f, steps, geometry)
+    if b.images is None:
+        arrays.append(pa.array(cost))
+        arrays += [pa.nulls(len(take), pa.string())] * 3
+    else:
+        assert b.images.extra_cost is not None
+        indices = pa.array(take)
+        arrays.append(pa.array(cost + b.images.extra_cost[take]))
+        arrays += [a.take(indices) for a in (b.images.sha256, b.images.frozen, b.images.source)]
     return pa.RecordBatch.from_arrays(arrays, schema=VIDEO_SCHEMA)
 
 
@@ -457,7 +503,8 @@ def _open(path: str | Path) -> pq.ParquetFile:
 
 def _batches(parquet: pq.ParquetFile, path: str | Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """The file's record batches; a page that cannot be decoded names the file instead of a traceback."""
-    batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    size = IMAGE_BATCH_ROWS if IMAGE_COLUMN in columns else BATCH_ROWS
+    batches = parquet.iter_batches(batch_size=size, columns=columns)
     while True:
         try:
             batch = next(batches, None)
@@ -481,6 +528,8 @@ class PromptScan:
     ids: PromptIds
     stamp: tuple[int, int, int] = (0, 0, 0)
     """The file's inode, size and mtime when the scan began: a second read checks them."""
+    images: PromptImages | None = None
+    """Every row's checked image (a file with an image column)."""
 
 
 def _stamp(path: str | Path) -> tuple[int, int, int]:
@@ -493,11 +542,13 @@ def scan_prompts(
     defaults: SamplingConfig,
     on_batch: Callable[[_Batch, bool], None],
     geometry: LatentGeometry,
+    image_options: ImageOptions | None = None,
 ) -> PromptScan:
     """Validate a prompt file batch by batch, calling `on_batch(batch, clean)` for each (`clean`:
     no problem found so far), then check ids and defaults. Raises one `PromptFileError` listing
     every problem (module docstring), each with the file, the column and the row numbers (0-based
-    rows of the file; the first few rows of each problem are listed and all are counted)."""
+    rows of the file; the first few rows of each problem are listed and all are counted; bad images
+    one per line). `image_options`: how images are taken (default: the model takes none)."""
     problems = _Problems(path)
     try:
         stamp = _stamp(path)
@@ -510,19 +561,25 @@ def scan_prompts(
         problems.add("file", "has no rows; add at least one prompt")
     used: dict[str, int] = {}
     ids = PromptIds("id" in usable, parquet.metadata.num_rows)
+    images = None
+    if IMAGE_COLUMN in usable:
+        options = image_options or ImageOptions(None)
+        images = PromptImages(parquet.metadata.num_rows, options, Path(path).resolve().parent)
     offset = 0
     for batch in _batches(parquet, path, usable) if usable else ():
-        b = _read_batch(batch, offset, defaults, used, problems, geometry)
+        b = _read_batch(batch, offset, defaults, used, problems, geometry, images=images)
         ids.add(b)
         on_batch(b, not problems)
         offset += batch.num_rows
     if offset:
         ids.check_duplicates(problems)
+    if images is not None:
+        images.finish(problems)
     for name, count in used.items():
         if count and (name in usable or name not in schema.names) and name in _CONFIG_NUMBERS:
             _check_default(name, getattr(defaults, name), count, problems, geometry)
     problems.raise_if_any()
-    return PromptScan(Path(path), usable, offset, ids, stamp)
+    return PromptScan(Path(path), usable, offset, ids, stamp, images)
 
 
 def changed_while_read(path: Path) -> PromptFileError:
@@ -546,7 +603,7 @@ def reread_batches(
     offset, problems = 0, _Problems(scan.path)
     for batch in _batches(parquet, scan.path, scan.columns):
         ids = scan.ids.slice(offset, batch.num_rows)
-        b = _read_batch(batch, offset, defaults, {}, problems, geometry, ids=ids)
+        b = _read_batch(batch, offset, defaults, {}, problems, geometry, ids=ids, images=scan.images)
         if problems or len(ids) != batch.num_rows:
             raise changed
         yield b
@@ -556,7 +613,10 @@ def reread_batches(
 
 
 def read_prompts(
-    path: str | Path, defaults: SamplingConfig, geometry: LatentGeometry | None = None
+    path: str | Path,
+    defaults: SamplingConfig,
+    geometry: LatentGeometry | None = None,
+    image_options: ImageOptions | None = None,
 ) -> pa.Table:
     """Read and validate a prompt Parquet file; return one row per video (schema: `VIDEO_SCHEMA`),
     in file order. Columns, defaults and id rules: the module docstring; problems: `scan_prompts`.
@@ -569,5 +629,5 @@ def read_prompts(
         if clean:
             videos.append(_expand(b, geometry))
 
-    scan_prompts(path, defaults, keep, geometry)
+    scan_prompts(path, defaults, keep, geometry, image_options)
     return pa.Table.from_batches(videos, VIDEO_SCHEMA)

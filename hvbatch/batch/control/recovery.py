@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from hvbatch.batch import ledger
 from hvbatch.batch.control.calibration import resubmission_config
+from hvbatch.batch.control.frozen import IMAGE_COLUMNS, INDEX_SCHEMA
 from hvbatch.batch.control.preflight import RetryOverrides, check_model_files
 from hvbatch.batch.executors.base import (
     FoundJob,
@@ -389,8 +390,13 @@ def _rebuild_videos(run: RunDir) -> str:
     """videos.parquet (every video with its shard) from the shard files."""
     tables = []
     for index in range(run.num_shards()):
-        shard = run.read_shard(index).select(["video_id", "prompt", "seed"])
-        tables.append(shard.append_column("shard", pa.array([index] * shard.num_rows, pa.int32())))
+        shard = run.read_shard(index)
+        columns = {name: shard[name] for name in ("video_id", "prompt", "seed")}
+        columns["shard"] = pa.array([index] * shard.num_rows, pa.int32())
+        for name in IMAGE_COLUMNS:  # (shards written before the image columns have none)
+            names = shard.column_names
+            columns[name] = shard[name] if name in names else pa.nulls(shard.num_rows, pa.string())
+        tables.append(pa.table(columns, schema=INDEX_SCHEMA))
     moved = _move_aside(run, run.videos_path)
     write_parquet_atomic(run.videos_path, pa.concat_tables(tables))
     return f"moved corrupt file to {moved}; rebuilt videos.parquet from the shard files"

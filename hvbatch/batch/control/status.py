@@ -164,6 +164,9 @@ VIDEO_TABLE_SCHEMA = pa.schema(
         ("shard", pa.int32()),
         ("steps_computed", pa.int32()),  # with step caching: denoising steps run / reused (null otherwise)
         ("steps_skipped", pa.int32()),
+        ("image_source", pa.string()),  # image-to-video: the input image as the prompts file names it,
+        ("image_sha256", pa.string()),  # its sha256 and its frozen file in the run (null otherwise)
+        ("image_path", pa.string()),
     ]
 )
 

@@ -44,6 +44,7 @@ from hvbatch.batch.files import is_disk_full
 from hvbatch.batch.ledger import VideoHistory, record_rank_error, video_histories
 from hvbatch.batch.rundir import RunDir, shard_name
 from hvbatch.batch.runtime.faults import FaultInjector, VideoFaults
+from hvbatch.batch.runtime.inputs import encode_apart, take_image, window_images
 from hvbatch.batch.runtime.support import (
     PROCESS_START,
     JobIdentity,
@@ -169,6 +170,8 @@ class ShardContext:
     attempt: int
     writer: VideoWriter | None = None
     """The leader's mp4 writer (None on the other ranks of the group)."""
+    images: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The encoding window's input images by video id (`InputImage`, or the error that stops one)."""
 
     @property
     def scope(self) -> str:
@@ -197,11 +200,13 @@ def _generate_one(ctx: ShardContext, video: dict[str, Any], faults: VideoFaults 
     if faults is not None and faults.nan:
         sampling = dataclasses.replace(sampling, guidance_scale=float("nan"))
     try:
-        conditioning = job.pipeline.conditioning(video["prompt"], sampling, job.prompts)
+        image = take_image(ctx.images, job.run, video, job.pipeline.family, job.config.sampling)
+        conditioning = job.pipeline.conditioning(video["prompt"], sampling, job.prompts, image=image)
         # Every rank of the video calls the shard's decoder: the leader's alone, or the parallel
         # decoder, which returns the frames on the leader only.
         generated = job.pipeline.generate(
-            video["prompt"], sampling, on_step=on_step, timings=Timings(), conditioning=conditioning
+            video["prompt"], sampling, on_step=on_step, timings=Timings(), conditioning=conditioning,
+            image=image,
         )
         result = dict(status=VideoStatus.DONE, truncated=generated.truncated, frames=generated.frames)
         result |= dict(steps_computed=generated.steps_computed, steps_skipped=generated.steps_skipped)
@@ -394,8 +399,8 @@ def _encode_window(ctx: ShardContext, videos: list[dict[str, Any]]) -> None:
     device only meanwhile; a prompt that fails to encode fails its video in `_generate_one`)."""
     job = ctx.job
     job.doing(f"encoding the prompts of {len(videos)} videos")
-    requests = [(video["prompt"], sampling_for(video, job.config.sampling)) for video in videos]
-    encoded = job.pipeline.encode_prompts(requests, job.prompts)
+    ctx.images = window_images(job.run, videos, job.pipeline.family, job.config.sampling)
+    encoded = encode_apart(job.pipeline, videos, ctx.images, job.prompts, job.config.sampling)
     logger.debug("encoded %d prompts for %d videos", encoded, len(videos))
 
 
