@@ -296,6 +296,27 @@ def test_mistakes_exit_2_with_one_message_and_nothing_written(
     assert not out.exists() and not run.exists()
 
 
+def test_a_prompt_row_with_a_step_count_the_variant_cannot_run_is_refused_at_submit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A distilled variant's fixed step count holds per row too: refused at submit (and in the dry
+    run) with the rows named, before anything is written, not by every job at run time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = tmp_path / "p.parquet"
+    steps = pa.array([50, 20, None, 20], pa.int64())
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "num_inference_steps": steps}), prompts)
+    run = tmp_path / "run"
+    preset = "model=hunyuan-video-1.5-480p-t2v-distilled"
+    for extra in (["--dry-run"], ["--run-dir", str(run), "--executor", "local"]):
+        assert main(["submit", str(prompts), *extra, preset]) == 2
+        err = capsys.readouterr().err
+        assert "column num_inference_steps, rows 1, 3: " in err, err
+        assert "runs 50 steps, not num_inference_steps=20" in err and "row 0" not in err
+    assert not run.exists()
+
+
 def test_compiled_blocks_equal_eager() -> None:
     """`model.compile` on 1.5: each double block compiled (regional, dynamo with the eager backend
     here) gives the eager output."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pwd
@@ -26,6 +27,7 @@ from hvbatch.batch.control.calibration import (
 from hvbatch.batch.control.frozen import ShardTables, StreamedShards, write_frozen_inputs
 from hvbatch.batch.control.preflight import RetryOverrides, check_model_files
 from hvbatch.batch.control.progress import wait_with_progress, watch_run
+from hvbatch.batch.control.prompt_ids import PromptFileError
 from hvbatch.batch.control.prompt_images import ImageOptions, ImageStaging, dry_run_lines
 from hvbatch.batch.control.prompt_index import PromptIndex, index_prompts
 from hvbatch.batch.control.shards import ShardLayout, max_shard_cost_for_walltime, shard_videos
@@ -261,10 +263,25 @@ def _wait_or_stop(run: RunDir) -> int:
         return 130
 
 
+def _check_row_steps(config: Config, index: PromptIndex) -> None:
+    """Refuse rows whose `num_inference_steps` the model cannot run (a distilled variant's fixed
+    counts), as a prompt-file problem naming the rows, before anything is written."""
+    family = family_of(config.model)
+
+    def problems_for(steps: int) -> list[str]:
+        sampling = dataclasses.replace(config.sampling, num_inference_steps=steps)
+        found = family.sampling_problems(config.model, sampling)
+        return [p.removeprefix("sampling.num_inference_steps: ") for p in found]
+
+    if problems := index.step_problems(problems_for):
+        raise PromptFileError(index.scan.path, problems)
+
+
 def dry_run(config: Config, prompts: str | Path) -> int:
     """Print shards, layout, memory and GPU-hour estimates for a prompts file; submit nothing."""
     options = ImageOptions.for_model(config.model)
     index = index_prompts(Path(prompts), config.sampling, family_of(config.model).geometry, options)
+    _check_row_steps(config, index)
     plan = job_plan(config, index.largest)
     _print_dry_run(config, index, plan, plan_layout(config, index, plan))
     if index.scan.images is not None:
@@ -288,6 +305,7 @@ def run_submit(args: argparse.Namespace) -> int:
         options = ImageOptions.for_model(config.model, images.store)
         geometry = family_of(config.model).geometry
         index = index_prompts(prompts, config.sampling, geometry, options)  # validates all first
+        _check_row_steps(config, index)
         choice = choose_executor(args.executor or config.batch.executor, _executor_source(args))
         if not args.no_weight_check:
             check_model_files(config, "submitted")

@@ -10,7 +10,7 @@ The shards are those `shard_videos` makes of `read_prompts`' table: same videos,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hvbatch.batch.control.prompt_ids import SHOW_ROWS, listed
 from hvbatch.batch.control.prompt_images import ImageOptions
 from hvbatch.batch.control.prompts import (
     FLOAT_COLUMNS,
@@ -38,6 +39,8 @@ from hvbatch.batch.control.shards import MAX_COST_GROUPS, ShardLayout, layout_sh
 from hvbatch.config import SamplingConfig
 from hvbatch.models.family import LatentGeometry
 
+MAX_STEP_COUNTS = 4096
+"""Distinct step counts `PromptIndex.rows_by_steps` keeps."""
 
 @dataclass
 class PromptIndex:
@@ -57,8 +60,21 @@ class PromptIndex:
     """Total cost of the videos of each `cache_threshold` (for the dry run's step-caching line)."""
     distinct_costs: np.ndarray | None = None
     """The costs that occur (None if too many to list)."""
+    rows_by_steps: dict[int, tuple[list[int], int]] = field(default_factory=dict)
+    """Per step count that occurs (the first `MAX_STEP_COUNTS`): its first rows (up to `SHOW_ROWS`)
+    and how many rows have it."""
     num_videos: int = 0
     total_cost: float = 0.0
+
+    def step_problems(self, problems_for: Callable[[int], list[str]]) -> list[str]:
+        """`problems_for(steps)` of each step count the rows ask for, each naming the column and its
+        rows (a distilled model's fixed step counts are per row, as the other sampling settings)."""
+        found = []
+        for steps, (rows, num_rows) in sorted(self.rows_by_steps.items()):
+            for problem in problems_for(steps):
+                where = f"column num_inference_steps, row{'s' * (num_rows > 1)} {listed(rows, num_rows)}"
+                found.append(f"{self.scan.path}: {where}: {problem}")
+        return found
 
     def __post_init__(self) -> None:
         self.num_videos = int(self.counts.sum(dtype=np.int64))
@@ -155,6 +171,7 @@ class _Collector:
         self.largest_cost = -1.0
         self.by_threshold: dict[float, float] = {}
         self.distinct: set[float] | None = set()
+        self.rows_by_steps: dict[int, tuple[list[int], int]] = {}
 
     def __call__(self, b: _Batch, clean: bool) -> None:
         if not clean:
@@ -166,6 +183,14 @@ class _Collector:
         if b.images is not None and b.images.extra_cost is not None:
             row_cost = row_cost + b.images.extra_cost
         rows = slice(b.offset, b.offset + len(count))
+        values, num_rows = np.unique(steps, return_counts=True)
+        for value, n in zip(values.tolist(), num_rows.tolist(), strict=True):
+            if value not in self.rows_by_steps and len(self.rows_by_steps) >= MAX_STEP_COUNTS:
+                continue  # a guard on memory: the job still checks each video's steps
+            shown, total = self.rows_by_steps.get(value, ([], 0))
+            if len(shown) < SHOW_ROWS:
+                shown += (np.flatnonzero(steps == value)[: SHOW_ROWS - len(shown)] + b.offset).tolist()
+            self.rows_by_steps[value] = (shown, total + n)
         self.counts[rows] = count
         self.row_cost[rows] = row_cost
         best = int(np.argmax(row_cost))
@@ -219,4 +244,5 @@ def index_prompts(
     assert collect.largest is not None  # a file without rows is a problem
     counts, costs, largest = collect.counts, collect.row_cost, collect.largest
     distinct = None if collect.distinct is None else np.array(sorted(collect.distinct))
-    return PromptIndex(scan, defaults, geometry, counts, costs, largest, collect.by_threshold, distinct)
+    by_threshold, by_steps = collect.by_threshold, collect.rows_by_steps
+    return PromptIndex(scan, defaults, geometry, counts, costs, largest, by_threshold, distinct, by_steps)
