@@ -101,12 +101,12 @@ def test_repair_with_live_jobs_and_an_empty_record_resubmits_nothing_alive(
 ) -> None:
     # Before: with the submission record empty, `retry --repair` moved it aside and submitted both
     # shards again next to their jobs (exactly once held only by luck of the commit). Each job
-    # takes the node's 8 GPUs, so one shard runs (slowly) while the other's job is queued.
+    # takes the node's 8 CPUs (2 tasks x 4), so one shard runs (slowly) while the other's job is queued.
     monkeypatch.setenv("HVBATCH_FAULT", "action=slow,rank=all,video=1,seconds=15,attempt=1")
     prompts = write_prompts(tmp_path / "prompts.parquet")
     run_dir = tmp_path / "run"
     run = RunDir(run_dir)
-    assert main(submit_argv(prompts, run_dir, "slurm")) == 0
+    assert main(submit_argv(prompts, run_dir, "slurm", "slurm.cpus_per_task=4")) == 0
     jobs = _job_ids(run_dir)
     (begun,) = wait_until(lambda: {int(m["shard"]) for m in run.metrics_rows()}, 400, "a shard to begin")
     queued = 1 - begun

@@ -56,9 +56,8 @@ def _small_run(tmp_path: Path) -> RunDir:
     prompts = write_prompts(tmp_path / "prompts.parquet", FAULT_PROMPTS[:1])
     run = RunDir(tmp_path / "run")
     config = load_config(EXAMPLE_CONFIG)
-    create_run(
-        run, config, prompts, [pa.Table.from_pylist([{"video_id": "v", "prompt": "p", "seed": 0}])], "local"
-    )
+    video = {"video_id": "v", "prompt": "p", "seed": 0, "height": 48, "width": 64, "num_frames": 5}
+    create_run(run, config, prompts, [pa.Table.from_pylist([video])], "local")
     return run
 
 
