@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "hvbatch" / "models"
 
@@ -30,45 +32,26 @@ PACKAGE_DIR = MODELS_DIR.parent
 CLI_MODULES = {"hvbatch.cli", "hvbatch.plan_cli", "hvbatch.generate", "hvbatch.__main__"}
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def _import_graph_script() -> ModuleType:
+    """`scripts/import_graph.py`, the one reading of the package's imports (it prints the README's
+    import-structure figures; these tests assert on the same graph)."""
+    path = PACKAGE_DIR.parent / "scripts" / "import_graph.py"
+    spec = importlib.util.spec_from_file_location("hvbatch_import_graph", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _import_graph() -> dict[str, set[str]]:
     """hvbatch module -> the hvbatch modules it imports, at the top or inside functions."""
-    modules = {_module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
-    graph: dict[str, set[str]] = {name: set() for name in modules}
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            graph[name] |= {t for t in targets if t in modules and t != name}
-    return graph
+    return _import_graph_script().import_graph(PACKAGE_DIR)
 
 
 def test_no_import_cycles() -> None:
     graph = _import_graph()
     assert len(graph) > 40
-    state: dict[str, int] = {}
-    cycles: list[list[str]] = []
-
-    def visit(node: str, stack: list[str]) -> None:
-        state[node] = 1
-        for child in sorted(graph[node]):
-            if state.get(child) == 1:
-                cycles.append([*stack[stack.index(child) :], child])
-            elif child not in state:
-                visit(child, [*stack, child])
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [node])
+    cycles = _import_graph_script().cycles(graph)
     assert not cycles, cycles
 
 
